@@ -1,0 +1,660 @@
+"""Speckle2Self: self-supervised ultrasound despeckling in 3D Slicer (the module's GUI).
+
+All computation lives in Speckle2SelfLib (numpy/torch/MRML, testable without Qt); this file
+only connects widgets to it. torch is imported lazily, so the module loads without it and
+offers to install it (through the PyTorch extension when present) on first use.
+"""
+
+import importlib
+import importlib.util
+import logging
+import os
+import traceback
+from typing import Annotated, Optional
+
+import qt
+import vtk
+
+import slicer
+from slicer import (vtkMRMLMarkupsFiducialNode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode,
+                    vtkMRMLTableNode)
+from slicer.i18n import tr as _
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
+                                           ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
+from slicer.util import VTKObservationMixin
+
+HOMEPAGE = "https://github.com/speckle2self/SlicerSpeckle2Self"
+LOAD_MODEL_ITEM = "__load_model_file__"
+TORCH_REQUIREMENT = ">=2.0"
+DEVICES = ["Auto", "CPU", "CUDA"]
+
+
+#
+# Speckle2Self
+#
+
+class Speckle2Self(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = _("Speckle2Self")
+        self.parent.categories = ["Ultrasound"]
+        self.parent.dependencies = []
+        self.parent.contributors = ["Speckle2Self contributors"]
+        self.parent.helpText = _(
+            "Removes speckle from ultrasound images, volumes and cine sequences with Speckle2Self, a "
+            "self-supervised network (multi-scale perturbation, one encoder per scale, a shared decoder). "
+            "Grey and RGB inputs are supported; with 'keep colour' a colour Doppler overlay stays unchanged. "
+            "The 'Segment lumen' section segments a vessel lumen from a seed point on the despeckled image. "
+            f'See the <a href="{HOMEPAGE}">documentation</a>. From the Python console: '
+            "<code>from Speckle2SelfLib.mrml import despeckle_node; despeckle_node(getNode('US'))</code>.")
+        self.parent.acknowledgementText = _(
+            "Speckle2Self follows the self-supervised despeckling method of the Speckle2Self paper "
+            "(multi-scale perturbation). The module layout follows SlicerNNUnet and SlicerMONAIAuto3DSeg; "
+            "PyTorch is provided by the SlicerPyTorch extension.")
+
+
+#
+# Parameter node
+#
+
+@parameterNodeWrapper
+class Speckle2SelfParameterNode:
+    """What the user chose; saved with the scene and restored when it is loaded.
+
+    model: "" for the default bundled model, a bundled model's name, or a model file path.
+    batchSize: 0 means automatic. lumen*: the 'Segment lumen' section.
+    """
+
+    inputVolume: vtkMRMLScalarVolumeNode
+    allFrames: bool = True
+    outputVolume: vtkMRMLScalarVolumeNode
+    model: str = ""
+    device: Annotated[str, Choice(DEVICES)] = "Auto"
+    batchSize: Annotated[int, WithinRange(0, 256)] = 0
+    blend: Annotated[float, WithinRange(0.0, 1.0)] = 0.0
+    gamma: Annotated[float, WithinRange(0.2, 3.0)] = 1.0
+    keepColour: bool = False
+    lumenVolume: vtkMRMLScalarVolumeNode
+    seedPoints: vtkMRMLMarkupsFiducialNode
+    lumenMethod: Annotated[str, Choice(["flood", "growcut"])] = "flood"
+    tolerance: Annotated[float, WithinRange(1.0, 100.0)] = 10.0
+    lumenAllFrames: bool = True
+    lumenSegmentation: vtkMRMLSegmentationNode
+    lumenTable: vtkMRMLTableNode
+
+
+#
+# Widget
+#
+
+class Speckle2SelfWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """Despeckle and Segment-lumen panels. Long runs keep the GUI alive: the progress callback
+    processes events and Cancel (the Apply button while running) sets a flag checked between batches."""
+
+    def __init__(self, parent=None, logic=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = logic            # injectable (tests); created in setup() otherwise
+        self._parameterNode: Optional[Speckle2SelfParameterNode] = None
+        self._parameterNodeGuiTag = None
+        self._running = False
+        self._cancelRequested = False
+        self._updatingModelCombo = False
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/Speckle2Self.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        if self.logic is None:
+            self.logic = Speckle2SelfLogic()
+
+        self.ui.progressBar.hide()
+        self.ui.seedPlaceWidget.placeMultipleMarkups = slicer.qSlicerMarkupsPlaceWidget.ForcePlaceSingleMarkup
+        self.ui.lumenTableView.setMRMLScene(slicer.mrmlScene)
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndImportEvent, self.onSceneEndImport)
+
+        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelComboChanged)
+        self.ui.inputSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateInputDependentWidgets)
+        self.ui.lumenVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateInputDependentWidgets)
+        self.ui.seedSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.ui.seedPlaceWidget.setCurrentNode)
+        self.ui.segmentButton.connect("clicked(bool)", self.onSegmentButton)
+        self.ui.openSegmentEditorButton.connect("clicked(bool)", self.onOpenSegmentEditor)
+
+        self.populateModelCombo()
+        self.initializeParameterNode()
+
+    def cleanup(self) -> None:
+        self._cancelRequested = True
+        self.removeObservers()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        if self._parameterNode and not self._running:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        self._cancelRequested = True      # a run in progress stops; its nodes would go with the scene
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def onSceneEndImport(self, caller, event) -> None:
+        """A loaded scene brings its own parameter node: show its choices."""
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def onReload(self) -> None:
+        """Reload the Lib modules too, so that edits to them take effect without restarting Slicer."""
+        import sys
+
+        for name in sorted(n for n in sys.modules if n == "Speckle2SelfLib" or n.startswith("Speckle2SelfLib.")):
+            importlib.reload(sys.modules[name])
+        ScriptedLoadableModuleWidget.onReload(self)
+
+    # ------------------------------------------------------------------ parameter node
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.inputVolume:
+            firstVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if firstVolume and not firstVolume.IsA("vtkMRMLLabelMapVolumeNode"):
+                self._parameterNode.inputVolume = firstVolume
+
+    def setParameterNode(self, inputParameterNode: Optional[Speckle2SelfParameterNode]) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            # Widgets with a "SlicerParameterName" property in the .ui are connected here.
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
+            self.updateGUIFromParameterNode()
+
+    def updateGUIFromParameterNode(self, caller=None, event=None) -> None:
+        if not self._parameterNode:
+            return
+        self.selectModelInCombo(self._parameterNode.model)
+        self.updateInputDependentWidgets()
+        self.updateButtons()
+
+    def updateInputDependentWidgets(self, *args) -> None:
+        """'all frames' only for a sequence proxy; 'keep colour' only for RGB input."""
+        from Speckle2SelfLib.mrml import find_sequence
+
+        node = self.ui.inputSelector.currentNode()
+        found = find_sequence(node) if node else None
+        self.ui.allFramesCheckBox.visible = found is not None
+        if found is not None:
+            sequence, _browser = found
+            self.ui.allFramesCheckBox.text = _("all {count} frames of sequence '{name}'").format(
+                count=sequence.GetNumberOfDataNodes(), name=sequence.GetName())
+        self.ui.keepColourCheckBox.enabled = bool(node and isRgb(node))
+        lumenNode = self.ui.lumenVolumeSelector.currentNode()
+        self.ui.lumenAllFramesCheckBox.visible = bool(lumenNode and find_sequence(lumenNode))
+        self.updateButtons()
+
+    def updateButtons(self) -> None:
+        p = self._parameterNode
+        if self._running:
+            return
+        problem = None
+        if not p or not p.inputVolume:
+            problem = _("Select an input volume")
+        elif not self.currentModel() and not self.logic.hasBundledModel():
+            problem = _("No bundled model: choose 'Load model file...'")
+        self.ui.applyButton.enabled = problem is None
+        self.ui.applyButton.toolTip = problem or _("Despeckle the input (click again to cancel)")
+        canSegment = bool(p and p.lumenVolume and p.seedPoints)
+        self.ui.segmentButton.enabled = canSegment
+        self.ui.segmentButton.toolTip = _("Segment the lumen around the seed") if canSegment else \
+            _("Select an image and a seed point list (place a point inside the lumen)")
+        self.ui.openSegmentEditorButton.enabled = bool(p and p.lumenSegmentation)
+
+    # ------------------------------------------------------------------ models
+    def populateModelCombo(self) -> None:
+        """Bundled models (checksum-verified when loaded), then 'Load model file...'."""
+        combo = self.ui.modelComboBox
+        self._updatingModelCombo = True
+        try:
+            combo.clear()
+            for entry in self.logic.bundledModels():
+                label = entry["name"] + (f" ({entry['version']})" if entry.get("version") else "")
+                if entry.get("default"):
+                    label += _(" - default")
+                combo.addItem(label, entry["name"])
+            combo.addItem(_("Load model file..."), LOAD_MODEL_ITEM)
+        finally:
+            self._updatingModelCombo = False
+
+    def currentModel(self) -> str:
+        data = self.ui.modelComboBox.currentData
+        return "" if data in (None, LOAD_MODEL_ITEM) else str(data)
+
+    def selectModelInCombo(self, model: str) -> None:
+        combo = self.ui.modelComboBox
+        self._updatingModelCombo = True
+        try:
+            if not model:
+                defaults = [i for i, e in enumerate(self.logic.bundledModels()) if e.get("default")]
+                index = defaults[0] if defaults else 0
+            else:
+                index = combo.findData(model)
+                if index < 0 and os.path.isfile(model):
+                    combo.insertItem(combo.count - 1, os.path.basename(model), model)
+                    index = combo.findData(model)
+            if index >= 0:
+                combo.currentIndex = index
+        finally:
+            self._updatingModelCombo = False
+        self.showModelInfo()
+
+    def onModelComboChanged(self, index: int) -> None:
+        if self._updatingModelCombo or not self._parameterNode:
+            return
+        if self.ui.modelComboBox.itemData(index) == LOAD_MODEL_ITEM:
+            path = qt.QFileDialog.getOpenFileName(
+                slicer.util.mainWindow(), _("Load Speckle2Self model"), "",
+                _("TorchScript models (*.pt *.pth *.ts *.zip);;All files (*)"))
+            if not path:
+                self.selectModelInCombo(self._parameterNode.model)
+                return
+            self._parameterNode.model = path
+        else:
+            self._parameterNode.model = self.currentModel()
+        self.showModelInfo()
+
+    def showModelInfo(self) -> None:
+        """Name, width, training steps and data of the selected model (read without torch)."""
+        from Speckle2SelfLib.mrml import describe_model
+
+        try:
+            metadata = self.logic.modelMetadata(self.currentModel() or None)
+        except (OSError, ValueError, KeyError) as err:
+            self.ui.modelInfoLabel.text = f"<span style='color:#c00'>{err}</span>"
+            return
+        self.ui.modelInfoLabel.text = describe_model(metadata) if metadata else \
+            _("No bundled model in this installation: load a model file.")
+
+    # ------------------------------------------------------------------ despeckle
+    def onApplyButton(self) -> None:
+        if self._running:
+            self._cancelRequested = True
+            self.ui.applyButton.enabled = False
+            self.ui.statusLabel.text = _("Cancelling after the current batch...")
+            return
+        if not self.logic.ensurePythonDependencies():
+            self.ui.statusLabel.text = _("PyTorch is needed to despeckle; it was not installed.")
+            return
+        from Speckle2SelfLib.inference import Cancelled
+
+        p = self._parameterNode
+        self.setRunning(True)
+        try:
+            result = self.logic.process(
+                p.inputVolume, p.outputVolume, allFrames=p.allFrames, model=p.model or None,
+                device=p.device.lower(), batchSize=p.batchSize or None, gamma=p.gamma, blend=p.blend,
+                keepColour=p.keepColour, progress=self.onProgress, cancel=lambda: self._cancelRequested)
+        except Cancelled:
+            self.ui.statusLabel.text = _("Cancelled; nothing was added to the scene.")
+        except Exception as err:  # shown to the user with the details; the scene is left as it was
+            logging.error(traceback.format_exc())
+            self.ui.statusLabel.text = _("Failed: {error}").format(error=err)
+            slicer.util.errorDisplay(_("Despeckling failed:\n{error}").format(error=err),
+                                     detailedText=traceback.format_exc())
+        else:
+            self.showResult(result)
+        finally:
+            self.setRunning(False)
+
+    def onProgress(self, done: int, total: int) -> None:
+        """Called between batches: update the bar and let Qt process events (GUI stays responsive)."""
+        self.ui.progressBar.maximum = max(total, 1)
+        self.ui.progressBar.value = done
+        self.ui.statusLabel.text = _("Despeckling... {done}/{total}").format(done=done, total=total)
+        slicer.app.processEvents()
+
+    def setRunning(self, running: bool) -> None:
+        """While running, Apply becomes Cancel and the inputs are locked."""
+        self._running = running
+        self._cancelRequested = False
+        for widget in (self.ui.inputSelector, self.ui.outputSelector, self.ui.allFramesCheckBox,
+                       self.ui.modelComboBox, self.ui.deviceComboBox, self.ui.batchSizeSpinBox,
+                       self.ui.advancedCollapsibleButton, self.ui.lumenCollapsibleButton):
+            widget.enabled = not running
+        self.ui.applyButton.text = _("Cancel") if running else _("Apply")
+        self.ui.applyButton.enabled = True
+        self.ui.progressBar.visible = running
+        self.ui.progressBar.value = 0
+        if running:
+            self.ui.statusLabel.text = _("Loading the model...")
+            slicer.app.processEvents()
+        else:
+            self.updateButtons()
+
+    def showResult(self, result) -> None:
+        p = self._parameterNode
+        output = result.outputVolume
+        p.outputVolume = output
+        p.lumenVolume = output
+        slicer.util.setSliceViewerLayers(background=output, fit=True)
+        self.ui.statusLabel.text = _("Despeckled {frames} frame(s) in {seconds:.1f} s -> '{name}'").format(
+            frames=result.frames, seconds=result.seconds, name=output.GetName())
+
+    # ------------------------------------------------------------------ lumen
+    def onSegmentButton(self) -> None:
+        p = self._parameterNode
+        with slicer.util.tryWithErrorDisplay(_("Lumen segmentation failed."), waitCursor=True):
+            result = self.logic.segmentLumen(p.lumenVolume, p.seedPoints, method=p.lumenMethod,
+                                             tolerance=p.tolerance, allFrames=p.lumenAllFrames,
+                                             segmentationNode=p.lumenSegmentation, tableNode=p.lumenTable)
+            p.lumenSegmentation = result.segmentation_node
+            p.lumenTable = result.table_node
+            slicer.util.setSliceViewerLayers(background=p.lumenVolume)
+            self.ui.lumenTableView.setMRMLTableNode(result.table_node)
+            first = result.measurements[0] if result.measurements else None
+            if first is not None:
+                self.ui.lumenStatusLabel.text = _(
+                    "{frames} frame(s) segmented; seed frame: area {area:.1f} mm2, diameter {diameter:.2f} mm").format(
+                    frames=len(result.frames), area=first.area_mm2, diameter=first.equivalent_diameter_mm)
+            self.updateButtons()
+
+    def onOpenSegmentEditor(self) -> None:
+        p = self._parameterNode
+        slicer.util.selectModule("SegmentEditor")
+        editor = slicer.modules.segmenteditor.widgetRepresentation().self().editor
+        editor.setSegmentationNode(p.lumenSegmentation)
+        setSource = getattr(editor, "setSourceVolumeNode", None) or editor.setMasterVolumeNode
+        setSource(p.lumenVolume)
+
+
+def isRgb(volumeNode) -> bool:
+    image = volumeNode.GetImageData() if volumeNode else None
+    return bool(image is not None and image.GetNumberOfScalarComponents() == 3)
+
+
+#
+# Logic
+#
+
+class DespeckleRun:
+    """What one Apply produced: the output volume (a sequence proxy for all frames) and timing."""
+
+    def __init__(self, outputVolume, frames: int, seconds: float, sequence=None):
+        self.outputVolume = outputVolume
+        self.frames = frames
+        self.seconds = seconds
+        self.sequence = sequence
+
+
+class Speckle2SelfLogic(ScriptedLoadableModuleLogic):
+    """Parameter node, dependency installation and a thin layer over Speckle2SelfLib.mrml.DespeckleLogic.
+
+    Usable without the widget, e.g. ``Speckle2SelfLogic().process(getNode('US'))``.
+    """
+
+    def __init__(self, despeckleLogic=None) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+        self._despeckleLogic = despeckleLogic
+
+    def getParameterNode(self) -> Speckle2SelfParameterNode:
+        return Speckle2SelfParameterNode(super().getParameterNode())
+
+    @property
+    def despeckleLogic(self):
+        if self._despeckleLogic is None:
+            from Speckle2SelfLib.mrml import DespeckleLogic
+
+            self._despeckleLogic = DespeckleLogic(sequences_logic=slicer.modules.sequences.logic())
+        return self._despeckleLogic
+
+    # ------------------------------------------------------------------ models
+    @staticmethod
+    def bundledModels() -> list:
+        from Speckle2SelfLib.models import bundled_models
+
+        return bundled_models()
+
+    def hasBundledModel(self) -> bool:
+        return bool(self.bundledModels())
+
+    def modelMetadata(self, model: Optional[str]) -> dict:
+        """Metadata of a bundled model (None: the default) or model file, {} when there is none."""
+        from Speckle2SelfLib.models import MODELS_DIR
+        from Speckle2SelfLib.mrml import model_card
+
+        if model and os.path.isfile(model):
+            return model_card(model)
+        entries = self.bundledModels()
+        entry = next((e for e in entries if e["name"] == model), None) if model else \
+            next((e for e in entries if e.get("default")), entries[0] if entries else None)
+        return model_card(MODELS_DIR / entry["file"]) if entry else {}
+
+    # ------------------------------------------------------------------ dependencies
+    @staticmethod
+    def ensurePythonDependencies() -> bool:
+        """torch is needed for despeckling. Offer PyTorch extension's installer (it picks the CUDA
+        build that matches the driver), else pip after one confirmation. False when not installed."""
+        if importlib.util.find_spec("torch") is not None:
+            return True
+        if hasattr(slicer.modules, "pytorchutils"):
+            import PyTorchUtils
+
+            torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(
+                askConfirmation=True, torchVersionRequirement=TORCH_REQUIREMENT)
+            return torch is not None
+        message = _(
+            "Speckle2Self needs PyTorch, which is not installed. This will be installed with pip:\n\n"
+            "    torch{requirement}  (CPU build from PyPI, several hundred MB)\n\n"
+            "For a GPU build, cancel and install the 'PyTorch' extension from the Extensions Manager "
+            "instead. Install now?").format(requirement=TORCH_REQUIREMENT)
+        if not slicer.util.confirmOkCancelDisplay(message, _("Install PyTorch")):
+            return False
+        with slicer.util.WaitCursor():
+            slicer.util.pip_install(f"torch{TORCH_REQUIREMENT}")
+        importlib.invalidate_caches()
+        return importlib.util.find_spec("torch") is not None
+
+    # ------------------------------------------------------------------ processing
+    def process(self, inputVolume, outputVolume=None, *, allFrames: bool = True, model=None, device: str = "auto",
+                batchSize=None, gamma: Optional[float] = None, blend: float = 0.0, keepColour: bool = False,
+                progress=None, cancel=None) -> DespeckleRun:
+        """Despeckle ``inputVolume`` (all frames of its sequence when it is a proxy and ``allFrames``)."""
+        from Speckle2SelfLib.mrml import find_sequence
+
+        if inputVolume is None:
+            raise ValueError(_("Select an input volume."))
+        logic = self.despeckleLogic
+        gamma = None if gamma is None or abs(gamma - 1.0) < 1e-6 else gamma
+        colour = keepColour and isRgb(inputVolume)
+        outputVolume = self._usableOutput(outputVolume, colour)
+        options = dict(model=model, device=device, batch_size=batchSize, gamma=gamma, blend=blend,
+                       keep_colour=keepColour, progress=progress, cancel=cancel)
+        if allFrames and find_sequence(inputVolume) is not None:
+            result = logic.despeckle_sequence(inputVolume, outputVolume, **options)
+            return DespeckleRun(result.proxy_node, result.frames, result.seconds, result.sequence_node)
+        output = logic.despeckle_volume(inputVolume, outputVolume, **options)
+        frames = output.GetImageData().GetDimensions()[2]
+        return DespeckleRun(output, frames, logic.last_seconds)
+
+    @staticmethod
+    def _usableOutput(outputVolume, colour: bool):
+        """A remembered output of the other kind (grey vs RGB) is not overwritten: a new one is made."""
+        if outputVolume is None:
+            return None
+        if outputVolume.IsA("vtkMRMLVectorVolumeNode") != colour:
+            logging.info(f"'{outputVolume.GetName()}' cannot hold this result type; creating a new output volume")
+            return None
+        return outputVolume
+
+    def segmentLumen(self, volumeNode, seedNode, *, method: str = "flood", tolerance: float = 10.0,
+                     allFrames: bool = True, segmentationNode=None, tableNode=None):
+        """Seed = first point of ``seedNode`` (world RAS). For a sequence proxy with ``allFrames``,
+        every frame of the sequence is segmented starting at the browser's current frame."""
+        from Speckle2SelfLib.lumen_mrml import segment_lumen
+        from Speckle2SelfLib.mrml import find_sequence
+
+        if seedNode is None or seedNode.GetNumberOfControlPoints() == 0:
+            raise ValueError(_("Place a seed point inside the lumen first."))
+        seed = [0.0, 0.0, 0.0]
+        seedNode.GetNthControlPointPositionWorld(0, seed)
+        target, frame = volumeNode, None
+        found = find_sequence(volumeNode)
+        if allFrames and found is not None:
+            target, browser = found
+            frame = browser.GetSelectedItemNumber()
+        return segment_lumen(target, seed, method=method, tolerance=tolerance, frame=frame, all_frames=allFrames,
+                             segmentation_node=segmentationNode, table_node=tableNode)
+
+
+#
+# Test
+#
+
+class Speckle2SelfTest(ScriptedLoadableModuleTest):
+    """Self-test on simulated speckle (no downloads): volume, sequence, cancel and the widget."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        if importlib.util.find_spec("torch") is None:
+            self.delayDisplay("PyTorch is not installed: Speckle2Self self-test skipped")
+            return
+        self.setUp()
+        self.test_volume_is_despeckled_with_its_geometry()
+        self.setUp()
+        self.test_sequence_is_despeckled_and_browsed_together()
+        self.setUp()
+        self.test_cancel_leaves_the_scene_unchanged()
+        self.setUp()
+        self.test_widget_apply()
+        self.delayDisplay("Speckle2Self tests passed")
+
+    # ------------------------------------------------------------------ data and model
+    @staticmethod
+    def speckledFrames(count: int = 3, rows: int = 96, cols: int = 112):
+        """uint8 speckled frames and a homogeneous-region mask (simulator when available)."""
+        import numpy as np
+
+        try:
+            from Speckle2SelfLib.simulation import simulate_phantom
+        except ImportError:
+            simulate_phantom = None
+        frames, masks = [], []
+        for k in range(count):
+            if simulate_phantom is not None:
+                phantom, sim = simulate_phantom("layers", seed=k, size=(rows, cols))
+                frames.append(np.round(sim.bmode * 255).astype(np.uint8))
+                masks.append(phantom.homogeneous_mask)
+            else:   # fully developed speckle: Rayleigh amplitude over a constant echo
+                rng = np.random.default_rng(k)
+                frames.append(np.clip(rng.rayleigh(60.0, (rows, cols)), 0, 255).astype(np.uint8))
+                masks.append(np.ones((rows, cols), bool))
+        return np.stack(frames), np.stack(masks)
+
+    def model(self):
+        """The default bundled model when installed, else a freshly exported untrained one."""
+        if Speckle2SelfLogic().hasBundledModel():
+            return None
+        import torch
+        from Speckle2SelfLib.models import export_model
+        from Speckle2SelfLib.network import Speckle2SelfNet
+
+        torch.manual_seed(0)
+        path = os.path.join(slicer.app.temporaryPath, "Speckle2SelfTestModel.pt")
+        export_model(Speckle2SelfNet(width=4), path, scales=(1.0, 0.5, 0.25), interpolation="bilinear",
+                     name="self-test")
+        return path
+
+    def addVolume(self, frames, name="US"):
+        volume = slicer.util.addVolumeFromArray(frames, name=name)
+        volume.SetSpacing(0.3, 0.2, 1.5)
+        volume.SetOrigin(5.0, -7.0, 3.0)
+        return volume
+
+    # ------------------------------------------------------------------ tests
+    def test_volume_is_despeckled_with_its_geometry(self):
+        import numpy as np
+        from Speckle2SelfLib.mrml import DespeckleLogic
+        from Speckle2SelfLib.simulation import speckle_contrast
+
+        frames, masks = self.speckledFrames(2)
+        volume = self.addVolume(frames)
+        before = slicer.util.arrayFromVolume(volume).copy()
+        model = self.model()
+        output = DespeckleLogic(model, "auto").despeckle_volume(volume)
+        result = slicer.util.arrayFromVolume(output)
+        self.assertEqual(output.GetName(), "US despeckled")
+        self.assertEqual(result.shape, frames.shape)
+        self.assertEqual(result.dtype, np.uint8)
+        self.assertEqual(output.GetSpacing(), volume.GetSpacing())
+        self.assertEqual(output.GetOrigin(), volume.GetOrigin())
+        np.testing.assert_array_equal(slicer.util.arrayFromVolume(volume), before)
+        if model is None:     # a trained model must reduce speckle in the homogeneous region
+            self.assertLess(speckle_contrast(result[0], masks[0]), 0.8 * speckle_contrast(frames[0], masks[0]))
+
+    def test_sequence_is_despeckled_and_browsed_together(self):
+        import numpy as np
+        from Speckle2SelfLib.mrml import DespeckleLogic
+
+        frames, _masks = self.speckledFrames(3)
+        sequence = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSequenceNode", "Cine")
+        sequence.SetIndexName("time")
+        sequence.SetIndexUnit("s")
+        for k in range(3):
+            item = slicer.util.addVolumeFromArray(frames[k:k + 1], name=f"frame{k}")
+            sequence.SetDataNodeAtValue(item, f"{0.05 * k:.2f}")
+            slicer.mrmlScene.RemoveNode(item)
+        browser = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSequenceBrowserNode", "CineBrowser")
+        browser.SetAndObserveMasterSequenceNodeID(sequence.GetID())
+        slicer.modules.sequences.logic().UpdateProxyNodesFromSequences(browser)
+        proxy = browser.GetProxyNode(sequence)
+        logic = DespeckleLogic(self.model(), sequences_logic=slicer.modules.sequences.logic())
+        result = logic.despeckle_sequence(proxy)
+        self.assertEqual(result.sequence_node.GetNumberOfDataNodes(), 3)
+        self.assertEqual(result.sequence_node.GetIndexName(), "time")
+        self.assertEqual([result.sequence_node.GetNthIndexValue(i) for i in range(3)], ["0.00", "0.05", "0.10"])
+        for k in range(3):
+            browser.SetSelectedItemNumber(k)
+            np.testing.assert_array_equal(slicer.util.arrayFromVolume(result.proxy_node),
+                                          slicer.util.arrayFromVolume(result.sequence_node.GetNthDataNode(k)))
+
+    def test_cancel_leaves_the_scene_unchanged(self):
+        from Speckle2SelfLib.inference import Cancelled
+        from Speckle2SelfLib.mrml import DespeckleLogic
+
+        frames, _masks = self.speckledFrames(3)
+        volume = self.addVolume(frames)
+        count = slicer.mrmlScene.GetNumberOfNodes()
+        with self.assertRaises(Cancelled):
+            DespeckleLogic(self.model()).despeckle_volume(volume, batch_size=1, cancel=lambda: True)
+        self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), count)
+
+    def test_widget_apply(self):
+        frames, _masks = self.speckledFrames(1)
+        volume = self.addVolume(frames)
+        widget = slicer.modules.speckle2self.widgetRepresentation().self()
+        widget.initializeParameterNode()      # the scene was cleared: observe the new parameter node
+        parameterNode = widget._parameterNode
+        parameterNode.inputVolume = volume
+        parameterNode.outputVolume = None
+        parameterNode.model = self.model() or ""
+        widget.onApplyButton()
+        output = parameterNode.outputVolume
+        self.assertIsNotNone(output)
+        self.assertEqual(output.GetName(), "US despeckled")
+        self.assertEqual(widget.ui.applyButton.text, "Apply")

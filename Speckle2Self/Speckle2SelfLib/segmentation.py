@@ -1,0 +1,687 @@
+"""Carotid lumen segmentation from one seed point: flood fill, grow from seeds, sequences.
+
+Two algorithms, both the ones 3D Slicer's Segment Editor runs, so that a result here is what
+a user gets by clicking in Slicer:
+
+* :func:`flood_fill` -- the "Flood filling" effect (SegmentEditorExtraEffects):
+  ``vtkImageThresholdConnectivity`` seeded at the clicked voxel, intensity range
+  ``seed value +/- tolerance`` (inclusive), neighbourhood radius (the effect's "Neighborhood
+  size" slider, which VTK interprets in voxels) and neighbourhood fraction 0.5; no slice range
+  limits (a 2D frame is a one-slice volume).
+* :func:`grow_from_seeds` -- the "Grow from seeds" effect: ``vtkImageGrowCutSegment`` with a
+  lumen seed and background seeds (given, or a ring well outside the flood-fill result plus
+  the image border).
+
+:func:`segment_sequence` runs either on every frame of a cine loop; the seed follows the lumen
+centroid of the last accepted frame and frames whose area jumps implausibly are flagged.
+:func:`evaluate_flood_fill` / :func:`tune_tolerance` are the carotid benchmark's metrics.
+:func:`add_segment_arguments` / :func:`run_segment` are the ``speckle2self segment`` command.
+
+Coordinates: seeds are ``(row, col)`` pixel indices into ``image[row, col]``; spacings are
+``(row spacing, column spacing)`` in mm, i.e. numpy axis order (ITK's ``(x, y)`` reversed).
+Inputs are never modified. Only numpy and VTK (Slicer's ``vtkImageGrowCutSegment`` comes from
+slicer-core's ``slicer`` package, imported lazily).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import warnings
+from dataclasses import dataclass, field
+from typing import Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+#: Flood-fill intensity tolerance (8-bit grey levels) for raw B-mode images, tuned by
+#: :func:`tune_tolerance` on the carotid tuning subjects (every subject but the four test
+#: subjects), seed at the expert mask centroid, neighbourhood radius 0. See ``tune_tolerance``.
+DEFAULT_TOLERANCE = 10.0
+#: Slicer's flood-fill neighbourhood fraction: a voxel joins if half its neighbourhood is in range.
+NEIGHBORHOOD_FRACTION = 0.5
+#: Relative area change between consecutive accepted frames above which a frame is flagged.
+MAX_AREA_CHANGE = 0.5
+#: A fill covering more than this fraction of the image has leaked out of the lumen.
+LEAK_AREA_FRACTION = 0.5
+METHODS = ("flood", "growcut")
+
+LUMEN_LABEL = 1
+BACKGROUND_LABEL = 2
+
+RowCol = Tuple[float, float]
+
+
+class SegmentationWarning(UserWarning):
+    """A segmentation ran but its input or result looks wrong (seed on a wall, leak)."""
+
+
+# ----------------------------------------------------------------------------- measurements
+
+@dataclass(frozen=True)
+class Measurement:
+    """Size and position of one lumen mask."""
+
+    area_px: int
+    area_mm2: float
+    equivalent_diameter_mm: float       # diameter of the disk with the same area: 2 sqrt(A / pi)
+    centroid_rc: Tuple[float, float]    # (row, col) in pixels; NaN for an empty mask
+
+
+def measure(mask: np.ndarray, spacing_mm: Sequence[float] = (1.0, 1.0)) -> Measurement:
+    """Area (mm^2), equivalent diameter (mm) and centroid (row, col) of a 2D boolean mask."""
+    mask = _as_mask2d(mask)
+    row_mm, col_mm = _spacing2(spacing_mm)
+    area_px = int(np.count_nonzero(mask))
+    area_mm2 = area_px * row_mm * col_mm
+    if area_px == 0:
+        return Measurement(0, 0.0, 0.0, (math.nan, math.nan))
+    rows, cols = np.nonzero(mask)
+    return Measurement(area_px, float(area_mm2), float(2.0 * math.sqrt(area_mm2 / math.pi)),
+                       (float(rows.mean()), float(cols.mean())))
+
+
+def seed_from_mask(mask: np.ndarray) -> Tuple[int, int]:
+    """The mask's centroid as a (row, col) seed; the nearest mask pixel when the centroid
+    falls outside a non-convex mask (a seed must lie inside the region it should grow)."""
+    mask = _as_mask2d(mask)
+    if not mask.any():
+        raise ValueError("cannot place a seed in an empty mask")
+    rows, cols = np.nonzero(mask)
+    r, c = int(round(rows.mean())), int(round(cols.mean()))
+    if mask[r, c]:
+        return r, c
+    nearest = int(np.argmin((rows - rows.mean()) ** 2 + (cols - cols.mean()) ** 2))
+    return int(rows[nearest]), int(cols[nearest])
+
+
+# ----------------------------------------------------------------------------- flood fill
+
+def flood_fill(image2d: np.ndarray, seed_rc: RowCol, tolerance: float = DEFAULT_TOLERANCE,
+               neighborhood_radius_px: float = 0.0, spacing: Sequence[float] = (1.0, 1.0),
+               neighborhood_radius_mm: Optional[float] = None, check: bool = True) -> np.ndarray:
+    """Slicer's "Flood filling" effect on a 2D image: connected pixels within seed +/- tolerance.
+
+    ``neighborhood_radius_px`` is the value of Slicer's "Neighborhood size" slider (Slicer hands
+    it to ``vtkImageThresholdConnectivity``, which measures it in voxels); a pixel joins only if
+    at least half (``NEIGHBORHOOD_FRACTION``) of the pixels within that radius are in range,
+    which stops leaks through thin gaps. ``neighborhood_radius_mm`` (with ``spacing``, (row,
+    col) mm) gives the radius physically instead. With ``check`` a seed on a bright wall or a
+    fill that leaks (reaches the image border or covers most of the image) raises a
+    :class:`SegmentationWarning`. Returns a boolean mask shaped like the image.
+    """
+    image = _as_image2d(image2d)
+    seed = check_seed(seed_rc, image.shape)
+    if not np.isfinite(tolerance) or tolerance < 0:
+        raise ValueError(f"tolerance must be a finite number >= 0, got {tolerance}")
+    radius = _radius_px(neighborhood_radius_px, neighborhood_radius_mm, spacing)
+    if check:
+        warn_if_seed_on_wall(image, seed)
+    mask = _threshold_connectivity(image, seed, float(tolerance), radius)
+    if check:
+        warn_if_leaked(mask, "flood fill", "lower --tolerance, despeckle first or use growcut")
+    return mask
+
+
+def _threshold_connectivity(image: np.ndarray, seed: Tuple[int, int], tolerance: float,
+                            radius_rc: Tuple[float, float]) -> np.ndarray:
+    """vtkImageThresholdConnectivity set up as SegmentEditorFloodFillingEffect sets it up."""
+    return _FloodFiller(image, seed, radius_rc).fill(tolerance)
+
+
+class _FloodFiller:
+    """One image and seed, filled at any tolerance (the VTK image is built once for sweeps)."""
+
+    def __init__(self, image: np.ndarray, seed: Tuple[int, int], radius_rc: Tuple[float, float]):
+        import vtk
+
+        self.seed_value = float(image[seed])
+        self.filter = vtk.vtkImageThresholdConnectivity()
+        self.filter.SetInputData(_vtk_image(image[None]))
+        points = vtk.vtkPoints()
+        points.InsertNextPoint(float(seed[1]), float(seed[0]), 0.0)   # (x=col, y=row), unit spacing
+        self.filter.SetSeedPoints(points)
+        # (x, y, z) radius in voxels. VTK ignores the neighbourhood unless every radius rounds
+        # to >= 1, so z gets the in-plane radius as in Slicer (which passes the same value
+        # thrice); a one-slice image clips the z range to the plane itself.
+        self.filter.SetNeighborhoodRadius(radius_rc[1], radius_rc[0], max(radius_rc))
+        self.filter.SetNeighborhoodFraction(NEIGHBORHOOD_FRACTION)
+        self.filter.ReplaceInOn()
+        self.filter.SetInValue(1)
+        self.filter.ReplaceOutOn()
+        self.filter.SetOutValue(0)
+
+    def fill(self, tolerance: float) -> np.ndarray:
+        self.filter.ThresholdBetween(self.seed_value - tolerance, self.seed_value + tolerance)
+        self.filter.Update()
+        return _numpy_from_vtk(self.filter.GetOutput())[0].astype(bool)
+
+
+def _radius_px(radius_px: float, radius_mm: Optional[float], spacing: Sequence[float]) -> Tuple[float, float]:
+    if radius_mm is not None:
+        row_mm, col_mm = _spacing2(spacing)
+        radius_rc = (float(radius_mm) / row_mm, float(radius_mm) / col_mm)
+    else:
+        radius_rc = (float(radius_px), float(radius_px))
+    if min(radius_rc) < 0 or not all(np.isfinite(radius_rc)):
+        raise ValueError(f"neighbourhood radius must be >= 0, got {radius_rc} px")
+    return radius_rc
+
+
+# ----------------------------------------------------------------------------- grow from seeds
+
+def grow_from_seeds(image2d: np.ndarray, lumen_seed_rc: RowCol,
+                    background_seeds_rc: Optional[Iterable[RowCol]] = None,
+                    flood_mask: Optional[np.ndarray] = None, tolerance: float = DEFAULT_TOLERANCE,
+                    seed_radius_px: float = 2.0, max_lumen_radius_px: Optional[float] = None,
+                    check: bool = True) -> np.ndarray:
+    """Slicer's "Grow from seeds" (GrowCut) from a lumen seed; returns the lumen as a bool mask.
+
+    Background seeds are ``background_seeds_rc`` (small disks of ``seed_radius_px``) when
+    given, else automatic: a ring around the lumen seed well outside the flood-fill result
+    (``flood_mask``, or :func:`flood_fill` at ``tolerance``; clipped to
+    ``max_lumen_radius_px``, default a fifth of the smaller image side, so a leaked fill cannot
+    push the ring off the image), plus the image border. ``vtkImageGrowCutSegment`` needs at
+    least 3 voxels along each axis and never grows from edge voxels, so the frame is padded by
+    one pixel in-plane and stacked into a 3-slice volume; the middle slice is the result.
+    """
+    image = _as_image2d(image2d)
+    seed = check_seed(lumen_seed_rc, image.shape)
+    if check:
+        warn_if_seed_on_wall(image, seed)
+    labels = np.zeros(image.shape, np.uint8)
+    if background_seeds_rc is not None:
+        for bg in background_seeds_rc:
+            labels[_disk(image.shape, check_seed(bg, image.shape), seed_radius_px)] = BACKGROUND_LABEL
+        if not labels.any():
+            raise ValueError("background_seeds_rc is empty; give at least one background seed or None for automatic")
+    else:
+        if flood_mask is None:
+            flood_mask = _threshold_connectivity(image, seed, float(tolerance), (0.0, 0.0))
+        labels[automatic_background_seeds(_as_mask2d(flood_mask), seed, max_lumen_radius_px)] = BACKGROUND_LABEL
+    lumen = _disk(image.shape, seed, seed_radius_px)
+    if (labels[lumen] == BACKGROUND_LABEL).any():
+        raise ValueError(f"background seeds overlap the lumen seed at (row={seed[0]}, col={seed[1]}); "
+                         "move them away from the lumen")
+    labels[lumen] = LUMEN_LABEL
+    mask = _growcut(image, labels) == LUMEN_LABEL
+    if check:
+        warn_if_leaked(mask, "grow from seeds", "add background seeds closer to the wall")
+    return mask
+
+
+def automatic_background_seeds(flood_mask: np.ndarray, seed: Tuple[int, int],
+                               max_lumen_radius_px: Optional[float] = None) -> np.ndarray:
+    """Background seed mask: the image border plus a 3 px ring around the seed at 1.25x the
+    farthest flood-fill pixel's distance (+3 px), so the ring lies outside the lumen wall."""
+    h, w = flood_mask.shape
+    limit = max_lumen_radius_px if max_lumen_radius_px is not None else min(h, w) / 5.0
+    rr, cc = np.ogrid[:h, :w]
+    distance = np.sqrt((rr - seed[0]) ** 2 + (cc - seed[1]) ** 2)
+    inside = flood_mask & (distance <= limit)
+    reach = float(distance[inside].max()) if inside.any() else limit / 4.0
+    ring_inner = 1.25 * reach + 3.0
+    background = (distance >= ring_inner) & (distance < ring_inner + 3.0)
+    background[[0, -1], :] = True
+    background[:, [0, -1]] = True
+    return background
+
+
+def _growcut(image: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Run vtkImageGrowCutSegment on one frame; returns the label of every pixel."""
+    import slicer  # slicer-core: Slicer's segmentations logic, no Qt
+
+    padded_image = np.pad(image, 1, mode="edge")
+    padded_labels = np.pad(labels, 1)
+    volume = np.repeat(padded_image[None], 3, axis=0)
+    seeds = np.zeros_like(volume, dtype=np.uint8)
+    seeds[1] = padded_labels      # seeds only in the middle slice, the one the result is read from
+    grow = slicer.vtkImageGrowCutSegment()
+    grow.SetIntensityVolume(_vtk_image(volume))
+    grow.SetSeedLabelVolume(_vtk_image(seeds))
+    grow.Update()
+    result = _numpy_from_vtk(grow.GetOutput())
+    if result.size == 0:
+        raise RuntimeError("vtkImageGrowCutSegment produced no output (image too small?)")
+    return result[1, 1:-1, 1:-1]
+
+
+# ----------------------------------------------------------------------------- checks
+
+def check_seed(seed_rc: RowCol, shape: Tuple[int, ...]) -> Tuple[int, int]:
+    """Round a (row, col) seed to a pixel; ValueError naming seed and image size if outside."""
+    try:
+        row, col = (float(v) for v in seed_rc)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"seed must be (row, col), got {seed_rc!r}") from err
+    h, w = shape[-2:]
+    if not (np.isfinite(row) and np.isfinite(col)):
+        raise ValueError(f"seed (row={row}, col={col}) is not a finite position")
+    r, c = int(round(row)), int(round(col))
+    if not (0 <= r < h and 0 <= c < w):
+        raise ValueError(f"seed (row={row:g}, col={col:g}) i.e. x={col:g}, y={row:g} is outside the "
+                         f"{w}x{h} image (width x height; valid x 0..{w - 1}, y 0..{h - 1}); "
+                         "click inside the lumen")
+    return r, c
+
+
+def seed_looks_like_wall(image: np.ndarray, seed: Tuple[int, int]) -> bool:
+    """True when the seed's 5x5 median is far above the image's median grey level (above the
+    middle between the median and the 99th percentile): a lumen is dark, its wall is bright."""
+    r, c = seed
+    local = float(np.median(image[max(r - 2, 0):r + 3, max(c - 2, 0):c + 3]))
+    median, p99 = (float(v) for v in np.percentile(image, [50, 99]))
+    return p99 > median and local > median + 0.5 * (p99 - median)
+
+
+def warn_if_seed_on_wall(image: np.ndarray, seed: Tuple[int, int]) -> None:
+    if seed_looks_like_wall(image, seed):
+        warnings.warn(f"seed (row={seed[0]}, col={seed[1]}) is on a bright structure "
+                      f"(grey level {float(image[seed]):g} vs image median {float(np.median(image)):g}), "
+                      "probably the vessel wall, not the dark lumen; click inside the lumen",
+                      SegmentationWarning, stacklevel=3)
+
+
+def leak_reason(mask: np.ndarray) -> str:
+    """Why a lumen mask looks leaked ('' if it does not): it reaches the border or fills the image."""
+    if mask.mean() > LEAK_AREA_FRACTION:
+        return f"covers {100 * mask.mean():.0f}% of the image"
+    if mask[[0, -1], :].any() or mask[:, [0, -1]].any():
+        return "reaches the image border"
+    return ""
+
+
+def warn_if_leaked(mask: np.ndarray, what: str, fix: str) -> None:
+    reason = leak_reason(mask)
+    if reason:
+        warnings.warn(f"{what} leaked out of the lumen: the region {reason}; {fix}",
+                      SegmentationWarning, stacklevel=3)
+
+
+# ----------------------------------------------------------------------------- one frame / sequences
+
+def segment_frame(image2d: np.ndarray, seed_rc: RowCol, method: str = "flood",
+                  tolerance: float = DEFAULT_TOLERANCE, check: bool = True, **options) -> np.ndarray:
+    """Lumen mask of one frame with ``method`` "flood" (:func:`flood_fill`) or "growcut"."""
+    if method == "flood":
+        return flood_fill(image2d, seed_rc, tolerance, check=check, **options)
+    if method == "growcut":
+        return grow_from_seeds(image2d, seed_rc, tolerance=tolerance, check=check, **options)
+    raise ValueError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
+
+
+@dataclass
+class SequenceResult:
+    """Per-frame lumen masks, seeds, measurements and quality flags of a cine loop."""
+
+    masks: np.ndarray                       # (N, H, W) bool
+    seeds_rc: np.ndarray                    # (N, 2) int: the seed each frame was grown from
+    measurements: List[Measurement]
+    flagged: np.ndarray                     # (N,) bool: implausible frame, do not trust
+    flag_reasons: List[str] = field(default_factory=list)   # '' for accepted frames
+
+    @property
+    def areas_mm2(self) -> np.ndarray:
+        return np.array([m.area_mm2 for m in self.measurements])
+
+    @property
+    def diameters_mm(self) -> np.ndarray:
+        return np.array([m.equivalent_diameter_mm for m in self.measurements])
+
+
+def segment_sequence(frames: np.ndarray, seed_rc: RowCol, method: str = "flood",
+                     tolerance: float = DEFAULT_TOLERANCE, spacing_mm: Sequence[float] = (1.0, 1.0),
+                     start_frame: int = 0, max_area_change: float = MAX_AREA_CHANGE,
+                     frames_to_segment: Optional[Iterable[int]] = None, **options) -> SequenceResult:
+    """Segment every frame of (N, H, W) ``frames``, starting at ``start_frame`` with ``seed_rc``
+    and going forwards, then backwards from it.
+
+    Each frame is seeded at the lumen centroid of the last accepted frame (the lumen moves with
+    the probe and pulsates). A frame is flagged -- kept in ``masks`` but marked in ``flagged``
+    with a reason, and not used to seed the next one -- when its mask is empty, leaks
+    (:func:`leak_reason`), or its area differs from the last accepted frame's by more than
+    ``max_area_change`` (0.5 = 50%). ``frames_to_segment`` limits the work to some frames
+    (others stay empty and unflagged). ``options`` go to :func:`flood_fill` / :func:`grow_from_seeds`.
+    """
+    frames = np.asarray(frames)
+    if frames.ndim != 3:
+        raise ValueError(f"frames must be (N, H, W), got shape {frames.shape}")
+    n = frames.shape[0]
+    if not 0 <= start_frame < n:
+        raise ValueError(f"start_frame {start_frame} is outside 0..{n - 1}")
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
+    start_seed = check_seed(seed_rc, frames.shape)
+    warn_if_seed_on_wall(_as_image2d(frames[start_frame]), start_seed)
+    wanted = set(range(n)) if frames_to_segment is None else {int(k) for k in frames_to_segment}
+    result = SequenceResult(np.zeros(frames.shape, bool), np.full((n, 2), -1, int),
+                            [measure(np.zeros(frames.shape[1:], bool), spacing_mm)] * n,
+                            np.zeros(n, bool), [""] * n)
+    run = dict(method=method, tolerance=tolerance, spacing_mm=spacing_mm,
+               max_area_change=max_area_change, options=options)
+    start_state = (start_seed, None)
+    if start_frame in wanted:
+        start_state = _segment_into(result, frames, start_frame, *start_state, **run)
+    for order in (range(start_frame + 1, n), range(start_frame - 1, -1, -1)):
+        seed, reference_area = start_state
+        for k in order:
+            if k in wanted:
+                seed, reference_area = _segment_into(result, frames, k, seed, reference_area, **run)
+    return result
+
+
+def _segment_into(result: SequenceResult, frames: np.ndarray, k: int, seed: Tuple[int, int],
+                  reference_area: Optional[float], method: str, tolerance: float,
+                  spacing_mm: Sequence[float], max_area_change: float, options: dict
+                  ) -> Tuple[Tuple[int, int], Optional[float]]:
+    """Segment frame k into ``result``; return the (seed, reference area) for the next frame:
+    the new centroid and area if the frame is accepted, else the ones it was given."""
+    mask = segment_frame(frames[k], seed, method, tolerance, check=False, **options)
+    m = measure(mask, spacing_mm)
+    reason = _flag_reason(mask, m, reference_area, max_area_change)
+    result.masks[k], result.seeds_rc[k], result.measurements[k] = mask, seed, m
+    result.flagged[k], result.flag_reasons[k] = bool(reason), reason
+    if reason:
+        return seed, reference_area
+    return seed_from_mask(mask), m.area_mm2
+
+
+def _flag_reason(mask: np.ndarray, m: Measurement, reference_area: Optional[float],
+                 max_area_change: float) -> str:
+    if m.area_px == 0:
+        return "empty mask"
+    leak = leak_reason(mask)
+    if leak:
+        return f"leaked: {leak}"
+    if reference_area:
+        change = m.area_mm2 / reference_area - 1.0
+        if abs(change) > max_area_change:
+            return f"area changed {100 * change:+.0f}% vs the previous accepted frame"
+    return ""
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def default_tolerance_sweep(image: np.ndarray, steps: int = 256) -> np.ndarray:
+    """Tolerances from 0 to the image's grey range (the last fills everything): every integer
+    for integer-valued images with at most ``steps`` grey levels (each distinct fill exactly
+    once for 8-bit images), else ``steps`` evenly spaced values."""
+    image = np.asarray(image, dtype=np.float64)
+    grey_range = float(image.max() - image.min())
+    if grey_range < steps and np.array_equal(image, np.round(image)):
+        return np.arange(0.0, grey_range + 1.0)
+    return np.linspace(0.0, grey_range, steps)
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    """Intersection over union of two boolean masks (1.0 when both are empty)."""
+    union = np.count_nonzero(a | b)
+    return float(np.count_nonzero(a & b) / union) if union else 1.0
+
+
+def flood_fill_roc(image: np.ndarray, mask: np.ndarray, tolerances: Optional[Sequence[float]] = None,
+                   seed_rc: Optional[RowCol] = None, neighborhood_radius_px: float = 0.0
+                   ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ROC of the flood fill against a reference mask over a tolerance sweep.
+
+    For each tolerance t (default :func:`default_tolerance_sweep`: 0..255 for 8-bit images) the fill F_t
+    from the seed (default :func:`seed_from_mask`) gives TPR = |F_t & M| / |M| and
+    FPR = |F_t & ~M| / |~M|. Returns (fpr, tpr, tolerances) sorted by tolerance.
+    """
+    image = _as_image2d(image)
+    mask = _as_mask2d(mask)
+    if mask.shape != image.shape:
+        raise ValueError(f"mask shape {mask.shape} differs from image shape {image.shape}")
+    seed = seed_from_mask(mask) if seed_rc is None else check_seed(seed_rc, image.shape)
+    tolerances = default_tolerance_sweep(image) if tolerances is None else np.sort(np.asarray(tolerances, float))
+    positives, negatives = max(np.count_nonzero(mask), 1), max(np.count_nonzero(~mask), 1)
+    tpr, fpr = np.empty(len(tolerances)), np.empty(len(tolerances))
+    filler = _FloodFiller(image, seed, (neighborhood_radius_px,) * 2)
+    for i, t in enumerate(tolerances):
+        fill = filler.fill(float(t))
+        tpr[i] = np.count_nonzero(fill & mask) / positives
+        fpr[i] = np.count_nonzero(fill & ~mask) / negatives
+    return fpr, tpr, tolerances
+
+
+def roc_auc(fpr: np.ndarray, tpr: np.ndarray) -> float:
+    """Trapezoidal area under (FPR, TPR) points closed with (0, 0) and (1, 1)."""
+    order = np.lexsort((tpr, fpr))
+    x = np.concatenate([[0.0], np.asarray(fpr)[order], [1.0]])
+    y = np.concatenate([[0.0], np.asarray(tpr)[order], [1.0]])
+    return float(np.sum((x[1:] - x[:-1]) * (y[1:] + y[:-1]) / 2.0))
+
+
+def evaluate_flood_fill(image: np.ndarray, mask: np.ndarray, tolerance: float = DEFAULT_TOLERANCE,
+                        tolerances: Optional[Sequence[float]] = None, seed_rc: Optional[RowCol] = None,
+                        neighborhood_radius_px: float = 0.0) -> Tuple[float, float]:
+    """(IoU, AUC) of the flood fill seeded at the mask centroid (:func:`seed_from_mask`).
+
+    IoU: the fill at ``tolerance`` vs the mask. AUC: the area under the ROC curve that the fill
+    traces as its tolerance sweeps ``tolerances`` (default every grey level from 0 to the image's
+    range for 8-bit images, see :func:`flood_fill_roc`), closed with (0, 0) and (1, 1) -- the fill is nested in
+    t, so the curve is monotone; AUC 0.5 is a fill that grows no better than chance.
+    """
+    image = _as_image2d(image)
+    mask = _as_mask2d(mask)
+    seed = seed_from_mask(mask) if seed_rc is None else check_seed(seed_rc, image.shape)
+    fill = _threshold_connectivity(image, seed, float(tolerance), (neighborhood_radius_px,) * 2)
+    fpr, tpr, _ = flood_fill_roc(image, mask, tolerances, seed, neighborhood_radius_px)
+    return iou(fill, mask), roc_auc(fpr, tpr)
+
+
+def iou_table(images: Sequence[np.ndarray], masks: Sequence[np.ndarray], tolerances: Sequence[float],
+              neighborhood_radius_px: float = 0.0) -> np.ndarray:
+    """(n_images, n_tolerances) flood-fill IoU, seed at each mask's centroid."""
+    if len(images) != len(masks):
+        raise ValueError(f"{len(images)} images but {len(masks)} masks")
+    table = np.empty((len(images), len(tolerances)))
+    for i, (image, mask) in enumerate(zip(images, masks)):
+        image, mask = _as_image2d(image), _as_mask2d(mask)
+        filler = _FloodFiller(image, seed_from_mask(mask), (neighborhood_radius_px,) * 2)
+        for j, t in enumerate(tolerances):
+            table[i, j] = iou(filler.fill(float(t)), mask)
+    return table
+
+
+def tune_tolerance(images: Sequence[np.ndarray], masks: Sequence[np.ndarray],
+                   tolerances: Sequence[float], neighborhood_radius_px: float = 0.0) -> float:
+    """The tolerance with the best mean flood-fill IoU over the images (seed at mask centroid);
+    ties go to the smaller tolerance."""
+    if len(tolerances) == 0 or len(images) == 0:
+        raise ValueError("tune_tolerance needs at least one image and one tolerance")
+    mean_iou = iou_table(images, masks, tolerances, neighborhood_radius_px).mean(axis=0)
+    return float(np.asarray(tolerances, float)[int(np.argmax(mean_iou))])
+
+
+# ----------------------------------------------------------------------------- VTK <-> numpy
+
+def _vtk_image(array3d: np.ndarray):
+    """(Z, Y, X) numpy -> vtkImageData with unit spacing and zero origin (a deep copy)."""
+    import vtk
+    from vtk.util import numpy_support
+
+    array3d = np.ascontiguousarray(array3d)
+    image = vtk.vtkImageData()
+    image.SetDimensions(array3d.shape[2], array3d.shape[1], array3d.shape[0])
+    image.GetPointData().SetScalars(numpy_support.numpy_to_vtk(array3d.ravel(), deep=True))
+    return image
+
+
+def _numpy_from_vtk(image) -> np.ndarray:
+    from vtk.util import numpy_support
+
+    x, y, z = image.GetDimensions()
+    scalars = image.GetPointData().GetScalars()
+    if scalars is None:
+        return np.zeros((0, 0, 0))
+    return numpy_support.vtk_to_numpy(scalars).reshape(z, y, x).copy()
+
+
+#: Pixel types VTK filters take as they are; others (bool, float16, ...) become float32.
+_VTK_NATIVE = tuple(np.dtype(t) for t in (np.uint8, np.int8, np.uint16, np.int16, np.uint32,
+                                          np.int32, np.float32, np.float64))
+
+
+def _as_image2d(image: np.ndarray) -> np.ndarray:
+    """A 2D copy in a VTK pixel type. The input's own integer type is kept because VTK casts
+    the thresholds to the pixel type, as it does for the volume in Slicer."""
+    image = np.asarray(image)
+    if image.ndim != 2:
+        raise ValueError(f"expected a 2D grey image (H, W), got shape {image.shape}; "
+                         "use segment_sequence for (N, H, W) frames")
+    if image.shape[0] < 2 or image.shape[1] < 2:
+        raise ValueError(f"image {image.shape} is too small to segment")
+    if image.dtype.newbyteorder("=") in _VTK_NATIVE:
+        return image.astype(image.dtype.newbyteorder("="), copy=True)
+    return image.astype(np.float32)
+
+
+def _as_mask2d(mask: np.ndarray) -> np.ndarray:
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise ValueError(f"expected a 2D mask (H, W), got shape {mask.shape}")
+    return mask.astype(bool)
+
+
+def _spacing2(spacing: Sequence[float]) -> Tuple[float, float]:
+    row_mm, col_mm = (float(v) for v in spacing)
+    if not (row_mm > 0 and col_mm > 0 and np.isfinite(row_mm) and np.isfinite(col_mm)):
+        raise ValueError(f"spacing must be two positive numbers (row mm, col mm), got {spacing!r}")
+    return row_mm, col_mm
+
+
+def _disk(shape: Tuple[int, int], center: Tuple[int, int], radius: float) -> np.ndarray:
+    rr, cc = np.ogrid[:shape[0], :shape[1]]
+    return (rr - center[0]) ** 2 + (cc - center[1]) ** 2 <= radius ** 2
+
+
+# ----------------------------------------------------------------------------- command line
+
+PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+
+
+def add_segment_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Arguments of ``speckle2self segment IN --seed X,Y --out MASK [...]``."""
+    parser.add_argument("input", help="image (PNG/JPEG/TIFF), volume or sequence (.mha/.nrrd/.nii.gz) or DICOM")
+    seed = parser.add_mutually_exclusive_group(required=True)
+    seed.add_argument("--seed", metavar="X,Y", type=_parse_floats(2),
+                      help="a pixel inside the lumen: X = column, Y = row, as image viewers show them")
+    seed.add_argument("--seed-ras", metavar="R,A,S", type=_parse_floats(3),
+                      help="a point inside the lumen in RAS mm, as Slicer shows it (its frame is the seed's frame)")
+    parser.add_argument("--frame", type=int, default=None, metavar="K",
+                        help="segment only frame K of a multi-frame input (default: every frame, the seed "
+                             "following the lumen from frame 0 or the --seed-ras frame)")
+    parser.add_argument("--out", required=True, metavar="MASK",
+                        help="mask file: .png (0/255) for pictures; .mha/.nrrd/.nii.gz (0/1) with the input's geometry")
+    parser.add_argument("--method", choices=METHODS, default="flood",
+                        help="flood: Slicer's flood filling; growcut: Slicer's grow from seeds (default flood)")
+    parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
+                        help=f"flood-fill intensity tolerance in the input's grey levels (default {DEFAULT_TOLERANCE:g})")
+    parser.add_argument("--neighborhood", type=float, default=0.0, metavar="PX",
+                        help="flood-fill neighbourhood radius in pixels, Slicer's 'Neighborhood size' (default 0)")
+    parser.add_argument("--no-despeckle", action="store_true", help="segment the input as it is")
+    parser.add_argument("--model", default=None, help="despeckling model file (default: the bundled model)")
+    return parser
+
+
+def run_segment(args: argparse.Namespace) -> int:
+    """Run ``speckle2self segment``: 0 on success, 2 with a message on stderr for bad input."""
+    try:
+        return _run_segment(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def _run_segment(args: argparse.Namespace) -> int:
+    data = _read_input(args.input)
+    frames = np.asarray(data.frames)
+    if args.seed is not None:
+        start, seed_rc = 0, (args.seed[1], args.seed[0])      # X, Y -> (row, col)
+    else:
+        start, seed_rc = _ras_to_frame_row_col(data, args.seed_ras)
+    if args.frame is not None:
+        if not 0 <= args.frame < len(frames):
+            raise ValueError(f"--frame {args.frame} is outside the input's {len(frames)} frames (0..{len(frames) - 1})")
+        start = args.frame
+    check_seed(seed_rc, frames.shape)
+    if not 0 <= start < len(frames):
+        raise ValueError(f"the seed's frame {start} is outside the input's {len(frames)} frames; check --seed-ras")
+    wanted = [start] if args.frame is not None else list(range(len(frames)))
+    if not args.no_despeckle:
+        frames = _despeckled(frames, wanted, args.model)
+    spacing_rc = (float(data.spacing[1]), float(data.spacing[0]))
+    options = {"neighborhood_radius_px": args.neighborhood} if args.method == "flood" else {}
+    result = segment_sequence(frames, seed_rc, args.method, args.tolerance, spacing_rc, start_frame=start,
+                              frames_to_segment=wanted, **options)
+    _write_mask(args.out, result.masks, data)
+    _print_measurements(result, wanted, data)
+    return 0
+
+
+def _parse_floats(count: int):
+    def parse(text: str) -> Tuple[float, ...]:
+        try:
+            values = tuple(float(v) for v in text.replace(" ", "").split(","))
+        except ValueError:
+            values = ()
+        if len(values) != count or not all(np.isfinite(values)):
+            raise argparse.ArgumentTypeError(f"expected {count} comma-separated numbers, got {text!r}")
+        return values
+    return parse
+
+
+def _read_input(path):
+    from .imageio import read_frames
+
+    return read_frames(path)
+
+
+def _ras_to_frame_row_col(data, ras: Sequence[float]) -> Tuple[int, RowCol]:
+    """RAS mm -> (frame, (row, col)) through the input's geometry. ITK/SimpleITK images are in
+    LPS; pictures and DICOM without one get Slicer's default: origin 0, identity LPS axes."""
+    lps = (-float(ras[0]), -float(ras[1]), float(ras[2]))
+    source = data.source
+    if source is not None and hasattr(source, "TransformPhysicalPointToContinuousIndex"):
+        index = source.TransformPhysicalPointToContinuousIndex(lps[:source.GetDimension()])
+        col, row = index[0], index[1]
+        frame = index[2] if len(index) > 2 else 0.0
+    else:
+        col, row, frame = (v / s for v, s in zip(lps, data.spacing))
+    return int(round(frame)), (row, col)
+
+
+def _despeckled(frames: np.ndarray, wanted: List[int], model) -> np.ndarray:
+    """Despeckle the frames that will be segmented (the others are not looked at)."""
+    from .inference import Despeckler
+
+    despeckler = Despeckler.from_file(model)
+    out = np.array(frames, copy=True)
+    out[wanted] = despeckler.denoise(frames[wanted])
+    return out
+
+
+def _write_mask(out_path, masks: np.ndarray, data) -> None:
+    """Mask in the input's format and geometry: pictures 0/255, volumes 0/1 labels."""
+    from pathlib import Path
+
+    from .imageio import write_like
+
+    picture = Path(out_path).suffix.lower() in PICTURE_SUFFIXES
+    labels = masks.astype(np.uint8) * (255 if picture else 1)
+    write_like(out_path, labels, data)
+
+
+def _print_measurements(result: SequenceResult, frames: List[int], data) -> None:
+    has_geometry = data.source is not None
+    unit = "mm" if has_geometry else "px (no pixel spacing in the input: 1 px = 1 'mm')"
+    for k in frames:
+        m = result.measurements[k]
+        flag = f"  FLAGGED: {result.flag_reasons[k]}" if result.flagged[k] else ""
+        print(f"frame {k}: area {m.area_mm2:.2f} mm2, equivalent diameter {m.equivalent_diameter_mm:.2f} mm{flag}")
+    if not has_geometry:
+        print(f"note: sizes are in {unit}")
+    flagged = [k for k in frames if result.flagged[k]]
+    if flagged:
+        print(f"warning: {len(flagged)} frame(s) flagged as implausible: {flagged}", file=sys.stderr)

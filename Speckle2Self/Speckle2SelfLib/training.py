@@ -1,0 +1,352 @@
+"""Self-supervised training: random crops of unlabeled frames, multi-scale views, Adam.
+
+No clean images are needed: every frame of every input file is a training sample.
+Runs stop by steps, epochs or a wall-clock budget, checkpoint regularly and resume
+exactly where they stopped, so long CPU runs can live in the background.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+
+from .imageio import iter_inputs, read_frames
+from .losses import LossConfig, speckle2self_loss
+from .perturbation import DEFAULT_SCALES, minmax_normalise, multiscale_views
+
+
+@dataclass
+class TrainConfig:
+    width: int = 32
+    scales: Sequence[float] = DEFAULT_SCALES
+    interpolation: str = "bilinear"
+    upsample: str = "transposed"
+    shared_encoder: bool = False
+    crop: int = 128
+    batch: int = 16
+    lr: float = 1e-3
+    betas: Sequence[float] = (0.5, 0.999)
+    steps: Optional[int] = None
+    epochs: Optional[float] = None
+    minutes: Optional[float] = None
+    rotate_degrees: float = 10.0
+    reconstruction: str = "mse"
+    consistency: str = "l1"
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True
+    checkpoint_every: int = 200       # steps
+    preview_every: int = 500          # steps (0: never)
+    name: str = "speckle2self"
+
+    def __post_init__(self):
+        if self.crop % 16 or self.crop < 32:
+            raise ValueError(f"crop must be a multiple of 16 and at least 32, got {self.crop}")
+        if self.batch < 1:
+            raise ValueError("batch must be at least 1")
+        if self.steps is None and self.epochs is None and self.minutes is None:
+            raise ValueError("give a stopping rule: steps, epochs or minutes")
+        LossConfig(self.reconstruction, self.consistency)   # validates the names
+
+
+# ----------------------------------------------------------------------------- data
+
+class FramePool:
+    """All training frames as float32 [0, 1] arrays, and random augmented crops of them."""
+
+    def __init__(self, frames: List[np.ndarray], summary: Dict):
+        if not frames:
+            raise ValueError("no training frames; give image, volume, sequence or DICOM files or folders")
+        self.frames = frames
+        self.summary = summary
+
+    @classmethod
+    def from_paths(cls, inputs: Sequence[str], min_side: int = 32) -> "FramePool":
+        frames, files, skipped = [], [], []
+        for path in iter_inputs(list(inputs)):
+            data = read_frames(path)
+            usable = [f for f in data.frames if min(f.shape) >= min_side and f.max() > f.min()]
+            if not usable:
+                skipped.append(path.name)
+                continue
+            frames += [_to_unit(f) for f in usable]
+            files.append(path.name)
+        summary = {"files": len(files), "frames": len(frames), "examples": files[:10],
+                   "skipped": skipped[:10]}
+        return cls(frames, summary)
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+    def sample(self, rng: np.random.Generator, batch: int, crop: int, rotate_degrees: float):
+        """A (B, 1, crop, crop) torch batch: random crop, horizontal flip, small rotation."""
+        import torch
+
+        # Rotating needs a margin so no corner samples outside the patch.
+        margin = math.ceil(crop * (abs(math.cos(math.radians(rotate_degrees))) +
+                                   abs(math.sin(math.radians(rotate_degrees))))) if rotate_degrees else crop
+        patches = np.stack([self._crop(rng, margin) for _ in range(batch)])
+        x = torch.from_numpy(patches).unsqueeze(1)
+        # Horizontal flips only: a vertical flip would put depth (attenuation) upside down.
+        flip = torch.from_numpy(rng.random(batch) < 0.5)
+        x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+        return _rotate_center_crop(x, rng.uniform(-rotate_degrees, rotate_degrees, batch), crop)
+
+    def _crop(self, rng: np.random.Generator, size: int) -> np.ndarray:
+        frame = self.frames[rng.integers(len(self.frames))]
+        h, w = frame.shape
+        if h < size or w < size:
+            frame = np.pad(frame, ((0, max(0, size - h)), (0, max(0, size - w))), mode="reflect")
+            h, w = frame.shape
+        r, c = rng.integers(h - size + 1), rng.integers(w - size + 1)
+        return frame[r:r + size, c:c + size]
+
+
+def _to_unit(frame: np.ndarray) -> np.ndarray:
+    f = frame.astype(np.float32)
+    lo, hi = float(f.min()), float(f.max())
+    return (f - lo) / (hi - lo)
+
+
+def _rotate_center_crop(x, angles_deg: np.ndarray, crop: int):
+    import torch
+    import torch.nn.functional as F
+
+    size = x.shape[-1]
+    theta = torch.zeros(len(angles_deg), 2, 3)
+    a = torch.from_numpy(np.radians(angles_deg)).float()
+    scale = crop / size
+    theta[:, 0, 0], theta[:, 0, 1] = torch.cos(a) * scale, -torch.sin(a) * scale
+    theta[:, 1, 0], theta[:, 1, 1] = torch.sin(a) * scale, torch.cos(a) * scale
+    grid = F.affine_grid(theta, [len(angles_deg), 1, crop, crop], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+# ----------------------------------------------------------------------------- training
+
+@dataclass
+class TrainState:
+    step: int = 0
+    elapsed_s: float = 0.0
+    last_loss: Dict[str, float] = field(default_factory=dict)
+
+
+def build_net(cfg: TrainConfig):
+    from .network import Speckle2SelfNet
+    return Speckle2SelfNet(cfg.width, len(cfg.scales), cfg.upsample, cfg.shared_encoder)
+
+
+def _amp_dtype(device: str):
+    import torch
+    if not device.startswith("cuda"):
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def config_from_model(model_path, **overrides) -> TrainConfig:
+    """A TrainConfig whose architecture matches an exported model (for fine-tuning it)."""
+    from .models import load_model
+
+    meta = load_model(model_path).metadata
+    arch = dict(width=int(meta["width"]), scales=list(meta["scales"]), interpolation=meta["interpolation"],
+                upsample=meta.get("upsample", "transposed"), shared_encoder=bool(meta.get("shared_encoder", False)))
+    return TrainConfig(**{**overrides, **arch})
+
+
+def init_from_model(net, model_path) -> None:
+    """Start every encoder and the decoder from an exported model's weights.
+
+    An exported model holds only the full-resolution encoder; the other scales' encoders
+    start as copies of it, which is far closer to their optimum than random weights.
+    """
+    from .models import load_model
+
+    state = load_model(model_path).module.state_dict()
+    enc = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
+    dec = {k[len("decoder."):]: v for k, v in state.items() if k.startswith("decoder.")}
+    for encoder in net.encoders:
+        encoder.load_state_dict(enc)
+    net.decoder.load_state_dict(dec)
+
+
+def train(cfg: TrainConfig, pool: FramePool, out_path, resume: Optional[str] = None,
+          progress: bool = True, on_step: Optional[Callable[[TrainState], None]] = None,
+          init_model: Optional[str] = None):
+    """Train, checkpoint next to ``out_path`` and export a TorchScript model there.
+
+    ``init_model`` fine-tunes an exported model (its architecture must match ``cfg``:
+    use :func:`config_from_model`). Returns (net, state). The checkpoint ``<out>.ckpt``
+    can be passed back as ``resume``.
+    """
+    import torch
+    from .inference import pick_device
+    from .models import export_model
+
+    out_path = Path(out_path)
+    device = pick_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    net = build_net(cfg).to(device)
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
+    state = TrainState()
+    if init_model and not resume:
+        init_from_model(net, init_model)
+    if resume:
+        rng = _load_checkpoint(resume, net, opt, state, device)
+    amp = _amp_dtype(device) if cfg.amp else None
+    scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
+    loss_cfg = LossConfig(cfg.reconstruction, cfg.consistency)
+    total_steps = _total_steps(cfg, len(pool))
+    bar = _progress_bar(progress, total_steps, state.step)
+    ckpt_path = out_path.with_suffix(".ckpt")
+    t0 = time.monotonic() - state.elapsed_s
+    net.train()
+    while not _done(cfg, state, total_steps):
+        x = pool.sample(rng, cfg.batch, cfg.crop, cfg.rotate_degrees).to(device)
+        views = multiscale_views(x, cfg.scales, cfg.interpolation)
+        with torch.autocast("cuda", dtype=amp, enabled=amp is not None):
+            outputs = net(views)
+            losses = speckle2self_loss([o.float() for o in outputs], views, loss_cfg)
+        opt.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(losses["total"]).backward()
+            scaler.step(opt)
+            scaler.update()
+        else:
+            losses["total"].backward()
+            opt.step()
+        state.step += 1
+        state.elapsed_s = time.monotonic() - t0
+        state.last_loss = {k: float(v.detach()) for k, v in losses.items()}
+        if not math.isfinite(state.last_loss["total"]):
+            raise FloatingPointError(f"loss became {state.last_loss['total']} at step {state.step}; "
+                                     "lower the learning rate or disable AMP (--no-amp)")
+        _update_bar(bar, state)
+        if state.step % cfg.checkpoint_every == 0:
+            save_checkpoint(ckpt_path, net, opt, state, cfg)
+        if cfg.preview_every and state.step % cfg.preview_every == 0:
+            write_preview(net, pool, out_path.with_suffix(".preview.png"))
+        if on_step is not None:
+            on_step(state)
+    if bar is not None:
+        bar.close()
+    save_checkpoint(ckpt_path, net, opt, state, cfg)
+    export_model(net, out_path, scales=cfg.scales, interpolation=cfg.interpolation, name=cfg.name,
+                 training=training_summary(cfg, pool, state, device))
+    return net, state
+
+
+def _total_steps(cfg: TrainConfig, n_frames: int) -> Optional[int]:
+    if cfg.steps is not None:
+        return cfg.steps
+    if cfg.epochs is not None:
+        # One epoch = as many crops as there are frames.
+        return max(1, math.ceil(cfg.epochs * n_frames / cfg.batch))
+    return None
+
+
+def _done(cfg: TrainConfig, state: TrainState, total_steps: Optional[int]) -> bool:
+    if total_steps is not None and state.step >= total_steps:
+        return True
+    return cfg.minutes is not None and state.elapsed_s >= cfg.minutes * 60
+
+
+def _progress_bar(enabled: bool, total: Optional[int], initial: int):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+
+
+def _update_bar(bar, state: TrainState) -> None:
+    if bar is None:
+        return
+    bar.update(1)
+    if state.step % 10 == 0:
+        bar.set_postfix(loss=f"{state.last_loss['total']:.4f}",
+                        rec=f"{state.last_loss['reconstruction']:.4f}",
+                        cons=f"{state.last_loss['consistency']:.4f}", refresh=False)
+
+
+def training_summary(cfg: TrainConfig, pool: FramePool, state: TrainState, device: str) -> Dict:
+    summary = {k: v for k, v in asdict(cfg).items() if k not in ("checkpoint_every", "preview_every")}
+    summary.update(steps_done=state.step, minutes_done=round(state.elapsed_s / 60, 2), device_used=device,
+                   final_loss=state.last_loss, data=pool.summary)
+    summary["scales"], summary["betas"] = list(cfg.scales), list(cfg.betas)
+    return summary
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def save_checkpoint(path, net, opt, state: TrainState, cfg: TrainConfig) -> None:
+    import torch
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".part")
+    torch.save({"model": net.state_dict(), "optimizer": opt.state_dict(), "step": state.step,
+                "elapsed_s": state.elapsed_s, "config": _plain(asdict(cfg))}, tmp)
+    tmp.replace(path)   # an interrupted save never clobbers the last good checkpoint
+
+
+def _plain(cfg: Dict) -> Dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}
+
+
+def load_checkpoint_config(path) -> TrainConfig:
+    import torch
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    return TrainConfig(**ckpt["config"])
+
+
+def _load_checkpoint(path, net, opt, state: TrainState, device: str) -> np.random.Generator:
+    import torch
+
+    # weights_only: a checkpoint holds tensors and plain values; nothing is unpickled as code.
+    ckpt = torch.load(path, map_location=device, weights_only=True)
+    net.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["optimizer"])
+    state.step, state.elapsed_s = int(ckpt["step"]), float(ckpt["elapsed_s"])
+    # Continue the crop sequence instead of replaying the first crops again.
+    return np.random.default_rng([int(ckpt["config"]["seed"]), state.step])
+
+
+def export_checkpoint(ckpt_path, out_path, name: Optional[str] = None) -> Dict:
+    """Export a checkpoint (e.g. from an interrupted run) as a TorchScript model."""
+    import torch
+    from .models import export_model
+
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    cfg = TrainConfig(**ckpt["config"])
+    net = build_net(cfg)
+    net.load_state_dict(ckpt["model"])
+    summary = _plain(asdict(cfg))
+    summary.update(steps_done=int(ckpt["step"]), minutes_done=round(float(ckpt["elapsed_s"]) / 60, 2))
+    return export_model(net, out_path, scales=cfg.scales, interpolation=cfg.interpolation,
+                        name=name or cfg.name, training=summary)
+
+
+# ----------------------------------------------------------------------------- preview
+
+def write_preview(net, pool: FramePool, path, size: int = 512) -> None:
+    """Save "input | output" for the first frame (centre crop) so progress can be seen."""
+    import torch
+    from PIL import Image
+
+    frame = pool.frames[0]
+    h, w = frame.shape
+    r, c = max(0, (h - size) // 2), max(0, (w - size) // 2)
+    patch = frame[r:r + size, c:c + size]
+    was_training = net.training
+    net.eval()
+    device = next(net.parameters()).device
+    with torch.inference_mode():
+        x = minmax_normalise(torch.from_numpy(np.ascontiguousarray(patch))[None, None].to(device))
+        y = net.inference_module()(x)[0, 0].float().cpu().numpy()
+    net.train(was_training)
+    side = np.concatenate([patch, np.ones((patch.shape[0], 4), np.float32), y], axis=1)
+    Image.fromarray(np.round(np.clip(side, 0, 1) * 255).astype(np.uint8)).save(path)

@@ -1,0 +1,228 @@
+"""Static checks of the Slicer extension: module file, .ui, CMake lists, .s4ext and the Lib's imports.
+
+Speckle2Self.py needs Slicer's Qt (it cannot be imported here), so it is checked as source:
+it compiles, every ``ui.X`` widget it uses exists in the .ui, every .ui parameter name is a
+field of the parameter node, and torch is not imported at module level. The CMake lists
+must name exactly the files on disk, and the Lib must never import Qt, ctk or slicer.app.
+"""
+
+from __future__ import annotations
+
+import ast
+import py_compile
+import re
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+MODULE_DIR = REPO / "Speckle2Self"
+MODULE_FILE = MODULE_DIR / "Speckle2Self.py"
+UI_FILE = MODULE_DIR / "Resources" / "UI" / "Speckle2Self.ui"
+LIB_DIR = MODULE_DIR / "Speckle2SelfLib"
+MODELS_DIR = MODULE_DIR / "Resources" / "Models"
+QT_WIDGETS = {"QWidget", "QLabel", "QCheckBox", "QComboBox", "QSpinBox", "QPushButton", "QProgressBar",
+              "QTableView", "QLineEdit", "QGroupBox"}
+MRML_WIDGETS = {"qMRMLNodeComboBox", "qSlicerMarkupsPlaceWidget", "qMRMLTableView"}
+
+
+@pytest.fixture(scope="module")
+def module_source() -> str:
+    return MODULE_FILE.read_text()
+
+
+@pytest.fixture(scope="module")
+def ui_tree() -> ET.ElementTree:
+    return ET.parse(UI_FILE)
+
+
+def ui_widgets(tree) -> dict:
+    """objectName -> (class, SlicerParameterName or None) for every widget in the .ui."""
+    widgets = {}
+    for widget in tree.iter("widget"):
+        param = next((p.find("string").text for p in widget.findall("property")
+                      if p.get("name") == "SlicerParameterName"), None)
+        widgets[widget.get("name")] = (widget.get("class"), param)
+    return widgets
+
+
+def parameter_fields(source: str) -> dict:
+    """Field name -> annotation source of the @parameterNodeWrapper class."""
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ClassDef) and any(getattr(d, "id", None) == "parameterNodeWrapper"
+                                                  for d in node.decorator_list):
+            return {s.target.id: ast.unparse(s.annotation) for s in node.body if isinstance(s, ast.AnnAssign)}
+    raise AssertionError("no @parameterNodeWrapper class in Speckle2Self.py")
+
+
+# ----------------------------------------------------------------------------- module file and .ui
+
+def test_module_file_compiles(tmp_path):
+    py_compile.compile(str(MODULE_FILE), cfile=str(tmp_path / "Speckle2Self.pyc"), doraise=True)
+
+
+def test_every_widget_the_module_uses_exists_in_the_ui(module_source, ui_tree):
+    used = set(re.findall(r"\bui\.([A-Za-z_]\w*)", module_source))
+    assert used, "the module uses no widget of its .ui?"
+    missing = sorted(used - set(ui_widgets(ui_tree)))
+    assert not missing, f"Speckle2Self.py uses widgets missing from {UI_FILE.name}: {missing}"
+
+
+def test_ui_parameter_names_are_parameter_node_fields_with_fitting_types(module_source, ui_tree):
+    fields = parameter_fields(module_source)
+    connected = {name: (cls, param) for name, (cls, param) in ui_widgets(ui_tree).items() if param}
+    assert len(connected) >= 10
+    for name, (cls, param) in connected.items():
+        assert param in fields, f"{name} is bound to '{param}', which is not a parameter node field"
+        annotation = fields[param]
+        if cls == "QComboBox":
+            assert "Choice(" in annotation, f"{param}: a combo box needs a Choice annotation"
+        if cls == "ctkSliderWidget":
+            assert "WithinRange(" in annotation, f"{param}: a slider needs a WithinRange annotation"
+        if cls == "QCheckBox":
+            assert annotation == "bool", f"{param}: a check box needs a bool field"
+        if cls == "qMRMLNodeComboBox":
+            assert annotation.startswith("vtkMRML"), f"{param}: a node selector needs a node-typed field"
+
+
+def test_ui_declares_custom_widgets_and_gives_mrml_widgets_the_scene(ui_tree):
+    classes = {cls for cls, _ in ui_widgets(ui_tree).values()}
+    declared = {c.find("class").text for c in ui_tree.iter("customwidget")}
+    assert not sorted(classes - QT_WIDGETS - declared), "undeclared custom widget classes"
+    receivers = {c.find("receiver").text for c in ui_tree.iter("connection")
+                 if c.find("signal").text == "mrmlSceneChanged(vtkMRMLScene*)"}
+    mrml = {name for name, (cls, _) in ui_widgets(ui_tree).items() if cls in MRML_WIDGETS}
+    assert mrml and mrml <= receivers, f"MRML widgets without the scene: {sorted(mrml - receivers)}"
+
+
+def test_module_has_title_category_help_and_a_slicer_self_test(module_source):
+    tree = ast.parse(module_source)
+    classes = {c.name: c for c in tree.body if isinstance(c, ast.ClassDef)}
+    assert {"Speckle2Self", "Speckle2SelfWidget", "Speckle2SelfLogic", "Speckle2SelfTest"} <= set(classes)
+    assert [ast.unparse(b) for b in classes["Speckle2SelfTest"].bases] == ["ScriptedLoadableModuleTest"]
+    assert "runTest" in {f.name for f in classes["Speckle2SelfTest"].body if isinstance(f, ast.FunctionDef)}
+    assert 'self.parent.title = _("Speckle2Self")' in module_source
+    assert 'self.parent.categories = ["Ultrasound"]' in module_source
+    assert "<a href=" in module_source and "acknowledgementText" in module_source
+
+
+def test_module_and_its_lib_load_without_torch(module_source):
+    top_level = [n for n in ast.parse(module_source).body if isinstance(n, (ast.Import, ast.ImportFrom))]
+    names = {a.name for n in top_level for a in n.names} | {n.module for n in top_level if isinstance(n, ast.ImportFrom)}
+    assert "torch" not in names, "Speckle2Self.py must import torch lazily"
+    # What the GUI imports at setup must work with torch missing (None in sys.modules blocks it).
+    code = ("import sys; sys.modules['torch'] = None; sys.path.insert(0, sys.argv[1])\n"
+            "import Speckle2SelfLib.mrml, Speckle2SelfLib.models, Speckle2SelfLib.inference, "
+            "Speckle2SelfLib.lumen_mrml\n"
+            "Speckle2SelfLib.models.bundled_models()\n"
+            "try:\n    import torch\nexcept ImportError:\n    print('blocked')\n")
+    run = subprocess.run([sys.executable, "-c", code, str(MODULE_DIR)], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0 and "blocked" in run.stdout, run.stderr
+
+
+# ----------------------------------------------------------------------------- CMake and .s4ext
+
+def cmake_set(text: str, variable: str) -> list:
+    match = re.search(rf"set\({variable}\b(.*?)\)", text, re.S)
+    assert match, f"set({variable} ...) not found"
+    return match.group(1).split()
+
+
+def test_module_cmake_lists_every_lib_script_and_resource():
+    text = (MODULE_DIR / "CMakeLists.txt").read_text()
+    assert "file(GLOB" not in text, "list files explicitly"
+    name = cmake_set(text, "MODULE_NAME")[0]
+    expand = lambda items: {i.replace("${MODULE_NAME}", name) for i in items}  # noqa: E731
+    scripts = expand(cmake_set(text, "MODULE_PYTHON_SCRIPTS"))
+    on_disk = {"Speckle2Self.py"} | {p.relative_to(MODULE_DIR).as_posix() for p in LIB_DIR.glob("*.py")}
+    assert scripts == on_disk, (f"scripts not listed: {sorted(on_disk - scripts)}; "
+                                f"listed but absent: {sorted(scripts - on_disk)}")
+    resources = expand(i for i in cmake_set(text, "MODULE_PYTHON_RESOURCES") if "MODULE_MODEL_RESOURCES" not in i)
+    resources |= expand(cmake_set(text, "MODULE_MODEL_RESOURCES"))
+    models = {p.relative_to(MODULE_DIR).as_posix() for p in MODELS_DIR.rglob("*")
+              if p.is_file() and "__pycache__" not in p.parts} if MODELS_DIR.is_dir() else set()
+    expected = {"Resources/Icons/Speckle2Self.png", "Resources/UI/Speckle2Self.ui"} | models
+    assert resources == expected, (f"resources not listed: {sorted(expected - resources)}; "
+                                   f"listed but absent: {sorted(resources - expected)}")
+    assert re.search(r"slicerMacroBuildScriptedModule\(.*WITH_GENERIC_TESTS", text, re.S)
+    assert "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in text
+
+
+def top_cmake_values() -> dict:
+    text = (REPO / "CMakeLists.txt").read_text()
+    return {key: value for key, value in re.findall(r'set\((EXTENSION_\w+) "([^"]*)"\)', text)}
+
+
+def read_s4ext() -> dict:
+    fields = {}
+    for line in (REPO / "Speckle2Self.s4ext").read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            key, _, value = line.strip().partition(" ")
+            fields[key] = value.strip()
+    return fields
+
+
+def test_top_level_cmake_describes_the_extension():
+    text = (REPO / "CMakeLists.txt").read_text()
+    values = top_cmake_values()
+    for key in ("HOMEPAGE", "CATEGORY", "CONTRIBUTORS", "DESCRIPTION", "ICONURL", "SCREENSHOTURLS", "DEPENDS"):
+        assert values.get(f"EXTENSION_{key}"), f"EXTENSION_{key} missing or empty"
+    assert values["EXTENSION_CATEGORY"] == "Ultrasound" and values["EXTENSION_DEPENDS"] == "PyTorch"
+    for snippet in ("find_package(Slicer REQUIRED)", "include(${Slicer_USE_FILE})", "add_subdirectory(Speckle2Self)",
+                    "SlicerMacroExtractRepositoryInfo(VAR_PREFIX", "include(${Slicer_EXTENSION_GENERATE_CONFIG})",
+                    "include(${Slicer_EXTENSION_CPACK})"):
+        assert snippet in text, f"top-level CMakeLists.txt lacks {snippet}"
+
+
+def test_s4ext_has_required_fields_matching_the_cmake():
+    fields = read_s4ext()
+    required = ("scm", "scmurl", "depends", "homepage", "contributors", "category", "iconurl", "status",
+                "description", "screenshoturls", "enabled")
+    assert not [k for k in required if not fields.get(k)], "empty or missing .s4ext fields"
+    assert fields["scm"] == "git" and fields["scmurl"].startswith("https://") and fields["enabled"] == "1"
+    values = top_cmake_values()
+    pairs = {"homepage": "HOMEPAGE", "category": "CATEGORY", "iconurl": "ICONURL", "depends": "DEPENDS",
+             "contributors": "CONTRIBUTORS", "description": "DESCRIPTION", "screenshoturls": "SCREENSHOTURLS"}
+    for s4ext_key, cmake_key in pairs.items():
+        assert fields[s4ext_key] == values[f"EXTENSION_{cmake_key}"], f"{s4ext_key} differs from the CMake"
+    assert fields["iconurl"].endswith("Speckle2Self/Resources/Icons/Speckle2Self.png")
+
+
+def test_icon_is_a_128_pixel_png():
+    from PIL import Image
+
+    with Image.open(MODULE_DIR / "Resources" / "Icons" / "Speckle2Self.png") as icon:
+        assert icon.format == "PNG" and icon.size == (128, 128)
+
+
+# ----------------------------------------------------------------------------- the Lib stays GUI-free
+
+FORBIDDEN_MODULES = ("qt", "ctk", "PythonQt", "slicer.app", "slicer.modules", "slicer.ScriptedLoadableModule",
+                     "slicer.parameterNodeWrapper")
+
+
+def gui_uses(path: Path) -> list:
+    """Imports of Qt/ctk/slicer GUI modules and uses of slicer.app / slicer.modules in a source file."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        modules = []
+        if isinstance(node, ast.Import):
+            modules = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            modules = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "slicer":
+            modules = [f"slicer.{node.attr}"]
+        found += [f"{path.name}:{node.lineno} {m}" for m in modules
+                  if any(m == f or m.startswith(f + ".") for f in FORBIDDEN_MODULES)]
+    return found
+
+
+def test_lib_never_imports_qt_ctk_or_slicer_app():
+    sources = sorted(LIB_DIR.glob("*.py"))
+    assert len(sources) >= 10
+    offending = [use for path in sources for use in gui_uses(path)]
+    assert not offending, f"Speckle2SelfLib must run headless: {offending}"
+    assert gui_uses(MODULE_FILE), "the check finds GUI use where there is some (the module file)"

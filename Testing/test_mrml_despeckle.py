@@ -1,0 +1,464 @@
+"""Despeckling volume and sequence nodes in a real (headless) MRML scene, via Speckle2SelfLib.mrml.
+
+The scene is set up as a headless Slicer app sets it up: an MRML scene, the application logic,
+the colour logic (default colour tables for display nodes) and the Sequences and Segmentations
+module logics observing it. Volumes get non-unit spacing, an origin and rotated/flipped axes so
+that any loss of geometry shows. Speckle is simulated (Speckle2SelfLib.simulation); real PLUS
+sequences and a real RGB Doppler DICOM from ../shared are used when present.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+slicer = pytest.importorskip("slicer", reason="slicer-core (MRML Python bindings) is not installed")
+vtk = pytest.importorskip("vtk")
+
+from Speckle2SelfLib import mrml  # noqa: E402
+from Speckle2SelfLib.inference import Cancelled, Despeckler  # noqa: E402
+from Speckle2SelfLib.simulation import simulate_phantom, speckle_contrast  # noqa: E402
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SPACING = (0.3, 0.2, 1.5)
+ORIGIN = (12.0, -30.0, 7.0)
+# IJK -> RAS directions (columns): i -> -A, j -> +R, k -> -S
+DIRECTIONS = ((0.0, 1.0, 0.0), (-1.0, 0.0, 0.0), (0.0, 0.0, -1.0))
+SIZE = (96, 112)     # (rows J, columns I)
+
+
+# ----------------------------------------------------------------------------- fixtures and helpers
+
+@pytest.fixture
+def scene():
+    """A headless MRML scene with the logics a Slicer app attaches to it."""
+    mrml_scene = slicer.vtkMRMLScene()
+    app_logic = slicer.vtkSlicerApplicationLogic()
+    app_logic.SetMRMLScene(mrml_scene)
+    colour_logic = slicer.vtkMRMLColorLogic()
+    colour_logic.SetMRMLScene(mrml_scene)
+    sequences_logic = slicer.vtkSlicerSequencesLogic()
+    sequences_logic.SetMRMLApplicationLogic(app_logic)
+    sequences_logic.SetMRMLScene(mrml_scene)
+    segmentations_logic = slicer.vtkSlicerSegmentationsModuleLogic()
+    segmentations_logic.SetMRMLScene(mrml_scene)
+    mrml_scene.sequences_logic = sequences_logic
+    yield mrml_scene
+    mrml_scene.Clear(True)
+    del segmentations_logic, sequences_logic, colour_logic, app_logic
+
+
+@pytest.fixture(scope="module")
+def fast(untrained_model):
+    """An untrained model: for geometry, bookkeeping and error tests (not for quality)."""
+    return Despeckler.from_file(untrained_model, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def trained(trained_model):
+    return Despeckler.from_file(trained_model, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def phantoms():
+    """Speckled uint8 B-mode frames of simulated phantoms and their homogeneous-region masks."""
+    frames, masks = [], []
+    for i, kind in enumerate(["layers", "carotid", "thyroid", "layers"]):
+        phantom, sim = simulate_phantom(kind, seed=40 + i, size=SIZE)
+        frames.append(np.round(sim.bmode * 255).astype(np.uint8))
+        masks.append(phantom.homogeneous_mask)
+    return np.stack(frames), np.stack(masks)
+
+
+def set_geometry(volume):
+    volume.SetSpacing(*SPACING)
+    volume.SetOrigin(*ORIGIN)
+    volume.SetIJKToRASDirections(*[DIRECTIONS[col][row] for row in range(3) for col in range(3)])
+
+
+def make_image(voxels: np.ndarray):
+    """vtkImageData of (k, j, i) or (k, j, i, c) voxels."""
+    from vtk.util import numpy_support
+
+    voxels = np.ascontiguousarray(voxels)
+    components = voxels.shape[3] if voxels.ndim == 4 else 1
+    image = vtk.vtkImageData()
+    image.SetDimensions(voxels.shape[2], voxels.shape[1], voxels.shape[0])
+    image.GetPointData().SetScalars(numpy_support.numpy_to_vtk(voxels.reshape(-1, components), deep=True))
+    return image
+
+
+def make_volume(scene, voxels, name="US", class_name="vtkMRMLScalarVolumeNode", window_level=(180.0, 100.0)):
+    volume = scene.AddNewNodeByClass(class_name, name)
+    volume.SetAndObserveImageData(make_image(voxels))
+    set_geometry(volume)
+    volume.CreateDefaultDisplayNodes()
+    display = volume.GetDisplayNode()
+    if window_level and not isinstance(display, slicer.vtkMRMLVectorVolumeDisplayNode):
+        display.AutoWindowLevelOff()
+        display.SetWindowLevel(*window_level)
+    return volume
+
+
+def make_sequence(scene, frames, name="Cine", values=None, browser=True, index_type="NumericIndex"):
+    """A sequence of 2D volumes (time in s), a browser playing it and its proxy volume."""
+    sequence = scene.AddNewNodeByClass("vtkMRMLSequenceNode", name)
+    sequence.SetIndexName("time")
+    sequence.SetIndexUnit("s")
+    sequence.SetIndexType(getattr(slicer.vtkMRMLSequenceNode, index_type))
+    values = values or [f"{0.04 * k + 1.5:.2f}" for k in range(len(frames))]
+    for frame, value in zip(frames, values):
+        item = slicer.vtkMRMLScalarVolumeNode()
+        item.SetAndObserveImageData(make_image(frame[None] if frame.ndim == 2 else frame))
+        set_geometry(item)
+        sequence.SetDataNodeAtValue(item, value)
+    if not browser:
+        return sequence, None, None
+    browser_node = scene.AddNewNodeByClass("vtkMRMLSequenceBrowserNode", name + " browser")
+    browser_node.SetAndObserveMasterSequenceNodeID(sequence.GetID())
+    scene.sequences_logic.UpdateProxyNodesFromSequences(browser_node)
+    proxy = browser_node.GetProxyNode(sequence)
+    proxy.CreateDefaultDisplayNodes()
+    return sequence, browser_node, proxy
+
+
+def matrix_of(volume) -> np.ndarray:
+    matrix = vtk.vtkMatrix4x4()
+    volume.GetIJKToRASMatrix(matrix)
+    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+def node_ids(scene):
+    return [scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())]
+
+
+def tile_speckle_contrast(frame: np.ndarray, inside: np.ndarray, tile: int = 16) -> float:
+    """Median std/mean over tiles that lie fully inside ``inside`` (real images have no masks)."""
+    values = []
+    for r in range(0, frame.shape[0] - tile + 1, tile):
+        for c in range(0, frame.shape[1] - tile + 1, tile):
+            if inside[r:r + tile, c:c + tile].all():
+                patch = frame[r:r + tile, c:c + tile].astype(np.float64)
+                values.append(patch.std() / patch.mean())
+    assert len(values) >= 10, "too few tiles inside the image to measure speckle"
+    return float(np.median(values))
+
+
+# ----------------------------------------------------------------------------- volumes
+
+def test_2d_volume_keeps_geometry_transform_display_and_input(scene, fast, phantoms):
+    frames, _ = phantoms
+    volume = make_volume(scene, frames[:1])
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "ProbeToReference")
+    volume.SetAndObserveTransformNodeID(transform.GetID())
+    before = mrml.volume_to_array(volume)
+    mtime, image_mtime = volume.GetMTime(), volume.GetImageData().GetMTime()
+
+    out = mrml.DespeckleLogic(fast).despeckle_volume(volume)
+
+    assert out.GetName() == "US despeckled" and out.GetClassName() == "vtkMRMLScalarVolumeNode"
+    result = mrml.volume_to_array(out)
+    assert result.shape == (1, *SIZE) and result.dtype == np.uint8
+    assert not np.array_equal(result, before)
+    np.testing.assert_allclose(matrix_of(out), matrix_of(volume))
+    np.testing.assert_allclose(out.GetSpacing(), SPACING)
+    np.testing.assert_allclose(out.GetOrigin(), ORIGIN)
+    assert out.GetParentTransformNode() is transform
+    display = out.GetDisplayNode()
+    assert not display.GetAutoWindowLevel() and (display.GetWindow(), display.GetLevel()) == (180.0, 100.0)
+    np.testing.assert_array_equal(mrml.volume_to_array(volume), before)
+    assert volume.GetMTime() == mtime and volume.GetImageData().GetMTime() == image_mtime
+
+
+def test_despeckled_volume_is_less_speckled_in_homogeneous_region(scene, trained, phantoms):
+    frames, masks = phantoms
+    volume = make_volume(scene, frames[:1])
+    out = mrml.DespeckleLogic(trained).despeckle_volume(volume)
+    before = speckle_contrast(frames[0], masks[0])
+    after = speckle_contrast(mrml.volume_to_array(out)[0], masks[0])
+    print(f"speckle contrast in the homogeneous region: {before:.3f} -> {after:.3f}")
+    assert after < 0.6 * before
+
+
+def test_3d_volume_is_despeckled_slice_by_slice_along_k(scene, fast, phantoms):
+    frames, _ = phantoms
+    volume = make_volume(scene, frames[:3])
+    progress = []
+    out = mrml.DespeckleLogic(fast).despeckle_volume(volume, batch_size=1,
+                                                     progress=lambda done, total: progress.append((done, total)))
+    result = mrml.volume_to_array(out)
+    assert result.shape == (3, *SIZE)
+    for k in range(3):   # each K slice is an independent 2D frame
+        np.testing.assert_array_equal(result[k], fast.denoise(frames[k]))
+    assert progress == [(1, 3), (2, 3), (3, 3)]
+    np.testing.assert_allclose(matrix_of(out), matrix_of(volume))
+
+
+def test_given_output_volume_is_filled_and_reused(scene, fast, phantoms):
+    frames, _ = phantoms
+    volume = make_volume(scene, frames[:1])
+    output = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "Mine")
+    count = scene.GetNumberOfNodes()
+    out = mrml.DespeckleLogic(fast).despeckle_volume(volume, output, blend=0.5)
+    assert out is output and out.GetName() == "Mine"
+    assert scene.GetNumberOfNodes() == count + 1      # only the output's display node is new
+    np.testing.assert_array_equal(mrml.volume_to_array(out)[0], fast.denoise(frames[0], blend=0.5))
+
+
+def rgb_with_colour_blob(grey: np.ndarray):
+    """(1, J, I, 3) uint8 grey image with a red/yellow 'Doppler' blob, and the blob mask."""
+    rgb = np.repeat(grey[None, ..., None], 3, axis=-1).copy()
+    rr, cc = np.ogrid[:grey.shape[0], :grey.shape[1]]
+    blob = np.hypot(rr - 40, cc - 60) < 12
+    rgb[0][blob] = (230, 180, 20)
+    return rgb, blob
+
+
+def test_rgb_volume_gives_grey_output_of_its_luminance(scene, fast, phantoms):
+    frames, _ = phantoms
+    rgb, _ = rgb_with_colour_blob(frames[0])
+    volume = make_volume(scene, rgb, "Capture", "vtkMRMLVectorVolumeNode")
+    out = mrml.DespeckleLogic(fast).despeckle_volume(volume)
+    assert out.GetClassName() == "vtkMRMLScalarVolumeNode"
+    result = mrml.volume_to_array(out)
+    assert result.shape == (1, *SIZE) and result.dtype == np.uint8
+    expected = fast.denoise(mrml.to_luminance(rgb)[0])
+    np.testing.assert_array_equal(result[0], np.clip(np.rint(expected), 0, 255).astype(np.uint8))
+    assert out.GetDisplayNode().GetWindow() == 255.0        # shown over the RGB input's 8-bit range
+    np.testing.assert_array_equal(mrml.volume_to_array(volume), rgb)
+
+
+def test_keep_colour_keeps_coloured_pixels_in_rgb_output(scene, fast, phantoms):
+    frames, _ = phantoms
+    rgb, blob = rgb_with_colour_blob(frames[0])
+    volume = make_volume(scene, rgb, "Doppler", "vtkMRMLVectorVolumeNode")
+    logic = mrml.DespeckleLogic(fast)
+    out = logic.despeckle_volume(volume, keep_colour=True)
+    grey = mrml.volume_to_array(logic.despeckle_volume(volume))[0]
+    assert out.GetClassName() == "vtkMRMLVectorVolumeNode"
+    result = mrml.volume_to_array(out)[0]
+    assert result.shape == (*SIZE, 3)
+    np.testing.assert_array_equal(result[blob], rgb[0][blob])
+    for channel in range(3):
+        np.testing.assert_array_equal(result[~blob][:, channel], grey[~blob])
+    np.testing.assert_allclose(matrix_of(out), matrix_of(volume))
+
+
+# ----------------------------------------------------------------------------- sequences
+
+def test_sequence_output_is_synchronised_and_keeps_index(scene, trained, phantoms):
+    frames, masks = phantoms
+    sequence, browser, proxy = make_sequence(scene, frames)
+    browser.SetSelectedItemNumber(2)
+    items_before = [mrml.volume_to_array(sequence.GetNthDataNode(i)) for i in range(4)]
+    item_mtimes = [sequence.GetNthDataNode(i).GetMTime() for i in range(4)]
+
+    result = mrml.DespeckleLogic(trained, sequences_logic=scene.sequences_logic).despeckle_sequence(proxy)
+
+    out_sequence = result.sequence_node
+    assert result.browser_node is browser and not result.created_browser and result.frames == 4
+    assert out_sequence.GetName() == "Cine despeckled sequence" and result.proxy_node.GetName() == "Cine despeckled"
+    assert (out_sequence.GetIndexName(), out_sequence.GetIndexUnit(), out_sequence.GetIndexType()) == \
+        ("time", "s", slicer.vtkMRMLSequenceNode.NumericIndex)
+    assert [out_sequence.GetNthIndexValue(i) for i in range(4)] == [sequence.GetNthIndexValue(i) for i in range(4)]
+    assert browser.IsSynchronizedSequenceNode(out_sequence, False)
+    assert browser.GetProxyNode(out_sequence) is result.proxy_node
+    for k in range(4):       # browsing shows input and output frame by frame
+        browser.SetSelectedItemNumber(k)
+        shown = mrml.volume_to_array(result.proxy_node)
+        np.testing.assert_array_equal(shown, mrml.volume_to_array(out_sequence.GetNthDataNode(k)))
+        np.testing.assert_array_equal(mrml.volume_to_array(proxy), frames[k][None])
+        np.testing.assert_allclose(matrix_of(out_sequence.GetNthDataNode(k)), matrix_of(sequence.GetNthDataNode(k)))
+        before, after = speckle_contrast(frames[k], masks[k]), speckle_contrast(shown[0], masks[k])
+        assert after < 0.7 * before, f"frame {k}: speckle contrast {before:.3f} -> {after:.3f}"
+    for i in range(4):
+        np.testing.assert_array_equal(mrml.volume_to_array(sequence.GetNthDataNode(i)), items_before[i])
+        assert sequence.GetNthDataNode(i).GetMTime() == item_mtimes[i]
+
+
+def test_sequence_without_browser_gets_its_own_browser(scene, fast, phantoms):
+    frames, _ = phantoms
+    sequence, _, _ = make_sequence(scene, frames[:2], values=["a", "b"], browser=False, index_type="TextIndex")
+    result = mrml.DespeckleLogic(fast).despeckle_sequence(sequence)
+    assert result.created_browser and result.browser_node.GetProxyNode(result.sequence_node) is result.proxy_node
+    assert result.sequence_node.GetIndexType() == slicer.vtkMRMLSequenceNode.TextIndex
+    assert [result.sequence_node.GetNthIndexValue(i) for i in range(2)] == ["a", "b"]
+
+
+def test_rerun_into_the_same_output_replaces_the_earlier_sequence(scene, fast, phantoms):
+    frames, _ = phantoms
+    sequence, browser, proxy = make_sequence(scene, frames[:2])
+    logic = mrml.DespeckleLogic(fast, sequences_logic=scene.sequences_logic)
+    first = logic.despeckle_sequence(proxy)
+    ids = node_ids(scene)
+    second = logic.despeckle_sequence(proxy, first.proxy_node, blend=0.5)
+    assert second.proxy_node is first.proxy_node and second.sequence_node is not first.sequence_node
+    assert first.sequence_node.GetScene() is None, "the earlier result left the scene"
+    assert second.sequence_node.GetName() == "Cine despeckled sequence"
+    assert len(node_ids(scene)) == len(ids)
+    assert browser.GetSequenceNode(second.proxy_node) is second.sequence_node
+    np.testing.assert_array_equal(mrml.volume_to_array(second.sequence_node.GetNthDataNode(1))[0],
+                                  fast.denoise(frames[1], blend=0.5))
+    other, _, _ = make_sequence(scene, frames[:2], name="Other", browser=False)
+    with pytest.raises(ValueError, match="already shows sequence 'Cine despeckled sequence'"):
+        logic.despeckle_sequence(other, second.proxy_node)
+
+
+def test_console_api_despeckles_a_proxy_volume_or_all_its_frames(scene, fast, phantoms):
+    frames, _ = phantoms
+    sequence, browser, proxy = make_sequence(scene, frames[:2])
+    single = mrml.despeckle_node(proxy, model=fast)
+    assert single.IsA("vtkMRMLScalarVolumeNode") and single.GetName() == "Cine despeckled"
+    assert browser.GetSequenceNode(single) is None          # one frame, not browsed
+    out_sequence = mrml.despeckle_node(proxy, all_frames=True, model=fast)
+    assert out_sequence.IsA("vtkMRMLSequenceNode") and out_sequence.GetNumberOfDataNodes() == 2
+    assert browser.IsSynchronizedSequenceNode(out_sequence, False)
+    assert mrml.find_sequence(proxy) == (sequence, browser) and mrml.find_sequence(single) is None
+
+
+# ----------------------------------------------------------------------------- cancel
+
+def test_cancel_while_despeckling_leaves_scene_as_it_was(scene, fast, phantoms):
+    frames, _ = phantoms
+    volume = make_volume(scene, frames[:3])
+    ids = node_ids(scene)
+    with pytest.raises(Cancelled):
+        mrml.DespeckleLogic(fast).despeckle_volume(volume, batch_size=1, cancel=lambda: True)
+    assert node_ids(scene) == ids
+
+
+def test_cancel_while_storing_sequence_removes_every_created_node(scene, fast, phantoms):
+    frames, _ = phantoms
+    sequence, browser, proxy = make_sequence(scene, frames)
+    ids, synchronised = node_ids(scene), browser.GetNumberOfSynchronizedSequenceNodes()
+    steps = []
+
+    def cancel_after_two_stored_frames():   # denoising is done; the output sequence is half written
+        return len(steps) >= 2 and steps[-1][0] >= 6
+
+    with pytest.raises(Cancelled):
+        mrml.DespeckleLogic(fast).despeckle_sequence(
+            sequence, batch_size=2, progress=lambda done, total: steps.append((done, total)),
+            cancel=cancel_after_two_stored_frames)
+    assert steps[-1] == (6, 8), "cancelled while storing frames"
+    assert node_ids(scene) == ids
+    assert browser.GetNumberOfSynchronizedSequenceNodes() == synchronised
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def test_bad_inputs_get_clear_errors(scene, fast, phantoms):
+    frames, _ = phantoms
+    logic = mrml.DespeckleLogic(fast)
+    empty = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "Empty")
+    empty.SetAndObserveImageData(vtk.vtkImageData())
+    with pytest.raises(ValueError, match="'Empty' is an empty image"):
+        logic.despeckle_volume(empty)
+    no_image = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "Blank")
+    with pytest.raises(ValueError, match="'Blank' has no image data"):
+        logic.despeckle_volume(no_image)
+    labels = make_volume(scene, (frames[:1] > 128).astype(np.uint8), "Mask", "vtkMRMLLabelMapVolumeNode",
+                         window_level=None)
+    with pytest.raises(ValueError, match="'Mask' is a label map"):
+        logic.despeckle_volume(labels)
+    rgba = make_volume(scene, np.zeros((1, *SIZE, 4), np.uint8), "RGBA", "vtkMRMLVectorVolumeNode")
+    with pytest.raises(ValueError, match="4-component voxels; only grey .* or RGB"):
+        logic.despeckle_volume(rgba)
+    grey = make_volume(scene, frames[:1], "Grey")
+    with pytest.raises(ValueError, match="is the input; the input is never overwritten"):
+        logic.despeckle_volume(grey, grey)
+    rgb = make_volume(scene, np.repeat(frames[:1, ..., None], 3, axis=-1), "RGB", "vtkMRMLVectorVolumeNode")
+    with pytest.raises(ValueError, match="'keep colour' gives RGB"):
+        logic.despeckle_volume(rgb, grey, keep_colour=True)
+    tiny = make_volume(scene, frames[:1, :4, :4], "Tiny")
+    with pytest.raises(ValueError, match="too small"):
+        logic.despeckle_volume(tiny)
+    sagittal = make_volume(scene, np.ascontiguousarray(frames[0][:, :, None]), "Sagittal")   # K=96, J=112, I=1
+    with pytest.raises(ValueError, match="'Sagittal' is 1x112x96 voxels: its image plane is not the IJ plane"):
+        logic.despeckle_volume(sagittal)
+    assert scene.GetFirstNodeByName("Tiny despeckled") is None
+
+
+def test_sequence_of_mixed_frame_sizes_is_refused_without_touching_the_scene(scene, fast, phantoms):
+    frames, _ = phantoms
+    sequence, browser, _ = make_sequence(scene, [frames[0], frames[1][:80, :100]])
+    ids = node_ids(scene)
+    with pytest.raises(ValueError, match=r"mixes frame sizes.*item 1 is 100x80 grey, item 0 is 112x96 grey"):
+        mrml.DespeckleLogic(fast).despeckle_sequence(browser)
+    assert node_ids(scene) == ids
+    lone = make_volume(scene, frames[:1], "Lone")
+    with pytest.raises(ValueError, match="not shown by a sequence browser"):
+        mrml.DespeckleLogic(fast).despeckle_sequence(lone)
+
+
+def test_model_card_is_read_without_loading_the_model(trained_model):
+    card = mrml.model_card(trained_model)
+    assert card["name"] == "trained-test" and card["width"] == 8
+    text = mrml.describe_model(card)
+    assert "trained-test" in text and "width 8" in text and f"{card['training']['steps_done']} training steps" in text
+    with pytest.raises(ValueError, match="cannot read model metadata"):
+        mrml.model_card(Path(__file__))
+
+
+# ----------------------------------------------------------------------------- real data (../shared)
+
+def load_plus_sequence(scene, path: Path, frames: int):
+    """A PLUS .igs.mha as a sequence of 2D volumes indexed by the frames' timestamps."""
+    import SimpleITK as sitk
+
+    image = sitk.ReadImage(str(path))
+    voxels = sitk.GetArrayFromImage(image)[:frames]
+    stamps = [image.GetMetaData(f"Seq_Frame{k:04d}_Timestamp") for k in range(len(voxels))]
+    sequence = scene.AddNewNodeByClass("vtkMRMLSequenceNode", "Image")
+    sequence.SetIndexName("time")
+    sequence.SetIndexUnit("s")
+    for frame, stamp in zip(voxels, stamps):
+        item = slicer.vtkMRMLScalarVolumeNode()
+        item.SetAndObserveImageData(make_image(frame[None]))
+        item.SetSpacing(*image.GetSpacing()[:2], 1.0)
+        sequence.SetDataNodeAtValue(item, f"{float(stamp):.6f}")
+    browser = scene.AddNewNodeByClass("vtkMRMLSequenceBrowserNode", "ImageBrowser")
+    browser.SetAndObserveMasterSequenceNodeID(sequence.GetID())
+    scene.sequences_logic.UpdateProxyNodesFromSequences(browser)
+    return sequence, browser, voxels
+
+
+def test_real_plus_sequence_is_despeckled_frame_by_frame(scene, trained):
+    path = SHARED / "sequences" / "UltrasonixCurvilinearScanConvertedData.igs.mha"
+    if not path.is_file():
+        pytest.skip(f"real PLUS sequence not available ({path} is absent; ../shared ships beside the checkout)")
+    sequence, browser, voxels = load_plus_sequence(scene, path, frames=2)
+    result = mrml.DespeckleLogic(trained, sequences_logic=scene.sequences_logic).despeckle_sequence(browser)
+    assert [result.sequence_node.GetNthIndexValue(i) for i in range(2)] == \
+        [sequence.GetNthIndexValue(i) for i in range(2)]
+    from scipy import ndimage
+    inside_fan = ndimage.binary_erosion(voxels[0] > 20, iterations=8)
+    for k in range(2):
+        out = mrml.volume_to_array(result.sequence_node.GetNthDataNode(k))[0]
+        assert out.shape == voxels[k].shape and out.dtype == np.uint8
+        before, after = tile_speckle_contrast(voxels[k], inside_fan), tile_speckle_contrast(out, inside_fan)
+        print(f"real frame {k}: median tile speckle contrast {before:.3f} -> {after:.3f}")
+        assert after < 0.8 * before
+
+
+def test_real_rgb_doppler_dicom_keeps_its_colour_overlay(scene, fast):
+    path = SHARED / "dicom" / "US1_UNCR.dcm"
+    if not path.is_file():
+        pytest.skip(f"real DICOM not available ({path} is absent; ../shared ships beside the checkout)")
+    import pydicom
+
+    dataset = pydicom.dcmread(str(path))
+    assert dataset.PhotometricInterpretation == "RGB"
+    rgb = dataset.pixel_array[None]                       # (1, rows, cols, 3): DICOM rows are J
+    volume = make_volume(scene, rgb, "US1", "vtkMRMLVectorVolumeNode")
+    out = mrml.DespeckleLogic(fast).despeckle_volume(volume, keep_colour=True)
+    result = mrml.volume_to_array(out)
+    spread = rgb.max(-1).astype(int) - rgb.min(-1)
+    coloured = spread > mrml.COLOUR_THRESHOLD * 255
+    assert 0.01 < coloured.mean() < 0.2, "the image has a colour Doppler overlay"
+    np.testing.assert_array_equal(result[coloured], rgb[coloured])
+    grey = result[~coloured]
+    assert (grey[:, 0] == grey[:, 1]).all() and (grey[:, 1] == grey[:, 2]).all()
+    assert not np.array_equal(grey, rgb[~coloured])

@@ -1,0 +1,227 @@
+"""Seed -> "Carotid lumen" segmentation node and measurement table, on real MRML nodes (slicer-core).
+
+The scene is set up as a headless Slicer app sets it up: an MRML scene, the application logic
+and the Segmentations module logic observing it. Frames are a smoothed speckled phantom
+(dark lumen disk in a bright wall ring in grey tissue), in volumes with non-unit spacing and
+rotated/flipped axes so that any mix-up of i/j, rows/columns or RAS/IJK shows.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+slicer = pytest.importorskip("slicer", reason="slicer-core (MRML Python bindings) is not installed")
+vtk = pytest.importorskip("vtk")
+
+from Speckle2SelfLib import lumen_mrml  # noqa: E402
+from Speckle2SelfLib.segmentation import iou, measure  # noqa: E402
+
+ROWS, COLS = 90, 110
+RADIUS = 14
+SPACING = (0.2, 0.1, 1.5)                  # (i, j, k) mm: columns 0.2 mm, rows 0.1 mm
+ORIGIN = (12.0, -30.0, 7.0)
+# IJK -> RAS directions (columns of the matrix): i -> -A, j -> +R, k -> -S (rotated and flipped)
+DIRECTIONS = ((0.0, 1.0, 0.0), (-1.0, 0.0, 0.0), (0.0, 0.0, -1.0))
+TOLERANCE = 80.0
+
+
+@pytest.fixture
+def scene():
+    """A headless MRML scene with the application and Segmentations logic attached."""
+    mrml_scene = slicer.vtkMRMLScene()
+    app_logic = slicer.vtkMRMLApplicationLogic()
+    app_logic.SetMRMLScene(mrml_scene)
+    segmentations_logic = slicer.vtkSlicerSegmentationsModuleLogic()
+    segmentations_logic.SetMRMLScene(mrml_scene)
+    yield mrml_scene
+    mrml_scene.Clear(True)      # the logics go with the fixture (unsetting their scene only logs warnings)
+    del segmentations_logic, app_logic
+
+
+def lumen_frame(center_rc, seed=0, radius=RADIUS):
+    """(uint8 frame, true mask): dark disk, bright ring, grey tissue, smoothed speckle."""
+    rng = np.random.default_rng(seed)
+    rr, cc = np.ogrid[:ROWS, :COLS]
+    distance = np.hypot(rr - center_rc[0], cc - center_rc[1])
+    echo = np.full((ROWS, COLS), 90.0)
+    echo[distance <= radius + 4] = 220.0
+    echo[distance <= radius] = 15.0
+    speckle = ndimage.gaussian_filter(rng.rayleigh(1.0, echo.shape), 1.0)
+    image = ndimage.gaussian_filter(echo * speckle / speckle.mean(), 2.0)
+    return np.clip(image, 0, 255).astype(np.uint8), distance <= radius
+
+
+def make_volume(scene, frames, name="Carotid"):
+    """Scalar volume node of (k, j, i) frames with the test geometry."""
+    from vtk.util import numpy_support
+
+    frames = np.ascontiguousarray(frames)
+    image = vtk.vtkImageData()
+    image.SetDimensions(frames.shape[2], frames.shape[1], frames.shape[0])
+    image.GetPointData().SetScalars(numpy_support.numpy_to_vtk(frames.ravel(), deep=True))
+    volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+    volume.SetAndObserveImageData(image)
+    volume.SetSpacing(*SPACING)
+    volume.SetOrigin(*ORIGIN)
+    volume.SetIJKToRASDirections(*[DIRECTIONS[col][row] for row in range(3) for col in range(3)])
+    return volume
+
+
+def ijk_to_ras(volume, ijk):
+    matrix = vtk.vtkMatrix4x4()
+    volume.GetIJKToRASMatrix(matrix)
+    return matrix.MultiplyPoint((*map(float, ijk), 1.0))[:3]
+
+
+def segment_array(segmentation_node, segment_id, shape):
+    """The segment's labelmap as a (k, j, i) bool array in the reference volume's index space."""
+    from vtk.util import numpy_support
+
+    labelmap = segmentation_node.GetBinaryLabelmapInternalRepresentation(segment_id)
+    extent = labelmap.GetExtent()
+    full = np.zeros(shape, bool)
+    if extent[1] < extent[0]:
+        return full
+    dims = labelmap.GetDimensions()
+    values = numpy_support.vtk_to_numpy(labelmap.GetPointData().GetScalars()).reshape(dims[2], dims[1], dims[0])
+    label = segmentation_node.GetSegmentation().GetSegment(segment_id).GetLabelValue()
+    full[extent[4]:extent[5] + 1, extent[2]:extent[3] + 1, extent[0]:extent[1] + 1] = values == label
+    return full
+
+
+def assert_same_geometry(labelmap, volume):
+    directions = [[0.0] * 3 for _ in range(3)]
+    volume.GetIJKToRASDirections(directions)
+    label_directions = [[0.0] * 3 for _ in range(3)]
+    labelmap.GetDirections(label_directions)
+    np.testing.assert_allclose(labelmap.GetSpacing(), volume.GetSpacing())
+    np.testing.assert_allclose(labelmap.GetOrigin(), volume.GetOrigin())
+    np.testing.assert_allclose(label_directions, directions)
+
+
+def table_column(table_node, name):
+    column = table_node.GetTable().GetColumnByName(name)
+    assert column is not None, f"table has no column {name!r}"
+    return [column.GetValue(i) for i in range(column.GetNumberOfTuples())]
+
+
+def test_single_frame_from_ras_seed(scene):
+    frame, truth = lumen_frame((40, 60))
+    volume = make_volume(scene, frame[None])
+    result = lumen_mrml.segment_lumen(volume, ijk_to_ras(volume, (60, 40, 0)), tolerance=TOLERANCE)
+
+    assert result.seed_ijk == (60, 40, 0)
+    segmentation = result.segmentation_node.GetSegmentation()
+    assert segmentation.GetNumberOfSegments() == 1
+    assert segmentation.GetSegment(result.segment_id).GetName() == "Carotid lumen"
+    reference = slicer.vtkMRMLSegmentationNode()
+    reference.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    geometry = "Reference image geometry"
+    assert segmentation.GetConversionParameter(geometry) == reference.GetSegmentation().GetConversionParameter(geometry)
+    assert_same_geometry(result.segmentation_node.GetBinaryLabelmapInternalRepresentation(result.segment_id), volume)
+
+    mask = segment_array(result.segmentation_node, result.segment_id, (1, ROWS, COLS))
+    np.testing.assert_array_equal(mask, result.sequence.masks)
+    print(f"MRML single frame IoU {iou(mask[0], truth):.3f}")
+    assert iou(mask[0], truth) > 0.8
+
+    expected = measure(mask[0], (SPACING[1], SPACING[0]))      # (row, column) spacing
+    assert table_column(result.table_node, "frame") == [0]
+    assert table_column(result.table_node, "area_mm2") == [pytest.approx(expected.area_mm2)]
+    assert table_column(result.table_node, "diameter_mm") == [pytest.approx(expected.equivalent_diameter_mm)]
+    assert table_column(result.table_node, "flagged") == [0]
+    assert expected.area_mm2 == pytest.approx(truth.sum() * 0.02, rel=0.15)
+
+
+def test_seed_ijk_and_reuse_of_the_segmentation_node(scene):
+    frame, _ = lumen_frame((40, 60))
+    volume = make_volume(scene, frame[None])
+    first = lumen_mrml.segment_lumen(volume, seed_ijk=(60, 40, 0), tolerance=TOLERANCE)
+    first.segmentation_node.GetSegmentation().AddEmptySegment("", "Other")
+    again = lumen_mrml.segment_lumen(volume, seed_ijk=(60, 40, 0), method="growcut", tolerance=TOLERANCE,
+                                     segmentation_node=first.segmentation_node, table_node=first.table_node)
+    segmentation = again.segmentation_node.GetSegmentation()
+    names = sorted(segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments()))
+    assert names == ["Carotid lumen", "Other"]
+    assert again.table_node is first.table_node and again.table_node.GetNumberOfRows() == 1
+    mask = segment_array(again.segmentation_node, again.segment_id, (1, ROWS, COLS))
+    np.testing.assert_array_equal(mask, again.sequence.masks)
+
+
+def test_seed_outside_volume_is_an_error(scene):
+    volume = make_volume(scene, lumen_frame((40, 60))[0][None])
+    with pytest.raises(ValueError, match="outside the volume"):
+        lumen_mrml.segment_lumen(volume, ijk_to_ras(volume, (200, 40, 0)))
+    with pytest.raises(ValueError, match="exactly one"):
+        lumen_mrml.segment_lumen(volume)
+
+
+def test_seed_in_world_coordinates_under_a_transform(scene):
+    frame, _ = lumen_frame((40, 60))
+    volume = make_volume(scene, frame[None])
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    shift = vtk.vtkMatrix4x4()
+    shift.SetElement(0, 3, 25.0)
+    transform.SetMatrixTransformToParent(shift)
+    volume.SetAndObserveTransformNodeID(transform.GetID())
+    local = ijk_to_ras(volume, (60, 40, 0))
+    result = lumen_mrml.segment_lumen(volume, (local[0] + 25.0, local[1], local[2]), tolerance=TOLERANCE)
+    assert result.seed_ijk == (60, 40, 0)
+    assert result.segmentation_node.GetParentTransformNode() is transform
+
+
+def moving_frames(count=4):
+    pairs = [lumen_frame((35 + 3 * k, 45 + 4 * k), seed=k) for k in range(count)]
+    return np.stack([f for f, _ in pairs]), np.stack([t for _, t in pairs])
+
+
+def test_multi_slice_volume_segments_every_frame(scene):
+    frames, truths = moving_frames()
+    volume = make_volume(scene, frames, "Cine")
+    result = lumen_mrml.segment_lumen(volume, ijk_to_ras(volume, (45, 35, 0)), tolerance=TOLERANCE)
+
+    mask = segment_array(result.segmentation_node, result.segment_id, frames.shape)
+    np.testing.assert_array_equal(mask, result.sequence.masks)
+    assert all(iou(m, t) > 0.8 for m, t in zip(mask, truths))
+    assert_same_geometry(result.segmentation_node.GetBinaryLabelmapInternalRepresentation(result.segment_id), volume)
+    assert table_column(result.table_node, "frame") == [0, 1, 2, 3]
+    expected = [measure(m, (SPACING[1], SPACING[0])).area_mm2 for m in mask]
+    np.testing.assert_allclose(table_column(result.table_node, "area_mm2"), expected)
+    assert result.plot_chart_node.GetNumberOfPlotSeriesNodes() == 1
+    assert result.plot_series_node.GetYColumnName() == "diameter_mm"
+
+
+def test_only_the_seed_frame_when_not_all_frames(scene):
+    frames, _ = moving_frames(3)
+    volume = make_volume(scene, frames, "Cine")
+    result = lumen_mrml.segment_lumen(volume, seed_ijk=(49, 38, 1), all_frames=False, tolerance=TOLERANCE)
+    assert result.frames == [1]
+    mask = segment_array(result.segmentation_node, result.segment_id, frames.shape)
+    assert mask[1].any() and not mask[0].any() and not mask[2].any()
+    assert result.plot_chart_node is None
+
+
+def test_sequence_node_gets_a_segmentation_per_frame(scene):
+    frames, truths = moving_frames(3)
+    sequence = scene.AddNewNodeByClass("vtkMRMLSequenceNode", "Loop")
+    sequence.SetIndexName("time")
+    sequence.SetIndexUnit("s")
+    for k, frame in enumerate(frames):
+        item = make_volume(scene, frame[None], f"frame {k}")
+        sequence.SetDataNodeAtValue(item, f"{0.05 * k:.2f}")
+        scene.RemoveNode(item)           # the sequence keeps its own copy
+    result = lumen_mrml.segment_lumen(sequence, seed_ijk=(45, 35, 0), tolerance=TOLERANCE)
+
+    segmentations = result.segmentation_sequence_node
+    assert segmentations.GetNumberOfDataNodes() == 3
+    assert segmentations.GetNthIndexValue(2) == "0.10" and segmentations.GetIndexName() == "time"
+    for k in range(3):
+        node = segmentations.GetNthDataNode(k)
+        segment_id = node.GetSegmentation().GetSegmentIdBySegmentName("Carotid lumen")
+        mask = segment_array(node, segment_id, (1, ROWS, COLS))[0]
+        assert_same_geometry(node.GetBinaryLabelmapInternalRepresentation(segment_id), sequence.GetNthDataNode(k))
+        assert iou(mask, truths[k]) > 0.8
+    assert table_column(result.table_node, "flagged") == [0, 0, 0]
+    assert result.segmentation_node.GetScene() is scene

@@ -1,0 +1,199 @@
+"""Carotid benchmark on real images: the paper's downstream test plus no-reference quality.
+
+For every method (raw image, classical baselines, any number of Speckle2Self models):
+  * flood fill seeded at the expert mask's centroid (the product's own code path,
+    Speckle2SelfLib.segmentation, i.e. Slicer's flood-filling algorithm), tolerance tuned per
+    method on the TUNING subjects (best mean IoU) and applied unchanged to the TEST subjects;
+    IoU at that tolerance and ROC AUC over a tolerance sweep, on the test subjects;
+  * GLCM homogeneity of the whole test image and lumen-to-wall CNR (lumen: mask eroded by 3 px;
+    wall: ring 2..8 px outside the mask);
+  * time per frame.
+Split (Speckle2SelfLib.carotid): test subjects are 4 of 11 (135 images); tuning the other 7.
+
+    python benchmarks/carotid.py --model Speckle2Self/Resources/Models/<model>.pt \
+        [--methods raw median lee frost srad nlm bm3d obnlm] [--tuning-limit 60] [--test-limit 0] \
+        [--cache .bench_cache] [--figure docs/figures/carotid.png]
+
+Prints a markdown table. Outputs of each method are cached as PNG per image (``--cache``), so
+adding a model does not recompute the baselines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Tuple
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "Speckle2Self"))
+
+from Speckle2SelfLib import carotid, metrics, segmentation  # noqa: E402
+
+WALL_RING_PX = (2, 8)
+LUMEN_ERODE_PX = 3
+
+
+def evenly(items: List, limit: int) -> List:
+    """At most ``limit`` items spread evenly over the list (0: all); keeps every subject present."""
+    if not limit or limit >= len(items):
+        return items
+    idx = np.linspace(0, len(items) - 1, limit).round().astype(int)
+    return [items[i] for i in sorted(set(idx))]
+
+
+def build_methods(names: List[str], models: List[str], device: str) -> Dict[str, Callable]:
+    from Speckle2SelfLib.filters import BASELINES
+
+    methods: Dict[str, Callable] = {}
+    for name in names:
+        if name == "raw":
+            methods["raw"] = lambda img: img
+        elif name in BASELINES:
+            methods[name] = BASELINES[name]
+        else:
+            raise SystemExit(f"unknown method {name!r}; choose raw or one of {', '.join(BASELINES)}")
+    for path in models:
+        from Speckle2SelfLib.inference import Despeckler
+        engine = Despeckler.from_file(path, device)
+        label = f"Speckle2Self ({Path(path).stem})"
+        methods[label] = engine.denoise
+    return methods
+
+
+def _cache_key(method: str, image: Path) -> str:
+    return hashlib.sha1(f"{method}|{image.name}".encode()).hexdigest()[:16]
+
+
+def apply_cached(method: str, fn: Callable, case: carotid.CarotidCase, image: np.ndarray,
+                 cache: Path, model_files: Dict[str, Path]) -> Tuple[np.ndarray, float]:
+    """The method's output (uint8) and seconds taken (0 when read from the cache)."""
+    from PIL import Image
+
+    tag = method
+    if method in model_files:   # a retrained model under the same name must not hit old results
+        tag += model_files[method].stat().st_mtime_ns.__str__()
+    path = cache / f"{_cache_key(tag, case.image)}.png" if cache else None
+    if path is not None and path.is_file():
+        return np.array(Image.open(path)), 0.0
+    start = time.perf_counter()
+    out = fn(image)
+    seconds = time.perf_counter() - start
+    out = np.clip(np.rint(out), 0, 255).astype(np.uint8) if out.dtype != np.uint8 else out
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(out).save(path)
+    return out, seconds
+
+
+def lumen_wall_rois(mask: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    from scipy import ndimage
+
+    lumen = ndimage.binary_erosion(mask, iterations=LUMEN_ERODE_PX)
+    outer = ndimage.binary_dilation(mask, iterations=WALL_RING_PX[1])
+    inner = ndimage.binary_dilation(mask, iterations=WALL_RING_PX[0])
+    return lumen, outer & ~inner
+
+
+def evaluate(methods: Dict[str, Callable], tuning, test, cache: Path, model_files, tolerances,
+             auc_tolerances) -> Tuple[List[Dict], Dict[str, np.ndarray]]:
+    rows, examples = [], {}
+    for name, fn in methods.items():
+        t0 = time.perf_counter()
+        tune_imgs, tune_masks, seconds = [], [], []
+        for case in tuning:
+            img, mask = case.load()
+            out, s = apply_cached(name, fn, case, img, cache, model_files)
+            tune_imgs.append(out)
+            tune_masks.append(mask)
+            seconds.append(s)
+        tol = segmentation.tune_tolerance(tune_imgs, tune_masks, tolerances)
+        ious, aucs, homs, cnrs = [], [], [], []
+        for i, case in enumerate(test):
+            img, mask = case.load()
+            out, s = apply_cached(name, fn, case, img, cache, model_files)
+            seconds.append(s)
+            iou, auc = segmentation.evaluate_flood_fill(out, mask, tol, tolerances=auc_tolerances)
+            lumen, wall = lumen_wall_rois(mask)
+            ious.append(iou)
+            aucs.append(auc)
+            homs.append(metrics.glcm_homogeneity(out, 255))
+            cnrs.append(metrics.cnr(out, lumen, wall))
+            if i == len(test) // 2:
+                examples[name] = out
+        timed = [s for s in seconds if s > 0]
+        rows.append({"method": name, "tolerance": tol, "iou": np.mean(ious), "iou_sd": np.std(ious),
+                     "auc": np.mean(aucs), "homogeneity": np.mean(homs), "cnr": np.mean(cnrs),
+                     "ms": 1000 * np.mean(timed) if timed else float("nan")})
+        print(f"  {name}: done in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    return rows, examples
+
+
+def table(rows: List[Dict], n_tuning: int, n_test: int) -> str:
+    raw = next((r for r in rows if r["method"] == "raw"), None)
+    lines = [f"Tolerance tuned on {n_tuning} tuning-subject images; metrics on {n_test} test-subject images.",
+             "", "| method | tolerance | flood-fill IoU | IoU / raw | AUC | GLCM homogeneity | lumen-wall CNR | ms/frame |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ratio = f"{r['iou'] / raw['iou']:.2f}x" if raw and raw["iou"] > 0 else "-"
+        ms = "-" if np.isnan(r["ms"]) else f"{r['ms']:.0f}"
+        lines.append(f"| {r['method']} | {r['tolerance']:.0f} | {r['iou']:.3f} ± {r['iou_sd']:.3f} | {ratio} | "
+                     f"{r['auc']:.3f} | {r['homogeneity']:.3f} | {r['cnr']:.2f} | {ms} |")
+    return "\n".join(lines)
+
+
+def figure(examples: Dict[str, np.ndarray], path: Path) -> None:
+    from PIL import Image, ImageDraw
+
+    panels = []
+    for name, img in examples.items():
+        pil = Image.fromarray(img).resize((img.shape[1] // 2, img.shape[0] // 2), Image.BILINEAR)
+        ImageDraw.Draw(pil).text((4, 4), name, fill=255)
+        panels.append(pil)
+    cols = min(4, len(panels))
+    rows = -(-len(panels) // cols)
+    w, h = panels[0].size
+    canvas = Image.new("L", (cols * (w + 4), rows * (h + 4)), 255)
+    for k, p in enumerate(panels):
+        canvas.paste(p, ((k % cols) * (w + 4), (k // cols) * (h + 4)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", nargs="*", default=["raw", "median", "lee", "frost", "srad", "nlm", "bm3d", "obnlm"])
+    parser.add_argument("--model", action="append", default=[], help="Speckle2Self model file (repeatable)")
+    parser.add_argument("--tuning-limit", type=int, default=60, help="tuning images used (0: all 269)")
+    parser.add_argument("--test-limit", type=int, default=0, help="test images used (0: all 135)")
+    parser.add_argument("--auc-steps", type=int, default=64, help="tolerances in the AUC sweep over 0..255")
+    parser.add_argument("--cache", default=".bench_cache/carotid", help="folder for cached outputs ('' : none)")
+    parser.add_argument("--figure", help="write a side-by-side PNG of one test image")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    if carotid.carotid_dir() is None:
+        print("carotid data not found (../shared/data/carotid); nothing to benchmark", file=sys.stderr)
+        return 1
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
+    tuning = evenly(carotid.cases("tuning", with_mask=True), args.tuning_limit)
+    test = evenly(carotid.cases("test", with_mask=True), args.test_limit)
+    methods = build_methods(args.methods, args.model, args.device)
+    model_files = {f"Speckle2Self ({Path(p).stem})": Path(p) for p in args.model}
+    cache = Path(args.cache) if args.cache else None
+    tolerances = np.arange(0, 81, 1.0)
+    auc_tolerances = np.linspace(0, 255, args.auc_steps)
+    rows, examples = evaluate(methods, tuning, test, cache, model_files, tolerances, auc_tolerances)
+    print(table(rows, len(tuning), len(test)))
+    if args.figure:
+        figure(examples, Path(args.figure))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
