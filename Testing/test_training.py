@@ -10,10 +10,12 @@ from Speckle2SelfLib.simulation import simulate_phantom, speckle_contrast
 from Speckle2SelfLib.training import FramePool, TrainConfig, export_checkpoint, train
 
 
-def _edge_row(img: np.ndarray, col: slice) -> int:
-    """Row of the strongest vertical step of the column-averaged profile."""
+def _edge_row(img: np.ndarray, col: slice, rows: slice = slice(None)) -> int:
+    """Row of the strongest vertical step of the column-averaged profile within ``rows``."""
     profile = img[:, col].astype(np.float64).mean(axis=1)
-    return int(np.argmax(np.abs(np.diff(profile))))
+    step = np.abs(np.diff(profile))
+    start = rows.start or 0
+    return start + int(np.argmax(step[rows]))
 
 
 def test_trained_model_lowers_speckle_contrast_and_keeps_the_edge(trained_model):
@@ -24,25 +26,30 @@ def test_trained_model_lowers_speckle_contrast_and_keeps_the_edge(trained_model)
     region = phantom.homogeneous_mask
     before, after = speckle_contrast(sim.bmode, region), speckle_contrast(out, region)
     assert after < 0.6 * before, f"speckle contrast {before:.3f} -> {after:.3f}"
-    # Also closer to the clean image than the speckled input is.
-    err_in = np.mean((sim.bmode - phantom.clean) ** 2)
-    err_out = np.mean((out - phantom.clean) ** 2)
-    assert err_out < err_in
-    # The strongest layer boundary stays within two pixels of where the clean image has it.
+    # ...and closer to the clean anatomy than the speckled input is (correlation: the B-mode
+    # grey scale is not the clean image's, so a pixel-wise error would compare unlike things).
+    def corr(img):
+        return np.corrcoef(img.ravel(), phantom.clean.ravel())[0, 1]
+    assert corr(out) > corr(sim.bmode)
+    # The strongest layer boundary of the clean image is still the output's strongest step
+    # nearby, within two pixels of where it belongs (not smeared or shifted).
     cols = slice(16, 112)
-    assert abs(_edge_row(out, cols) - _edge_row(phantom.clean, cols)) <= 2
+    true_row = _edge_row(phantom.clean, cols)
+    near = slice(max(0, true_row - 8), true_row + 9)
+    assert abs(_edge_row(out, cols, near) - true_row) <= 2
 
 
 def test_untrained_network_does_not_pass_the_same_check(untrained_model):
     """The check above can fail: an untrained net does not reproduce the image."""
     phantom, sim = simulate_phantom("layers", seed=123, size=(128, 128))
     out = Despeckler.from_file(untrained_model, device="cpu").denoise(sim.bmode)
-    assert np.mean((out - phantom.clean) ** 2) > np.mean((sim.bmode - phantom.clean) ** 2)
+    corr = [np.corrcoef(img.ravel(), phantom.clean.ravel())[0, 1] for img in (out, sim.bmode)]
+    assert corr[0] < corr[1]
 
 
 def test_metadata_describes_the_training(trained_model):
     meta = load_model(trained_model).metadata
-    assert meta["width"] == 8 and meta["upsample"] == "resize"
+    assert meta["width"] == 8 and meta["upsample"] == "resize" and meta["depth"] == 2
     assert meta["training"]["steps_done"] == 300
     assert meta["training"]["data"]["frames"] == 8
     assert meta["scales"] == [1.0, 0.5, 0.25] and meta["interpolation"] == "bilinear"

@@ -28,6 +28,8 @@ def _add_train(sub) -> None:
     p.add_argument("--upsample", default="transposed", choices=["transposed", "resize"],
                    help="decoder upsampling: transposed convs (paper) or bilinear resize + conv")
     p.add_argument("--shared-encoder", action="store_true", help="one encoder for all scales (ablation)")
+    p.add_argument("--depth", type=int, default=4,
+                   help="stride-2 stages; 4 (paper) puts the bottleneck at 1/16 resolution")
     p.add_argument("--reconstruction", default="mse", choices=["mse", "l1"])
     p.add_argument("--consistency", default="l1", choices=["l1", "mse", "none"])
     p.add_argument("--device", default="auto", help="auto (CUDA > MPS > CPU), cpu, cuda, mps")
@@ -70,7 +72,7 @@ def _run_train(args) -> int:
         else:
             cfg = TrainConfig(width=args.width, scales=[float(s) for s in args.scales.split(",")],
                               interpolation=args.interpolation, upsample=args.upsample,
-                              shared_encoder=args.shared_encoder, **settings)
+                              shared_encoder=args.shared_encoder, depth=args.depth, **settings)
     pool = FramePool.from_paths(args.inputs)
     print(f"training on {pool.summary['frames']} frames from {pool.summary['files']} files", file=sys.stderr)
     _, state = train(cfg, pool, args.out, resume=args.resume, init_model=init)

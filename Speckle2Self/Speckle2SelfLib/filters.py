@@ -205,14 +205,20 @@ def frost(img: np.ndarray, size: int = 9, damping: float = 0.5) -> np.ndarray:
         activity = damping * var / max(noise_var, 1e-12)
         half = int(size) // 2
         padded = np.pad(x, half, mode="reflect")
-        num = np.zeros_like(x)
-        den = np.zeros_like(x)
+        # Offsets at the same distance share one weight map: one exp per ring, not per offset.
+        rings: Dict[float, list] = {}
         for dr in range(-half, half + 1):
             for dc in range(-half, half + 1):
-                weight = np.exp(-activity * np.hypot(dr, dc))
-                shifted = padded[half + dr:half + dr + x.shape[0], half + dc:half + dc + x.shape[1]]
-                num += weight * shifted
-                den += weight
+                rings.setdefault(round(float(np.hypot(dr, dc)), 9), []).append((dr, dc))
+        num = np.zeros_like(x)
+        den = np.zeros_like(x)
+        for distance, offsets in rings.items():
+            ring_sum = np.zeros_like(x)
+            for dr, dc in offsets:
+                ring_sum += padded[half + dr:half + dr + x.shape[0], half + dc:half + dc + x.shape[1]]
+            weight = np.exp(-activity * distance)
+            num += weight * ring_sum
+            den += weight * len(offsets)
         return num / den
 
     return _apply(img, run)

@@ -324,32 +324,39 @@ class DespeckleLogic:
                                         _scaled_progress(progress, 2 * n, stacked.grey.shape[0], n), cancel)
         per_item = np.split(result, n)
         with _CreatedNodes(scene) as created:
-            if output_node is None:    # made first so that it gets the plain "<input> despeckled" name
-                output_node = created.add(_volume_class(colour_out), _output_name(input_proxy or sequence))
-            out_sequence = created.add("vtkMRMLSequenceNode", _output_name(sequence) + SEQUENCE_SUFFIX)
-            _fill_sequence(out_sequence, sequence, per_item, colour_out, progress, cancel, n)
-            like = input_proxy if input_proxy is not None else sequence.GetNthDataNode(0)
-            current = browser.GetSelectedItemNumber() if browser is not None else 0
-            current = min(max(current, 0), n - 1)
-            _write_voxels(output_node, per_item[current])
-            _copy_geometry(sequence.GetNthDataNode(current), output_node)
-            _copy_display(like, output_node)
-            created.track_display(output_node)
-            made_browser = browser is None
-            if made_browser:
-                browser = created.add("vtkMRMLSequenceBrowserNode", _output_name(sequence) + " browser")
-            if replaced is not None:   # a rerun into the same output: the new frames take the old one's place
-                browser.RemoveSynchronizedSequenceNode(replaced.GetID())
-            _synchronise(browser, out_sequence, output_node, made_browser)
-            if replaced is not None:
-                name = replaced.GetName()
-                scene.RemoveNode(replaced)
-                out_sequence.SetName(name)
-            if self.sequences_logic is not None:
-                self.sequences_logic.UpdateProxyNodesFromSequences(browser)
+            output_node, out_sequence, browser, made_browser = self._store_sequence(
+                created, sequence, browser, input_proxy, output_node, replaced, per_item, colour_out, progress, cancel)
         seconds = time.monotonic() - started
         self.last_seconds = seconds
         return SequenceOutput(out_sequence, output_node, browser, n, seconds, made_browser)
+
+    def _store_sequence(self, created: "_CreatedNodes", sequence, browser, input_proxy, output_node, replaced,
+                        per_item: List[np.ndarray], colour_out: bool, progress: ProgressFn, cancel: CancelFn):
+        """Output sequence + proxy volume, played by the input's browser (or a new one)."""
+        scene, n = created.scene, len(per_item)
+        if output_node is None:    # made first so that it gets the plain "<input> despeckled" name
+            named_after = input_proxy if input_proxy is not None else sequence
+            output_node = created.add(_volume_class(colour_out), _output_name(named_after))
+        out_sequence = created.add("vtkMRMLSequenceNode", _output_name(sequence) + SEQUENCE_SUFFIX)
+        _fill_sequence(out_sequence, sequence, per_item, colour_out, progress, cancel, n)
+        current = min(max(browser.GetSelectedItemNumber() if browser is not None else 0, 0), n - 1)
+        _write_voxels(output_node, per_item[current])
+        _copy_geometry(sequence.GetNthDataNode(current), output_node)
+        _copy_display(input_proxy if input_proxy is not None else sequence.GetNthDataNode(0), output_node)
+        created.track_display(output_node)
+        made_browser = browser is None
+        if made_browser:
+            browser = created.add("vtkMRMLSequenceBrowserNode", _output_name(sequence) + " browser")
+        if replaced is not None:   # a rerun into the same output: the new frames take the old one's place
+            browser.RemoveSynchronizedSequenceNode(replaced.GetID())
+        _synchronise(browser, out_sequence, output_node, made_browser)
+        if replaced is not None:
+            name = replaced.GetName()
+            scene.RemoveNode(replaced)
+            out_sequence.SetName(name)
+        if self.sequences_logic is not None:
+            self.sequences_logic.UpdateProxyNodesFromSequences(browser)
+        return output_node, out_sequence, browser, made_browser
 
 
 # ----------------------------------------------------------------------------- sequence helpers

@@ -44,12 +44,17 @@ class ResidualBlock(nn.Module):
         return self.act(x + self.body(x))
 
 
-class Encoder(nn.Module):
-    """Four stride-2 stages (1 -> w -> 2w -> 4w -> 8w), each followed by a residual block."""
+def _channels(width: int, depth: int) -> List[int]:
+    return [width * 2 ** k for k in range(depth)]
 
-    def __init__(self, width: int = 32):
+
+class Encoder(nn.Module):
+    """``depth`` stride-2 stages (paper: 4, 1 -> w -> 2w -> 4w -> 8w), each followed by a
+    residual block."""
+
+    def __init__(self, width: int = 32, depth: int = 4):
         super().__init__()
-        chans = [1, width, 2 * width, 4 * width, 8 * width]
+        chans = [1] + _channels(width, depth)
         stages = []
         for cin, cout in zip(chans[:-1], chans[1:]):
             stages += [_conv_norm_relu(cin, cout, stride=2), ResidualBlock(cout)]
@@ -70,14 +75,14 @@ def _upsample_block(in_ch: int, out_ch: int, mode: str) -> nn.Module:
 
 
 class Decoder(nn.Module):
-    """Residual block, three x2 upsampling stages (8w -> 4w -> 2w -> w) each followed by a
-    residual block, and a last x2 stage to one channel."""
+    """Residual block, ``depth - 1`` x2 upsampling stages (paper: 8w -> 4w -> 2w -> w) each
+    followed by a residual block, and a last x2 stage to one channel."""
 
-    def __init__(self, width: int = 32, upsample: str = "transposed"):
+    def __init__(self, width: int = 32, upsample: str = "transposed", depth: int = 4):
         super().__init__()
         if upsample not in UPSAMPLE_MODES:
             raise ValueError(f"upsample must be one of {UPSAMPLE_MODES}, got {upsample!r}")
-        chans = [8 * width, 4 * width, 2 * width, width]
+        chans = _channels(width, depth)[::-1]
         layers: List[nn.Module] = [ResidualBlock(chans[0])]
         for cin, cout in zip(chans[:-1], chans[1:]):
             layers += [_upsample_block(cin, cout, upsample), ResidualBlock(cout)]
@@ -112,17 +117,20 @@ class Speckle2SelfNet(nn.Module):
     """Training network: ``forward(views)`` maps view k through encoder k and the shared decoder."""
 
     def __init__(self, width: int = 32, num_scales: int = 3, upsample: str = "transposed",
-                 shared_encoder: bool = False):
+                 shared_encoder: bool = False, depth: int = 4):
         super().__init__()
         if width < 1 or num_scales < 1:
             raise ValueError("width and num_scales must be positive")
+        if not 2 <= depth <= 6:
+            raise ValueError(f"depth (stride-2 stages) must lie in 2..6, got {depth}; the paper uses 4")
         self.width = width
         self.num_scales = num_scales
         self.upsample = upsample
         self.shared_encoder = shared_encoder
+        self.depth = depth
         n_enc = 1 if shared_encoder else num_scales
-        self.encoders = nn.ModuleList([Encoder(width) for _ in range(n_enc)])
-        self.decoder = Decoder(width, upsample)
+        self.encoders = nn.ModuleList([Encoder(width, depth) for _ in range(n_enc)])
+        self.decoder = Decoder(width, upsample, depth)
 
     def encoder_for(self, k: int) -> Encoder:
         return self.encoders[0 if self.shared_encoder else k]
@@ -132,23 +140,24 @@ class Speckle2SelfNet(nn.Module):
 
     def inference_module(self) -> "InferenceNet":
         """The deployable net: full-resolution encoder + shared decoder (weights shared)."""
-        return InferenceNet(self.encoder_for(0), self.decoder)
+        return InferenceNet(self.encoder_for(0), self.decoder, 2 ** self.depth)
 
 
 class InferenceNet(nn.Module):
-    """Full-resolution encoder + decoder; pads to a multiple of 16 and crops back.
+    """Full-resolution encoder + decoder; pads to a multiple of 2^depth (16) and crops back.
 
     Input (N, 1, H, W) in [0, 1]; output the same shape, clamped to [0, 1].
     """
 
-    def __init__(self, encoder: Encoder, decoder: Decoder):
+    def __init__(self, encoder: Encoder, decoder: Decoder, size_multiple: int = SIZE_MULTIPLE):
         super().__init__()
         self.encoder = encoder
         self.decoder = decoder
+        self.size_multiple = size_multiple
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2], x.shape[-1]
-        y = self.decoder(self.encoder(pad_to_multiple(x)))
+        y = self.decoder(self.encoder(pad_to_multiple(x, self.size_multiple)))
         return y[:, :, :h, :w].clamp(0.0, 1.0)
 
 

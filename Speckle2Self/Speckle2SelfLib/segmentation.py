@@ -37,7 +37,7 @@ import numpy as np
 #: Flood-fill intensity tolerance (8-bit grey levels) for raw B-mode images, tuned by
 #: :func:`tune_tolerance` on the carotid tuning subjects (every subject but the four test
 #: subjects), seed at the expert mask centroid, neighbourhood radius 0. See ``tune_tolerance``.
-DEFAULT_TOLERANCE = 10.0
+DEFAULT_TOLERANCE = 3.0
 #: Slicer's flood-fill neighbourhood fraction: a voxel joins if half its neighbourhood is in range.
 NEIGHBORHOOD_FRACTION = 0.5
 #: Relative area change between consecutive accepted frames above which a frame is flagged.
@@ -558,9 +558,6 @@ def _disk(shape: Tuple[int, int], center: Tuple[int, int], radius: float) -> np.
 
 # ----------------------------------------------------------------------------- command line
 
-PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
-
-
 def add_segment_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Arguments of ``speckle2self segment IN --seed X,Y --out MASK [...]``."""
     parser.add_argument("input", help="image (PNG/JPEG/TIFF), volume or sequence (.mha/.nrrd/.nii.gz) or DICOM")
@@ -573,7 +570,8 @@ def add_segment_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
                         help="segment only frame K of a multi-frame input (default: every frame, the seed "
                              "following the lumen from frame 0 or the --seed-ras frame)")
     parser.add_argument("--out", required=True, metavar="MASK",
-                        help="mask file: .png (0/255) for pictures; .mha/.nrrd/.nii.gz (0/1) with the input's geometry")
+                        help="mask file in the input's format and geometry: .png/.dcm (0/255), "
+                             ".mha/.nrrd/.nii.gz (0/1 labels)")
     parser.add_argument("--method", choices=METHODS, default="flood",
                         help="flood: Slicer's flood filling; growcut: Slicer's grow from seeds (default flood)")
     parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
@@ -663,13 +661,12 @@ def _despeckled(frames: np.ndarray, wanted: List[int], model) -> np.ndarray:
 
 
 def _write_mask(out_path, masks: np.ndarray, data) -> None:
-    """Mask in the input's format and geometry: pictures 0/255, volumes 0/1 labels."""
-    from pathlib import Path
+    """Mask in the input's format and geometry: volumes (.mha, .nrrd, .nii...) as 0/1 labels,
+    pictures and DICOM as 0/255 so that viewers show them."""
+    from .imageio import SITK_SUFFIXES, write_like
 
-    from .imageio import write_like
-
-    picture = Path(out_path).suffix.lower() in PICTURE_SUFFIXES
-    labels = masks.astype(np.uint8) * (255 if picture else 1)
+    label_volume = str(out_path).lower().endswith(SITK_SUFFIXES)
+    labels = masks.astype(np.uint8) * (1 if label_volume else 255)
     write_like(out_path, labels, data)
 
 

@@ -250,11 +250,7 @@ def simulate_bmode(clean: np.ndarray, fc: float = 7.5e6, seed: Optional[int] = N
         raise ValueError("dynamic_range_db must be > 0 and echo_range_db >= 0")
     height, width = clean.shape
     pixel_mm = (depth_mm / height, width_mm / width)
-    wavelength_mm = SOUND_SPEED_M_S / fc * 1e3
-    sigmas_mm = tuple(s * wavelength_mm for s in _psf_sigmas_over_lambda())
-    # Refine each axis by an integer factor so output pixels are exact fine-grid samples.
-    factors = tuple(max(1, math.ceil(p * SAMPLES_PER_SIGMA / s)) for p, s in zip(pixel_mm, sigmas_mm))
-    fine_step = (pixel_mm[0] / factors[0], pixel_mm[1] / factors[1])
+    factors, fine_step = _fine_grid(pixel_mm, fc)
     k_axial, k_lateral = _psf_kernels(fc, fine_step)
     pad = (k_axial.size // 2, k_lateral.size // 2)
 
@@ -271,22 +267,32 @@ def simulate_bmode(clean: np.ndarray, fc: float = 7.5e6, seed: Optional[int] = N
     rng = np.random.default_rng(seed)
     white = rng.standard_normal((2,) + grey.shape, dtype=np.float32)
     field = (white[0] + 1j * white[1]).astype(np.complex64) * np.sqrt(scatter_power / 2.0)
-    iq = _convolve_separable(field, k_axial, k_lateral)
-    mean_intensity = _convolve_separable(scatter_power, k_axial ** 2, k_lateral ** 2)
     # Point-sample at the output pixel centres, as DAS beamforming onto the image grid does.
-    iq = iq[::factors[0], ::factors[1]][:height, :width]
-    mean_intensity = mean_intensity[::factors[0], ::factors[1]][:height, :width]
+    iq = _convolve_separable(field, k_axial, k_lateral)[::factors[0], ::factors[1]]
+    mean_intensity = _convolve_separable(scatter_power, k_axial ** 2, k_lateral ** 2)[::factors[0], ::factors[1]]
 
-    gain = np.ones((height, 1), np.float32)
-    if tgc:
-        gain = 1.0 / attenuation[pad[0]::factors[0]][:height]
+    gain = 1.0 / attenuation[pad[0]::factors[0]][:height] if tgc else np.ones((height, 1), np.float32)
     envelope = (np.abs(iq) * gain).astype(np.float32)
-    expected_db = 10.0 * np.log10(np.maximum(mean_intensity * gain ** 2, 1e-24)) + RAYLEIGH_LOG_BIAS_DB
-    reference = np.clip((expected_db - DISPLAY_TOP_DB + dynamic_range_db) / dynamic_range_db, 0.0, 1.0)
     return SimulationResult(
         bmode=log_compress(envelope, dynamic_range_db), envelope=envelope, clean=clean,
-        reference=reference.astype(np.float32), pixel_mm=pixel_mm, fc=float(fc),
-        grain_fwhm_mm=grain_fwhm_mm(fc))
+        reference=_expected_bmode(mean_intensity * gain ** 2, dynamic_range_db), pixel_mm=pixel_mm,
+        fc=float(fc), grain_fwhm_mm=grain_fwhm_mm(fc))
+
+
+def _fine_grid(pixel_mm: Tuple[float, float], fc: float) -> Tuple[Tuple[int, int], Tuple[float, float]]:
+    """Integer refinement per axis (so output pixels are exact fine-grid samples) giving at least
+    SAMPLES_PER_SIGMA samples per PSF standard deviation; returns (factors, fine step in mm)."""
+    wavelength_mm = SOUND_SPEED_M_S / fc * 1e3
+    sigmas_mm = [s * wavelength_mm for s in _psf_sigmas_over_lambda()]
+    factors = tuple(max(1, math.ceil(p * SAMPLES_PER_SIGMA / s)) for p, s in zip(pixel_mm, sigmas_mm))
+    return factors, (pixel_mm[0] / factors[0], pixel_mm[1] / factors[1])
+
+
+def _expected_bmode(mean_intensity: np.ndarray, dynamic_range_db: float) -> np.ndarray:
+    """Display value of the mean log-compressed speckle: E[10 log10 I] = 10 log10 <I> + bias."""
+    expected_db = 10.0 * np.log10(np.maximum(mean_intensity, 1e-24)) + RAYLEIGH_LOG_BIAS_DB
+    display = (expected_db - DISPLAY_TOP_DB + dynamic_range_db) / dynamic_range_db
+    return np.clip(display, 0.0, 1.0).astype(np.float32)
 
 
 # ----------------------------------------------------------------------------- phantoms
@@ -444,9 +450,10 @@ def make_phantom(kind: str, size: Sequence[int] = (512, 512), seed: Optional[int
                          homogeneous_mask=homogeneous.astype(bool), name=kind)
 
 
-def simulate_phantom(kind: str, fc: float = 7.5e6, seed: int = 0,
+def simulate_phantom(kind: str, fc: float = 7.5e6, seed: Optional[int] = 0,
                      size: Sequence[int] = (512, 512)) -> Tuple[PhantomResult, SimulationResult]:
-    """Phantom ``kind`` (canonical layout when seed is None) and its simulated B-mode image."""
+    """Phantom ``kind`` and its simulated B-mode image; ``seed`` sets both the layout and the
+    speckle (None: canonical layout, fresh speckle)."""
     phantom = make_phantom(kind, size=size, seed=seed)
     return phantom, simulate_bmode(phantom.clean, fc=fc, seed=seed)
 

@@ -27,6 +27,7 @@ class TrainConfig:
     interpolation: str = "bilinear"
     upsample: str = "transposed"
     shared_encoder: bool = False
+    depth: int = 4                    # stride-2 stages; the paper's bottleneck is 1/16 (4)
     crop: int = 128
     batch: int = 16
     lr: float = 1e-3
@@ -138,7 +139,7 @@ class TrainState:
 
 def build_net(cfg: TrainConfig):
     from .network import Speckle2SelfNet
-    return Speckle2SelfNet(cfg.width, len(cfg.scales), cfg.upsample, cfg.shared_encoder)
+    return Speckle2SelfNet(cfg.width, len(cfg.scales), cfg.upsample, cfg.shared_encoder, cfg.depth)
 
 
 def _amp_dtype(device: str):
@@ -154,7 +155,8 @@ def config_from_model(model_path, **overrides) -> TrainConfig:
 
     meta = load_model(model_path).metadata
     arch = dict(width=int(meta["width"]), scales=list(meta["scales"]), interpolation=meta["interpolation"],
-                upsample=meta.get("upsample", "transposed"), shared_encoder=bool(meta.get("shared_encoder", False)))
+                upsample=meta.get("upsample", "transposed"), shared_encoder=bool(meta.get("shared_encoder", False)),
+                depth=int(meta.get("depth", 4)))
     return TrainConfig(**{**overrides, **arch})
 
 
