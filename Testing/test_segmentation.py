@@ -352,3 +352,16 @@ def test_speckle2self_segment_subcommand(tmp_path, phantom):
     out = tmp_path / "mask.png"
     assert main(["segment", str(tmp_path / "frame.png"), "--seed", "60,64", "--out", str(out), "--no-despeckle"]) == 0
     assert np.array(Image.open(out))[SEED] == 255
+
+
+def test_arrival_map_reproduces_vtk_fills_at_every_tolerance():
+    """The fast sweep used by the benchmark equals Slicer's flood fill (VTK) exactly."""
+    from Speckle2SelfLib.segmentation import _FloodFiller, fill_arrival
+
+    rng = np.random.default_rng(7)
+    image = (rng.rayleigh(40, (60, 70)) + np.linspace(0, 80, 70)).clip(0, 255).astype(np.uint8)
+    seed = (30, 20)
+    arrival = fill_arrival(image, seed)
+    vtk_filler = _FloodFiller(image, seed, (0.0, 0.0))
+    for tolerance in (0, 1, 5, 17, 40, 90, 255):
+        np.testing.assert_array_equal(arrival <= tolerance, vtk_filler.fill(tolerance))

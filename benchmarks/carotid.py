@@ -167,9 +167,10 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="*", default=["raw", "median", "lee", "frost", "srad", "nlm", "bm3d", "obnlm"])
     parser.add_argument("--model", action="append", default=[], help="Speckle2Self model file (repeatable)")
-    parser.add_argument("--tuning-limit", type=int, default=60, help="tuning images used (0: all 269)")
+    parser.add_argument("--tuning-limit", type=int, default=0, help="tuning images used (0: all 260 with masks)")
     parser.add_argument("--test-limit", type=int, default=0, help="test images used (0: all 135)")
-    parser.add_argument("--auc-steps", type=int, default=64, help="tolerances in the AUC sweep over 0..255")
+    parser.add_argument("--auc-steps", type=int, default=0,
+                        help="tolerances in the AUC sweep over 0..255 (0: every grey level)")
     parser.add_argument("--cache", default=".bench_cache/carotid", help="folder for cached outputs ('' : none)")
     parser.add_argument("--figure", help="write a side-by-side PNG of one test image")
     parser.add_argument("--device", default="auto")
@@ -187,7 +188,7 @@ def main(argv=None) -> int:
     model_files = {f"Speckle2Self ({Path(p).stem})": Path(p) for p in args.model}
     cache = Path(args.cache) if args.cache else None
     tolerances = np.arange(0, 81, 1.0)
-    auc_tolerances = np.linspace(0, 255, args.auc_steps)
+    auc_tolerances = np.linspace(0, 255, args.auc_steps) if args.auc_steps else None
     rows, examples = evaluate(methods, tuning, test, cache, model_files, tolerances, auc_tolerances)
     print(table(rows, len(tuning), len(test)))
     if args.figure:
