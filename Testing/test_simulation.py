@@ -28,14 +28,25 @@ def test_homogeneous_region_is_fully_developed_speckle():
     assert sim.speckle_contrast(result.envelope, mask) == pytest.approx(0.523, abs=0.025)
 
 
-@pytest.mark.parametrize("fc", [7.5e6, 3.75e6])
-def test_grain_size_matches_target_and_scales_with_wavelength(fc):
-    result = sim.simulate_bmode(_flat(), fc=fc, seed=5, **HALF_FIELD)
+@pytest.mark.parametrize("fc, scaling, expected", [
+    (7.5e6, "must", (0.14, 0.33)),
+    (3.75e6, "wavelength", (0.28, 0.66)),   # both axes scale with c / fc
+    (3.75e6, "must", (0.28, 0.37)),         # MUST's smaller f-number at low fc keeps lateral grain
+])
+def test_grain_size_matches_target(fc, scaling, expected):
+    result = sim.simulate_bmode(_flat(), fc=fc, seed=5, lateral_scaling=scaling, **HALF_FIELD)
     axial, lateral = sim.autocorrelation_fwhm_mm(result.envelope, INNER, result.pixel_mm)
-    scale = 7.5e6 / fc
-    assert axial == pytest.approx(0.14 * scale, rel=0.1)
-    assert lateral == pytest.approx(0.33 * scale, rel=0.1)
-    assert result.grain_fwhm_mm == pytest.approx((0.14 * scale, 0.33 * scale))
+    assert axial == pytest.approx(expected[0], rel=0.1)
+    assert lateral == pytest.approx(expected[1], rel=0.1)
+    assert result.grain_fwhm_mm == pytest.approx(expected, rel=0.01)
+
+
+def test_must_fnumber_rule_grows_with_frequency():
+    fnumbers = [sim.must_receive_fnumber(fc) for fc in sim.PAPER_FREQUENCIES_HZ]
+    assert fnumbers == sorted(fnumbers)
+    assert sim.must_receive_fnumber(7.5e6) == pytest.approx(1.41, abs=0.02)
+    with pytest.raises(ValueError, match="lateral_scaling"):
+        sim.grain_fwhm_mm(7.5e6, "focused")
 
 
 def test_output_types_ranges_and_pixel_size():
@@ -163,6 +174,17 @@ def test_cli_rejects_bad_arguments(tmp_path, capsys):
     assert ".png" in capsys.readouterr().err
     args = parser.parse_args(["--out", str(tmp_path / "x.png"), "--fc", "-1"])
     assert sim.run_simulate(args) == 2
+
+
+def test_fnumber_rule_matches_must_dasmtx():
+    pymust = pytest.importorskip("pymust", reason="optional exact backend pymust is not installed")
+    for fc in (3.75e6, 9.38e6):
+        param = pymust.getparam("L12-3V")
+        param.fc, param.fs, param.fnumber = fc, 4 * fc, None
+        delays = pymust.txdelay(param, 0.0)
+        pymust.dasmtx(1j * np.array([64, 192]), np.array([[0.0]]), np.array([[0.02]]), delays, param)
+        # MUST minimises with a tolerance of pi / 100 rad on the angle: a few percent.
+        assert sim.must_receive_fnumber(fc) == pytest.approx(param.fnumber, rel=0.03)
 
 
 def test_matches_must_reference_patch():

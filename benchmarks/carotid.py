@@ -75,7 +75,10 @@ def apply_cached(method: str, fn: Callable, case: carotid.CarotidCase, image: np
 
     tag = method
     if method in model_files:   # a retrained model under the same name must not hit old results
-        tag += model_files[method].stat().st_mtime_ns.__str__()
+        tag += str(model_files[method].stat().st_mtime_ns)
+    elif method != "raw":       # nor a baseline whose defaults or code changed
+        import inspect
+        tag += inspect.getsource(inspect.getmodule(fn))
     path = cache / f"{_cache_key(tag, case.image)}.png" if cache else None
     if path is not None and path.is_file():
         return np.array(Image.open(path)), 0.0

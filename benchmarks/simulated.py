@@ -45,7 +45,7 @@ TUNING_GRIDS: Dict[str, Dict[str, Sequence]] = {
     "median": {"size": (5, 7, 9, 11, 13, 15, 19)},
     "lee": {"size": (7, 9, 11, 13, 15, 19), "noise_scale": (1.0, 1.5, 2.0, 3.0)},
     "frost": {"size": (9, 11, 13, 15, 19), "damping": (0.05, 0.1, 0.25, 0.5)},
-    "srad": {"iterations": (50, 100, 200, 400), "time_step": (0.25, 0.5)},
+    "srad": {"iterations": (50, 100, 200, 400), "offset": (0.01, 0.1, 0.3, 1.0)},
     "nlm": {"h_factor": (1.0, 1.5, 2.0, 2.5, 3.0), "template_size": (7, 11)},
     "bm3d": {"noise_scale": (0.5, 1.0, 2.0, 4.0)},
     "obnlm": {"h": (3.0, 4.0, 6.0, 8.0), "block_radius": (3, 4, 5)},

@@ -16,15 +16,34 @@ hours, so this module uses the equivalent linear-systems (k-space / convolution)
    9 plane-wave tilts (each tilt shifts the lateral spectrum by k0 sin(theta)). Coherent
    compounding of Gaussian fields stays Gaussian, so the Rayleigh statistics are kept. The PSF
    widths are solved so that the envelope autocorrelation FWHM is 0.14 mm axial and 0.33 mm
-   lateral at 7.5 MHz (what MUST gives for this set-up, see below), scaled by the wavelength.
+   lateral at 7.5 MHz (what MUST gives for this set-up, see below). At other frequencies the
+   axial grain scales with the wavelength; the lateral grain scales with wavelength x receive
+   f-number, and MUST picks that f-number from the element directivity, so it hardly changes
+   (see :func:`grain_fwhm_mm`; ``lateral_scaling="wavelength"`` gives plain c / fc scaling).
 4. Optional depth attenuation, electronic noise and time-gain compensation (TGC).
 5. The IQ field is point-sampled at the output pixel centres (as DAS beamforming onto the image
    grid does), envelope = |IQ|, log compression over ``dynamic_range_db`` to [0, 1].
+   The scatterers and PSF live on a grid refined by an integer factor per axis (at least one
+   sample per PSF standard deviation), so a 512 x 512 image takes well under a second.
 
-Check against MUST (pymust 0.1.9, L12-3V, 7.5 MHz, 9 plane waves -2..2 deg, 8000 scatterers in a
-7 x 6 mm patch, DAS on a 0.02 x 0.04 mm grid): envelope autocorrelation FWHM 0.136 mm axial,
-0.32 mm lateral, mean/std 1.85-2.0. :func:`simulate_patch_must` reruns such a patch when the
-optional ``pymust`` package is installed.
+Checks against MUST (pymust 0.1.9, L12-3V with all 192 elements, plane waves over -2..2 deg
+coherently compounded, DAS with MUST's automatic receive f-number, homogeneous patches 16-24 mm
+deep; 9 tilts at 3.75 and 7.5 MHz, 3 tilts at 5.63 and 9.38 MHz to save time):
+
+========  =====================  ==========================  =============
+fc (MHz)  MUST FWHM ax/lat (mm)  this model, default (mm)    MUST mean/std
+========  =====================  ==========================  =============
+3.75      0.29 / 0.39            0.28 / 0.37                 1.75
+5.63      0.20 / 0.35            0.19 / 0.34                 1.77
+7.50      0.136 / 0.32           0.14 / 0.33                 1.85
+9.38      0.117 / 0.34           0.112 / 0.33                1.78
+========  =====================  ==========================  =============
+
+The MUST patches are small (a few hundred grains), so their figures carry several percent of
+noise; their mean/std below 1.91 probably reflects the finite scatterer density (about 5-10
+per resolution cell). :func:`simulate_patch_must` reruns such a patch when the optional
+``pymust`` package is installed; this model's own figures come from
+``benchmarks/simulated.py --speckle-stats`` (mean/std 1.91-1.92 at all four frequencies).
 
 Besides the clean image, :class:`SimulationResult` carries ``reference``: the expected B-mode
 without speckle (PSF-blurred echogenicity, log-compressed with the same display mapping and the
@@ -51,6 +70,10 @@ REFERENCE_GRAIN_FWHM_MM = (0.14, 0.33)
 PAPER_FREQUENCIES_HZ = (3.75e6, 5.63e6, 7.5e6, 9.38e6)
 PLANE_WAVE_TILTS_DEG = tuple(np.linspace(-2.0, 2.0, 9))
 PHANTOM_KINDS = ("carotid", "thyroid", "layers", "points", "random")
+LATERAL_SCALINGS = ("must", "wavelength")
+# L12-3V (Verasonics) element width and pulse-echo 6 dB fractional bandwidth, as in MUST's getparam.
+L12_3V_ELEMENT_WIDTH_M = 0.17e-3
+L12_3V_BANDWIDTH_PERCENT = 93.0
 # Top of the displayed range relative to the mean intensity of echogenicity 0 dB (g = 1).
 # MUST's bmode() normalises by the image maximum; for ~5e5 Rayleigh samples that maximum lies
 # about 11 dB above the mean, so a fixed +11 dB gives the same look without depending on the draw.
@@ -91,10 +114,42 @@ class PhantomResult:
 # ----------------------------------------------------------------------------- PSF design
 
 
-def grain_fwhm_mm(fc: float) -> Tuple[float, float]:
-    """Target envelope autocorrelation FWHM (axial, lateral) in mm at ``fc``: scales with c/fc."""
+def must_receive_fnumber(fc: float) -> float:
+    """Receive f-number that MUST's DAS (``dasmtx`` with ``fnumber = []``) picks for the L12-3V.
+
+    MUST limits the receive aperture to the angle alpha where the element directivity
+    cos(a) sinc(w sin(a) / lambda_min) falls to 0.71 (w = element width, lambda_min = wavelength
+    at the top of the 6 dB band); f-number = 1 / (2 tan(alpha)). Wider elements relative to the
+    wavelength are more directive, so the f-number grows with frequency.
+    """
+    lambda_min = SOUND_SPEED_M_S / (fc * (1.0 + L12_3V_BANDWIDTH_PERCENT / 200.0))
+    ratio = L12_3V_ELEMENT_WIDTH_M / lambda_min
+
+    def directivity_gap(angle: float) -> float:
+        return math.cos(angle) * np.sinc(ratio * math.sin(angle)) - 0.71
+
+    alpha = optimize.brentq(directivity_gap, 1e-6, math.pi / 2 - 1e-6)
+    return 1.0 / (2.0 * math.tan(alpha))
+
+
+def grain_fwhm_mm(fc: float, lateral_scaling: str = "must") -> Tuple[float, float]:
+    """Target envelope autocorrelation FWHM (axial, lateral) in mm at ``fc``.
+
+    Axial grain scales with the wavelength c / fc (fixed fractional bandwidth). Lateral grain
+    scales with wavelength x receive f-number: ``"must"`` uses MUST's f-number rule
+    (:func:`must_receive_fnumber`), which keeps the lateral grain nearly constant (0.37 mm at
+    3.75 MHz, 0.33 mm at 9.38 MHz); ``"wavelength"`` assumes a fixed f-number (lateral grain
+    proportional to c / fc).
+    """
+    if lateral_scaling not in LATERAL_SCALINGS:
+        raise ValueError(f"lateral_scaling must be one of {LATERAL_SCALINGS}, got {lateral_scaling!r}")
+    if not fc > 0:
+        raise ValueError(f"fc must be a positive frequency in Hz, got {fc}")
     scale = REFERENCE_FC_HZ / fc
-    return REFERENCE_GRAIN_FWHM_MM[0] * scale, REFERENCE_GRAIN_FWHM_MM[1] * scale
+    lateral_scale = scale
+    if lateral_scaling == "must":
+        lateral_scale *= must_receive_fnumber(fc) / must_receive_fnumber(REFERENCE_FC_HZ)
+    return REFERENCE_GRAIN_FWHM_MM[0] * scale, REFERENCE_GRAIN_FWHM_MM[1] * lateral_scale
 
 
 def _envelope_correlation(field_corr_sq: np.ndarray) -> np.ndarray:
@@ -133,11 +188,11 @@ def _fwhm_of_profile(profile: np.ndarray, step: float) -> float:
     return 2.0 * _half_width(rho_env) * step
 
 
-@lru_cache(maxsize=None)
-def _psf_sigmas_over_lambda() -> Tuple[float, float]:
-    """PSF standard deviations (axial, lateral) in wavelengths that give the reference grain."""
-    wavelength_mm = SOUND_SPEED_M_S / REFERENCE_FC_HZ * 1e3
-    target_axial, target_lateral = (w / wavelength_mm for w in REFERENCE_GRAIN_FWHM_MM)
+@lru_cache(maxsize=64)
+def _psf_sigmas_over_lambda(fc: float, lateral_scaling: str) -> Tuple[float, float]:
+    """PSF standard deviations (axial, lateral) in wavelengths that give :func:`grain_fwhm_mm`."""
+    wavelength_mm = SOUND_SPEED_M_S / fc * 1e3
+    target_axial, target_lateral = (w / wavelength_mm for w in grain_fwhm_mm(fc, lateral_scaling))
     # Axial: |field corr|^2 of a Gaussian pulse of std s is exp(-t^2 / (2 s^2)): solve directly.
     x_half = _half_max_field_corr_sq()
     sigma_axial = target_axial / (2.0 * math.sqrt(-2.0 * math.log(x_half)))
@@ -152,10 +207,10 @@ def _psf_sigmas_over_lambda() -> Tuple[float, float]:
     return sigma_axial, float(sigma_lateral)
 
 
-def _psf_kernels(fc: float, step_mm: Tuple[float, float]) -> Tuple[np.ndarray, np.ndarray]:
+def _psf_kernels(fc: float, step_mm: Tuple[float, float], lateral_scaling: str) -> Tuple[np.ndarray, np.ndarray]:
     """Separable real baseband PSF (axial kernel, lateral kernel) on a grid of ``step_mm``."""
     wavelength_mm = SOUND_SPEED_M_S / fc * 1e3
-    sig_ax, sig_lat = (s * wavelength_mm for s in _psf_sigmas_over_lambda())
+    sig_ax, sig_lat = (s * wavelength_mm for s in _psf_sigmas_over_lambda(float(fc), lateral_scaling))
     kernels = []
     for sigma, step, lateral in ((sig_ax, step_mm[0], False), (sig_lat, step_mm[1], True)):
         half = int(math.ceil(PSF_HALF_WIDTH_SIGMAS * sigma / step))
@@ -227,7 +282,7 @@ def simulate_bmode(clean: np.ndarray, fc: float = 7.5e6, seed: Optional[int] = N
                    width_mm: float = 45.0, depth_mm: float = 50.0,
                    dynamic_range_db: float = 60.0, echo_range_db: float = 40.0,
                    attenuation_db_cm_mhz: float = 0.0, noise_db: Optional[float] = None,
-                   tgc: bool = True) -> SimulationResult:
+                   tgc: bool = True, lateral_scaling: str = "must") -> SimulationResult:
     """Simulate a B-mode image of the echogenicity map ``clean`` (H, W) in [0, 1].
 
     Parameters
@@ -242,6 +297,7 @@ def simulate_bmode(clean: np.ndarray, fc: float = 7.5e6, seed: Optional[int] = N
     noise_db: electronic noise power relative to echogenicity 0 dB (None = no noise), added
         before TGC so that it grows with depth like on a scanner.
     tgc: compensate the nominal attenuation (time-gain compensation).
+    lateral_scaling: how the lateral grain follows fc, see :func:`grain_fwhm_mm`.
     """
     clean = _check_clean(clean)
     if not fc > 0 or not width_mm > 0 or not depth_mm > 0:
@@ -250,8 +306,9 @@ def simulate_bmode(clean: np.ndarray, fc: float = 7.5e6, seed: Optional[int] = N
         raise ValueError("dynamic_range_db must be > 0 and echo_range_db >= 0")
     height, width = clean.shape
     pixel_mm = (depth_mm / height, width_mm / width)
-    factors, fine_step = _fine_grid(pixel_mm, fc)
-    k_axial, k_lateral = _psf_kernels(fc, fine_step)
+    grain = grain_fwhm_mm(fc, lateral_scaling)
+    factors, fine_step = _fine_grid(pixel_mm, fc, lateral_scaling)
+    k_axial, k_lateral = _psf_kernels(fc, fine_step, lateral_scaling)
     pad = (k_axial.size // 2, k_lateral.size // 2)
 
     # Echogenicity (power) on the padded fine grid; padding repeats the edge so the border is
@@ -276,14 +333,15 @@ def simulate_bmode(clean: np.ndarray, fc: float = 7.5e6, seed: Optional[int] = N
     return SimulationResult(
         bmode=log_compress(envelope, dynamic_range_db), envelope=envelope, clean=clean,
         reference=_expected_bmode(mean_intensity * gain ** 2, dynamic_range_db), pixel_mm=pixel_mm,
-        fc=float(fc), grain_fwhm_mm=grain_fwhm_mm(fc))
+        fc=float(fc), grain_fwhm_mm=grain)
 
 
-def _fine_grid(pixel_mm: Tuple[float, float], fc: float) -> Tuple[Tuple[int, int], Tuple[float, float]]:
+def _fine_grid(pixel_mm: Tuple[float, float], fc: float,
+               lateral_scaling: str) -> Tuple[Tuple[int, int], Tuple[float, float]]:
     """Integer refinement per axis (so output pixels are exact fine-grid samples) giving at least
     SAMPLES_PER_SIGMA samples per PSF standard deviation; returns (factors, fine step in mm)."""
     wavelength_mm = SOUND_SPEED_M_S / fc * 1e3
-    sigmas_mm = [s * wavelength_mm for s in _psf_sigmas_over_lambda()]
+    sigmas_mm = [s * wavelength_mm for s in _psf_sigmas_over_lambda(float(fc), lateral_scaling)]
     factors = tuple(max(1, math.ceil(p * SAMPLES_PER_SIGMA / s)) for p, s in zip(pixel_mm, sigmas_mm))
     return factors, (pixel_mm[0] / factors[0], pixel_mm[1] / factors[1])
 
@@ -609,6 +667,8 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reference", help="expected speckle-free B-mode to write (8-bit PNG)")
     parser.add_argument("--envelope", help="linear pre-log envelope to write (.npy, float32)")
     parser.add_argument("--dynamic-range-db", type=float, default=60.0, help="display dynamic range (dB)")
+    parser.add_argument("--lateral-scaling", choices=LATERAL_SCALINGS, default="must",
+                        help="lateral grain vs fc: MUST's receive f-number rule (default) or plain c/fc")
 
 
 def _write_png(path: str, img01: np.ndarray) -> None:
@@ -636,7 +696,8 @@ def run_simulate(args: argparse.Namespace) -> int:
         print(f"error: {args.envelope}: the envelope is written as NumPy .npy; use a .npy name", file=sys.stderr)
         return 2
     phantom = make_phantom(args.phantom, size=size, seed=args.seed)
-    sim = simulate_bmode(phantom.clean, fc=args.fc, seed=args.seed, dynamic_range_db=args.dynamic_range_db)
+    sim = simulate_bmode(phantom.clean, fc=args.fc, seed=args.seed, dynamic_range_db=args.dynamic_range_db,
+                         lateral_scaling=args.lateral_scaling)
     outputs = ((args.out, sim.bmode), (args.clean, sim.clean), (args.reference, sim.reference))
     for path, image in outputs:
         if path is not None:
