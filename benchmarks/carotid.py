@@ -45,7 +45,7 @@ def evenly(items: List, limit: int) -> List:
     return [items[i] for i in sorted(set(idx))]
 
 
-def build_methods(names: List[str], models: List[str], device: str) -> Dict[str, Callable]:
+def build_methods(names: List[str], models: List[str], device: str, gammas: List[float]) -> Dict[str, Callable]:
     from Speckle2SelfLib.filters import BASELINES
 
     methods: Dict[str, Callable] = {}
@@ -61,6 +61,8 @@ def build_methods(names: List[str], models: List[str], device: str) -> Dict[str,
         engine = Despeckler.from_file(path, device)
         label = f"Speckle2Self ({Path(path).stem})"
         methods[label] = engine.denoise
+        for gamma in gammas:   # the authors' optional display gamma
+            methods[f"{label}, gamma {gamma:g}"] = lambda img, e=engine, g=gamma: e.denoise(img, gamma=g)
     return methods
 
 
@@ -176,6 +178,8 @@ def main(argv=None) -> int:
                         help="tolerances in the AUC sweep over 0..255 (0: every grey level)")
     parser.add_argument("--cache", default=".bench_cache/carotid", help="folder for cached outputs ('' : none)")
     parser.add_argument("--figure", help="write a side-by-side PNG of one test image")
+    parser.add_argument("--gamma", type=float, action="append", default=[],
+                        help="also score each model with this display gamma (the authors use 1.5)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
@@ -187,8 +191,9 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     tuning = evenly(carotid.cases("tuning", with_mask=True), args.tuning_limit)
     test = evenly(carotid.cases("test", with_mask=True), args.test_limit)
-    methods = build_methods(args.methods, args.model, args.device)
-    model_files = {f"Speckle2Self ({Path(p).stem})": Path(p) for p in args.model}
+    methods = build_methods(args.methods, args.model, args.device, args.gamma)
+    model_files = {label: Path(p) for p in args.model for label in methods
+                   if label.startswith(f"Speckle2Self ({Path(p).stem})")}
     cache = Path(args.cache) if args.cache else None
     tolerances = np.arange(0, 81, 1.0)
     auc_tolerances = np.linspace(0, 255, args.auc_steps) if args.auc_steps else None

@@ -91,16 +91,23 @@ def _tile_size(shape: Tuple[int, int]) -> int:
     return int(max(8, min(32, min(shape) // 4)))
 
 
+#: Tiles darker than this (fraction of the grey range) are left out of the noise estimate: on real
+#: B-mode images near-black regions (anechoic or below the display's dynamic range) have almost
+#: no variance, and taking them as "the most homogeneous" made every filter a no-op there.
+DARK_TILE_MEAN = 0.1
+
+
 def _tiles(x01: np.ndarray, size: int, skip_clipped: bool) -> list:
     """(variance, box) of the non-overlapping ``size`` tiles; optionally without tiles that have
-    more than 2 % of pixels at 0 or 1 (clipped by the display range: too little variance)."""
+    more than 2 % of pixels at 0 or 1 (clipped by the display range: too little variance) or
+    whose mean is below ``DARK_TILE_MEAN``."""
     tiles = []
     for r in range(0, x01.shape[0] - size + 1, size):
         for c in range(0, x01.shape[1] - size + 1, size):
             box = (slice(r, r + size), slice(c, c + size))
             tile = x01[box]
             clipped = np.mean((tile <= 1e-6) | (tile >= 1.0 - 1e-6))
-            if not skip_clipped or (clipped <= 0.02 and tile.mean() > 0):
+            if not skip_clipped or (clipped <= 0.02 and tile.mean() > DARK_TILE_MEAN):
                 tiles.append((float(tile.var()), box))
     return tiles
 

@@ -230,14 +230,14 @@ def train(cfg: TrainConfig, pool: FramePool, out_path, resume: Optional[str] = N
                                      "lower the learning rate or disable AMP (--no-amp)")
         _update_bar(bar, state)
         if state.step % cfg.checkpoint_every == 0:
-            save_checkpoint(ckpt_path, net, opt, state, cfg)
+            save_checkpoint(ckpt_path, net, opt, state, cfg, pool.summary)
         if cfg.preview_every and state.step % cfg.preview_every == 0:
             write_preview(net, pool, out_path.with_suffix(".preview.png"))
         if on_step is not None:
             on_step(state)
     if bar is not None:
         bar.close()
-    save_checkpoint(ckpt_path, net, opt, state, cfg)
+    save_checkpoint(ckpt_path, net, opt, state, cfg, pool.summary)
     export_model(net, out_path, scales=cfg.scales, interpolation=cfg.interpolation, name=cfg.name,
                  training=training_summary(cfg, pool, state, device))
     return net, state
@@ -285,13 +285,13 @@ def training_summary(cfg: TrainConfig, pool: FramePool, state: TrainState, devic
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def save_checkpoint(path, net, opt, state: TrainState, cfg: TrainConfig) -> None:
+def save_checkpoint(path, net, opt, state: TrainState, cfg: TrainConfig, data: Optional[Dict] = None) -> None:
     import torch
 
     path = Path(path)
     tmp = path.with_name(path.name + ".part")
     torch.save({"model": net.state_dict(), "optimizer": opt.state_dict(), "step": state.step,
-                "elapsed_s": state.elapsed_s, "config": _plain(asdict(cfg))}, tmp)
+                "elapsed_s": state.elapsed_s, "config": _plain(asdict(cfg)), "data": data or {}}, tmp)
     tmp.replace(path)   # an interrupted save never clobbers the last good checkpoint
 
 
@@ -327,7 +327,8 @@ def export_checkpoint(ckpt_path, out_path, name: Optional[str] = None) -> Dict:
     net = build_net(cfg)
     net.load_state_dict(ckpt["model"])
     summary = _plain(asdict(cfg))
-    summary.update(steps_done=int(ckpt["step"]), minutes_done=round(float(ckpt["elapsed_s"]) / 60, 2))
+    summary.update(steps_done=int(ckpt["step"]), minutes_done=round(float(ckpt["elapsed_s"]) / 60, 2),
+                   data=ckpt.get("data", {}))
     return export_model(net, out_path, scales=cfg.scales, interpolation=cfg.interpolation,
                         name=name or cfg.name, training=summary)
 
