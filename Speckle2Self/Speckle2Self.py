@@ -78,7 +78,7 @@ class Speckle2SelfParameterNode:
     lumenVolume: vtkMRMLScalarVolumeNode
     seedPoints: vtkMRMLMarkupsFiducialNode
     lumenMethod: Annotated[str, Choice(["flood", "growcut"])] = "flood"
-    tolerance: Annotated[float, WithinRange(1.0, 100.0)] = 10.0
+    tolerance: Annotated[float, WithinRange(1.0, 100.0)] = 1.0   # segmentation.DESPECKLED_TOLERANCE
     lumenAllFrames: bool = True
     lumenSegmentation: vtkMRMLSegmentationNode
     lumenTable: vtkMRMLTableNode
@@ -500,7 +500,7 @@ class Speckle2SelfLogic(ScriptedLoadableModuleLogic):
             return None
         return outputVolume
 
-    def segmentLumen(self, volumeNode, seedNode, *, method: str = "flood", tolerance: float = 10.0,
+    def segmentLumen(self, volumeNode, seedNode, *, method: str = "flood", tolerance: float = 1.0,
                      allFrames: bool = True, segmentationNode=None, tableNode=None):
         """Seed = first point of ``seedNode`` (world RAS). For a sequence proxy with ``allFrames``,
         every frame of the sequence is segmented starting at the browser's current frame."""

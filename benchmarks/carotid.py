@@ -83,14 +83,20 @@ def apply_cached(method: str, fn: Callable, case: carotid.CarotidCase, image: np
         tag += inspect.getsource(inspect.getmodule(fn))
     path = cache / f"{_cache_key(tag, case.image)}.png" if cache else None
     if path is not None and path.is_file():
-        return np.array(Image.open(path)), 0.0
+        try:
+            return np.array(Image.open(path)), 0.0
+        except OSError:
+            path.unlink()   # an interrupted earlier run: recompute
+
     start = time.perf_counter()
     out = fn(image)
     seconds = time.perf_counter() - start
     out = np.clip(np.rint(out), 0, 255).astype(np.uint8) if out.dtype != np.uint8 else out
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(out).save(path)
+        tmp = path.with_suffix(".part.png")
+        Image.fromarray(out).save(tmp)
+        tmp.replace(path)   # a killed run never leaves a half-written cache entry
     return out, seconds
 
 
