@@ -70,3 +70,25 @@ def trained_model(tmp_path_factory) -> Path:
     train(cfg, FramePool(noisy, {"files": 0, "frames": len(noisy), "source": "simulated"}), path,
           progress=False)
     return path
+
+
+@pytest.fixture
+def scene():
+    """A headless MRML scene set up as a Slicer app sets one up: application, colour,
+    Sequences and Segmentations logics attached (real slicer-core nodes, nothing mocked).
+    The Sequences logic is reachable as ``scene.sequences_logic``."""
+    slicer = pytest.importorskip("slicer", reason="slicer-core (MRML Python bindings) is not installed")
+    mrml_scene = slicer.vtkMRMLScene()
+    app_logic = slicer.vtkSlicerApplicationLogic()
+    app_logic.SetMRMLScene(mrml_scene)
+    colour_logic = slicer.vtkMRMLColorLogic()
+    colour_logic.SetMRMLScene(mrml_scene)
+    sequences_logic = slicer.vtkSlicerSequencesLogic()
+    sequences_logic.SetMRMLApplicationLogic(app_logic)
+    sequences_logic.SetMRMLScene(mrml_scene)
+    segmentations_logic = slicer.vtkSlicerSegmentationsModuleLogic()
+    segmentations_logic.SetMRMLScene(mrml_scene)
+    mrml_scene.sequences_logic = sequences_logic
+    yield mrml_scene
+    mrml_scene.Clear(True)      # the logics go with the fixture (unsetting their scene only logs warnings)
+    del segmentations_logic, sequences_logic, colour_logic, app_logic

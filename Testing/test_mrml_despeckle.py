@@ -31,24 +31,6 @@ SIZE = (96, 112)     # (rows J, columns I)
 
 # ----------------------------------------------------------------------------- fixtures and helpers
 
-@pytest.fixture
-def scene():
-    """A headless MRML scene with the logics a Slicer app attaches to it."""
-    mrml_scene = slicer.vtkMRMLScene()
-    app_logic = slicer.vtkSlicerApplicationLogic()
-    app_logic.SetMRMLScene(mrml_scene)
-    colour_logic = slicer.vtkMRMLColorLogic()
-    colour_logic.SetMRMLScene(mrml_scene)
-    sequences_logic = slicer.vtkSlicerSequencesLogic()
-    sequences_logic.SetMRMLApplicationLogic(app_logic)
-    sequences_logic.SetMRMLScene(mrml_scene)
-    segmentations_logic = slicer.vtkSlicerSegmentationsModuleLogic()
-    segmentations_logic.SetMRMLScene(mrml_scene)
-    mrml_scene.sequences_logic = sequences_logic
-    yield mrml_scene
-    mrml_scene.Clear(True)
-    del segmentations_logic, sequences_logic, colour_logic, app_logic
-
 
 @pytest.fixture(scope="module")
 def fast(untrained_model):

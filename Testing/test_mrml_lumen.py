@@ -27,19 +27,6 @@ DIRECTIONS = ((0.0, 1.0, 0.0), (-1.0, 0.0, 0.0), (0.0, 0.0, -1.0))
 TOLERANCE = 80.0
 
 
-@pytest.fixture
-def scene():
-    """A headless MRML scene with the application and Segmentations logic attached."""
-    mrml_scene = slicer.vtkMRMLScene()
-    app_logic = slicer.vtkMRMLApplicationLogic()
-    app_logic.SetMRMLScene(mrml_scene)
-    segmentations_logic = slicer.vtkSlicerSegmentationsModuleLogic()
-    segmentations_logic.SetMRMLScene(mrml_scene)
-    yield mrml_scene
-    mrml_scene.Clear(True)      # the logics go with the fixture (unsetting their scene only logs warnings)
-    del segmentations_logic, app_logic
-
-
 def lumen_frame(center_rc, seed=0, radius=RADIUS):
     """(uint8 frame, true mask): dark disk, bright ring, grey tissue, smoothed speckle."""
     rng = np.random.default_rng(seed)
