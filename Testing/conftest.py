@@ -9,7 +9,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,15 +28,9 @@ def _single_thread_torch():
 
 def simulated_frames(n: int = 6, size: int = 128, seed: int = 0):
     """Speckled B-mode frames (float32 [0, 1]) with their clean targets, from the simulator."""
-    from Speckle2SelfLib.simulation import simulate_phantom
+    from Speckle2SelfLib.simulation import simulated_set
 
-    kinds = ["layers", "thyroid", "carotid", "random"]
-    noisy, clean = [], []
-    for i in range(n):
-        phantom, sim = simulate_phantom(kinds[i % len(kinds)], seed=seed + i, size=(size, size))
-        noisy.append(sim.bmode.astype(np.float32))
-        clean.append(phantom.clean.astype(np.float32))
-    return noisy, clean
+    return simulated_set(n, size, seed, kinds=("layers", "thyroid", "carotid", "random"))
 
 
 @pytest.fixture(scope="session")

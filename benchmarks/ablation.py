@@ -27,7 +27,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "Speckle2Self"))
 
 from Speckle2SelfLib import metrics  # noqa: E402
-from Speckle2SelfLib.simulation import simulate_phantom  # noqa: E402
+from Speckle2SelfLib.simulation import simulated_set  # noqa: E402
 
 H, M, L = 1.0, 0.5, 0.25
 ROWS = {
@@ -45,16 +45,6 @@ ROWS = {
                ("area", dict(interpolation="area")),
                ("bicubic", dict(interpolation="bicubic"))],
 }
-KINDS = ("carotid", "thyroid", "layers", "random")
-
-
-def dataset(n: int, size: int, seed: int):
-    noisy, clean = [], []
-    for i in range(n):
-        phantom, sim = simulate_phantom(KINDS[i % len(KINDS)], seed=seed + i, size=(size, size))
-        noisy.append(sim.bmode.astype(np.float32))
-        clean.append(phantom.clean.astype(np.float32))
-    return noisy, clean
 
 
 def score(model_path: Path, noisy: List[np.ndarray], clean: List[np.ndarray]) -> Dict[str, float]:
@@ -94,8 +84,8 @@ def main(argv=None) -> int:
     from Speckle2SelfLib.training import FramePool, TrainConfig, train
 
     torch.set_num_threads(args.threads)
-    train_noisy, _ = dataset(args.train_images, args.size, seed=0)
-    test_noisy, test_clean = dataset(args.test_images, args.size, seed=1000)
+    train_noisy, _ = simulated_set(args.train_images, args.size, seed=0)
+    test_noisy, test_clean = simulated_set(args.test_images, args.size, seed=1000)
     noisy_scores = [(metrics.psnr(c, fit_to(x, c), 1.0), metrics.ssim(c, fit_to(x, c), 1.0))
                     for x, c in zip(test_noisy, test_clean)]
     groups = list(ROWS) if args.rows == "all" else [args.rows]

@@ -516,6 +516,18 @@ def simulate_phantom(kind: str, fc: float = 7.5e6, seed: Optional[int] = 0,
     return phantom, simulate_bmode(phantom.clean, fc=fc, seed=seed)
 
 
+def simulated_set(n: int, size: int = 128, seed: int = 0,
+                  kinds: Sequence[str] = ("carotid", "thyroid", "layers", "random")):
+    """``n`` speckled frames (float32 [0, 1]) and their clean phantoms, cycling through ``kinds``
+    with seeds ``seed``, ``seed + 1``, ...: training and test sets for quick experiments."""
+    noisy, clean = [], []
+    for i in range(n):
+        phantom, sim = simulate_phantom(kinds[i % len(kinds)], seed=seed + i, size=(size, size))
+        noisy.append(sim.bmode.astype(np.float32))
+        clean.append(phantom.clean.astype(np.float32))
+    return noisy, clean
+
+
 # ----------------------------------------------------------------------------- statistics
 
 
