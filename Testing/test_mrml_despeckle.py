@@ -17,11 +17,11 @@ import pytest
 slicer = pytest.importorskip("slicer", reason="slicer-core (MRML Python bindings) is not installed")
 vtk = pytest.importorskip("vtk")
 
+from conftest import SHARED  # noqa: E402
 from Speckle2SelfLib import mrml  # noqa: E402
 from Speckle2SelfLib.inference import Cancelled, Despeckler  # noqa: E402
 from Speckle2SelfLib.simulation import simulate_phantom, speckle_contrast  # noqa: E402
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 SPACING = (0.3, 0.2, 1.5)
 ORIGIN = (12.0, -30.0, 7.0)
 # IJK -> RAS directions (columns): i -> -A, j -> +R, k -> -S

@@ -127,7 +127,7 @@ def _add_info(sub) -> None:
 
 def _run_info(args) -> int:
     from .models import load_model, resolve_model_path
-    from .network import count_macs, count_parameters
+    from .network import count_parameters
 
     loaded = load_model(resolve_model_path(args.model))
     info = dict(loaded.metadata)

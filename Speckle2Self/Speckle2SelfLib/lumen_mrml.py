@@ -23,6 +23,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .mrml import grey_frames
 from .segmentation import (DEFAULT_TOLERANCE, MAX_AREA_CHANGE, Measurement, SequenceResult,
                            segment_sequence)
 
@@ -117,7 +118,7 @@ def _read_frames(node) -> _Frames:
     if not isinstance(node, slicer.vtkMRMLVolumeNode) or node.GetImageData() is None:
         raise ValueError(f"{_node_name(node)} is not a volume with image data; "
                          "give a scalar volume node or a sequence node of volumes")
-    return _Frames(_volume_pixels(node), [node], True)
+    return _Frames(grey_frames(node), [node], True)
 
 
 def _read_sequence(sequence_node) -> _Frames:
@@ -132,7 +133,7 @@ def _read_sequence(sequence_node) -> _Frames:
         if not isinstance(node, slicer.vtkMRMLVolumeNode) or node.GetImageData() is None:
             raise ValueError(f"sequence {_node_name(sequence_node)} item {i} is not a volume; "
                              "give a sequence of 2D volume frames")
-        frame = _volume_pixels(node)
+        frame = grey_frames(node)
         if frame.shape[0] != 1:
             raise ValueError(f"sequence item {i} has {frame.shape[0]} slices; each item must be one 2D frame")
         if pixels and frame.shape != pixels[0].shape:
@@ -141,26 +142,6 @@ def _read_sequence(sequence_node) -> _Frames:
         pixels.append(frame)
     values = [sequence_node.GetNthIndexValue(i) for i in range(count)]
     return _Frames(np.concatenate(pixels), nodes, False, sequence_node, values)
-
-
-def _volume_pixels(volume_node) -> np.ndarray:
-    """(k, j, i) grey pixels of a volume node; colour is reduced to luminance."""
-    from vtk.util import numpy_support
-
-    from .imageio import to_luminance
-
-    image = volume_node.GetImageData()
-    i, j, k = image.GetDimensions()
-    scalars = image.GetPointData().GetScalars()
-    if scalars is None:
-        raise ValueError(f"{_node_name(volume_node)} has no voxel values")
-    components = scalars.GetNumberOfComponents()
-    array = numpy_support.vtk_to_numpy(scalars).reshape(k, j, i, components)
-    if components == 1:
-        return array[..., 0].copy()
-    if components in (3, 4):
-        return to_luminance(array)
-    raise ValueError(f"{_node_name(volume_node)} has {components}-component voxels; use a grey or RGB volume")
 
 
 def _start_frame(frames: _Frames, frame: Optional[int], seed_ras, seed_ijk) -> int:

@@ -104,8 +104,19 @@ def export_model(net, path, *, scales, interpolation: str, name: str = "speckle2
 
 
 def read_metadata(path) -> Dict[str, Any]:
-    """Metadata of a model file without building the network (for `speckle2self info`)."""
-    return load_model(path, device="cpu").metadata
+    """A model file's metadata straight from its archive, without torch (for GUIs and listings).
+
+    Only :func:`load_model` validates the weights; this just reads the JSON.
+    """
+    path = Path(path)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            member = next((n for n in archive.namelist() if n.endswith("/extra/" + METADATA_FILE)), None)
+            if member is None:
+                raise ModelFormatError(f"{path}: no {METADATA_FILE} inside; not a Speckle2Self model")
+            return json.loads(archive.read(member))
+    except (zipfile.BadZipFile, OSError, json.JSONDecodeError) as err:
+        raise ModelFormatError(f"{path}: cannot read model metadata ({err})") from err
 
 
 def load_model(path, device: str = "cpu") -> LoadedModel:
@@ -142,7 +153,7 @@ def _check_archive(path: Path) -> None:
         bad = zf.testzip()
     if bad is not None:
         raise ModelFormatError(f"{path}: archive member {bad} is corrupt; download or export the model again")
-    if not any(n.endswith("/code/__torch__.py") or "/code/" in n for n in names):
+    if not any("/code/" in n for n in names):
         raise ModelFormatError(
             f"{path}: a PyTorch checkpoint or pickle, not a TorchScript model; it is refused because loading "
             "it would run pickled code. Export a model with `speckle2self train ... --out MODEL.pt`")

@@ -33,9 +33,7 @@ a progress callback that calls ``slicer.app.processEvents()``.
 
 from __future__ import annotations
 
-import json
 import time
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -624,21 +622,15 @@ def despeckle_node(node, output_node=None, *, all_frames: bool = False, model=No
 
 
 def model_card(path) -> Dict[str, Any]:
-    """A model file's metadata read from its archive without torch (for showing it in the GUI).
+    """A model file's metadata without torch (for showing it in the GUI); ValueError if it has none."""
+    from .models import read_metadata
 
-    Raises ValueError when the file carries no Speckle2Self metadata.
-    """
-    from .models import METADATA_FILE
+    return read_metadata(path)
 
-    path = Path(path)
-    try:
-        with zipfile.ZipFile(path) as archive:
-            member = next((n for n in archive.namelist() if n.endswith("/extra/" + METADATA_FILE)), None)
-            if member is None:
-                raise ValueError(f"{path}: no {METADATA_FILE} inside; not a Speckle2Self model")
-            return json.loads(archive.read(member))
-    except (zipfile.BadZipFile, OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: cannot read model metadata ({err})") from err
+
+def grey_frames(volume_node) -> np.ndarray:
+    """(K, J, I) grey copy of a volume's voxels (RGB reduced to luminance), validated."""
+    return _read_pixels(volume_node).grey
 
 
 def describe_model(metadata: Dict[str, Any]) -> str:

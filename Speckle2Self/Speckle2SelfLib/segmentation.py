@@ -463,15 +463,24 @@ def flood_fill_roc(image: np.ndarray, mask: np.ndarray, tolerances: Optional[Seq
     from the seed (default :func:`seed_from_mask`) gives TPR = |F_t & M| / |M| and
     FPR = |F_t & ~M| / |~M|. Returns (fpr, tpr, tolerances) sorted by tolerance.
     """
+    image, mask, filler = _evaluation_setup(image, mask, seed_rc, neighborhood_radius_px)
+    return _roc(filler, image, mask, tolerances)
+
+
+def _evaluation_setup(image, mask, seed_rc, neighborhood_radius_px):
+    """Checked image and mask, and a filler from the given seed (default: the mask centroid)."""
     image = _as_image2d(image)
     mask = _as_mask2d(mask)
     if mask.shape != image.shape:
         raise ValueError(f"mask shape {mask.shape} differs from image shape {image.shape}")
     seed = seed_from_mask(mask) if seed_rc is None else check_seed(seed_rc, image.shape)
+    return image, mask, _filler(image, seed, neighborhood_radius_px)
+
+
+def _roc(filler, image: np.ndarray, mask: np.ndarray, tolerances: Optional[Sequence[float]]):
     tolerances = default_tolerance_sweep(image) if tolerances is None else np.sort(np.asarray(tolerances, float))
     positives, negatives = max(np.count_nonzero(mask), 1), max(np.count_nonzero(~mask), 1)
     tpr, fpr = np.empty(len(tolerances)), np.empty(len(tolerances))
-    filler = _filler(image, seed, neighborhood_radius_px)
     for i, t in enumerate(tolerances):
         fill = filler.fill(float(t))
         tpr[i] = np.count_nonzero(fill & mask) / positives
@@ -497,12 +506,10 @@ def evaluate_flood_fill(image: np.ndarray, mask: np.ndarray, tolerance: float = 
     range for 8-bit images, see :func:`flood_fill_roc`), closed with (0, 0) and (1, 1) -- the fill is nested in
     t, so the curve is monotone; AUC 0.5 is a fill that grows no better than chance.
     """
-    image = _as_image2d(image)
-    mask = _as_mask2d(mask)
-    seed = seed_from_mask(mask) if seed_rc is None else check_seed(seed_rc, image.shape)
-    fill = _threshold_connectivity(image, seed, float(tolerance), (neighborhood_radius_px,) * 2)
-    fpr, tpr, _ = flood_fill_roc(image, mask, tolerances, seed, neighborhood_radius_px)
-    return iou(fill, mask), roc_auc(fpr, tpr)
+    # One filler serves the IoU and the whole sweep (one arrival map instead of a fill per tolerance).
+    image, mask, filler = _evaluation_setup(image, mask, seed_rc, neighborhood_radius_px)
+    fpr, tpr, _ = _roc(filler, image, mask, tolerances)
+    return iou(filler.fill(float(tolerance)), mask), roc_auc(fpr, tpr)
 
 
 def iou_table(images: Sequence[np.ndarray], masks: Sequence[np.ndarray], tolerances: Sequence[float],
