@@ -77,7 +77,7 @@ class Speckle2SelfParameterNode:
     keepColour: bool = False
     lumenVolume: vtkMRMLScalarVolumeNode
     seedPoints: vtkMRMLMarkupsFiducialNode
-    lumenMethod: Annotated[str, Choice(["flood", "growcut"])] = "flood"
+    lumenMethod: Annotated[str, Choice(["radial", "flood", "growcut"])] = "radial"   # segmentation.METHODS
     tolerance: Annotated[float, WithinRange(1.0, 100.0)] = 1.0   # segmentation.DESPECKLED_TOLERANCE
     lumenAllFrames: bool = True
     lumenSegmentation: vtkMRMLSegmentationNode
@@ -130,9 +130,11 @@ class Speckle2SelfWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.populateModelCombo()
         self.initializeParameterNode()
+        self.setupLive()
 
     def cleanup(self) -> None:
         self._cancelRequested = True
+        self.stopLive()
         self.removeObservers()
 
     def enter(self) -> None:
@@ -146,6 +148,7 @@ class Speckle2SelfWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onSceneStartClose(self, caller, event) -> None:
         self._cancelRequested = True      # a run in progress stops; its nodes would go with the scene
+        self.stopLive()
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -223,6 +226,7 @@ class Speckle2SelfWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.segmentButton.toolTip = _("Segment the lumen around the seed") if canSegment else \
             _("Select an image and a seed point list (place a point inside the lumen)")
         self.ui.openSegmentEditorButton.enabled = bool(p and p.lumenSegmentation)
+        self.ui.toleranceSliderWidget.enabled = bool(p and p.lumenMethod != "radial")   # radial needs none
 
     # ------------------------------------------------------------------ models
     def populateModelCombo(self) -> None:
@@ -291,6 +295,7 @@ class Speckle2SelfWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # ------------------------------------------------------------------ despeckle
     def onApplyButton(self) -> None:
+        self.stopLive()                   # Apply and Live would write into the same output volume
         if self._running:
             self._cancelRequested = True
             self.ui.applyButton.enabled = False
@@ -354,6 +359,123 @@ class Speckle2SelfWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.statusLabel.text = _("Despeckled {frames} frame(s) in {seconds:.1f} s -> '{name}'").format(
             frames=result.frames, seconds=result.seconds, name=output.GetName())
 
+    # ------------------------------------------------------------------ live
+    LIVE_INTERVAL_MS = 20                 # GUI timer: capture the newest input, show the newest result
+
+    def setupLive(self) -> None:
+        """'Live': despeckle the input each time it changes (e.g. Image_Reference of OpenIGTLinkIF).
+
+        Modified events of the input only set a flag (coalesced); a QTimer on the main thread
+        snapshots the input and writes the newest result (Speckle2SelfLib.stream.LiveVolumeDespeckler),
+        while inference runs in its worker thread. MRML is only touched here, on the main thread.
+        """
+        self._live = None
+        self._liveNode = None
+        self._liveDirty = False
+        self._liveTimer = qt.QTimer()
+        self._liveTimer.setInterval(self.LIVE_INTERVAL_MS)
+        self._liveTimer.connect("timeout()", self.onLiveTick)
+        self.ui.liveCheckBox.connect("toggled(bool)", self.onLiveToggled)
+
+    def onLiveToggled(self, checked: bool) -> None:
+        if checked:
+            self.startLive()
+        else:
+            self.stopLive()
+
+    def startLive(self) -> None:
+        p = self._parameterNode
+        if self._running or not p or not p.inputVolume:
+            self._setLiveChecked(False)
+            self.ui.liveStatusLabel.text = _("Select an input volume to despeckle live.")
+            return
+        if not self.logic.ensurePythonDependencies():
+            self._setLiveChecked(False)
+            self.ui.liveStatusLabel.text = _("PyTorch is needed to despeckle; it was not installed.")
+            return
+        from Speckle2SelfLib.inference import Despeckler
+        from Speckle2SelfLib.mrml import find_sequence
+        from Speckle2SelfLib.stream import LiveVolumeDespeckler
+
+        output = p.outputVolume
+        if output is not None and (output is p.inputVolume or output.IsA("vtkMRMLVectorVolumeNode")
+                                   or find_sequence(output) is not None):
+            output = None                 # grey, never the input, never a sequence's frame: a new volume
+        try:
+            with slicer.util.WaitCursor():
+                despeckler = Despeckler.from_file(p.model or None, p.device.lower())
+                self._live = LiveVolumeDespeckler(despeckler, p.inputVolume, output)
+        except Exception as err:  # shown to the user; nothing was changed
+            logging.error(traceback.format_exc())
+            self._setLiveChecked(False)
+            self.ui.liveStatusLabel.text = _("Live failed: {error}").format(error=err)
+            return
+        self._liveNode = p.inputVolume
+        for event in (vtk.vtkCommand.ModifiedEvent, slicer.vtkMRMLVolumeNode.ImageDataModifiedEvent):
+            self.addObserver(self._liveNode, event, self.onLiveInputModified)
+        for widget in (self.ui.inputSelector, self.ui.modelComboBox, self.ui.deviceComboBox):
+            widget.enabled = False
+        self._liveDirty = True
+        self._liveTimer.start()
+        self.ui.liveStatusLabel.text = _("Live: waiting for frames of '{name}'...").format(
+            name=self._liveNode.GetName())
+
+    def onLiveInputModified(self, caller, event) -> None:
+        self._liveDirty = True            # coalesced: the timer takes at most one snapshot per tick
+
+    def onLiveTick(self) -> None:
+        live = self._live
+        if live is None:
+            return
+        if self._liveNode is None or self._liveNode.GetScene() is None:
+            self.stopLive()
+            return
+        try:
+            if self._liveDirty:
+                self._liveDirty = False
+                live.capture()
+            updated = live.apply()
+        except Exception as err:  # e.g. a frame the model cannot take: stop and say why
+            logging.error(traceback.format_exc())
+            self.stopLive()
+            self.ui.liveStatusLabel.text = _("Live stopped: {error}").format(error=err)
+            return
+        if not updated:
+            return
+        if live.updates == 1:
+            if self._parameterNode:
+                self._parameterNode.outputVolume = live.output_node
+            slicer.util.setSliceViewerLayers(background=live.output_node)
+        stats = live.stats
+        self.ui.liveStatusLabel.text = _(
+            "Live: {done} frames despeckled, {dropped} skipped; {ms:.0f} ms per frame").format(
+            done=stats.processed, dropped=stats.dropped, ms=stats.latency_ms_median or 0.0)
+
+    def stopLive(self) -> None:
+        live = getattr(self, "_live", None)
+        if getattr(self, "_liveTimer", None) is not None:
+            self._liveTimer.stop()
+        if getattr(self, "_liveNode", None) is not None:
+            for event in (vtk.vtkCommand.ModifiedEvent, slicer.vtkMRMLVolumeNode.ImageDataModifiedEvent):
+                self.removeObserver(self._liveNode, event, self.onLiveInputModified)
+            self._liveNode = None
+        self._live = None
+        if hasattr(self, "ui"):
+            self._setLiveChecked(False)
+            if not self._running:
+                for widget in (self.ui.inputSelector, self.ui.modelComboBox, self.ui.deviceComboBox):
+                    widget.enabled = True
+        if live is not None:
+            live.stop(timeout=5.0)        # waits for the frame in work (a fraction of a second)
+            stats = live.stats
+            self.ui.liveStatusLabel.text = _("Live stopped: {done} frames despeckled, {dropped} skipped.").format(
+                done=stats.processed, dropped=stats.dropped)
+
+    def _setLiveChecked(self, checked: bool) -> None:
+        wasBlocked = self.ui.liveCheckBox.blockSignals(True)
+        self.ui.liveCheckBox.checked = checked
+        self.ui.liveCheckBox.blockSignals(wasBlocked)
+
     # ------------------------------------------------------------------ lumen
     def onSegmentButton(self) -> None:
         p = self._parameterNode
@@ -365,12 +487,41 @@ class Speckle2SelfWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             p.lumenTable = result.table_node
             slicer.util.setSliceViewerLayers(background=p.lumenVolume)
             self.ui.lumenTableView.setMRMLTableNode(result.table_node)
+            flaggedRows = [row for row, k in enumerate(result.frames) if result.sequence.flagged[k]]
+            self._paintRowsRed(flaggedRows, len(result.frames))
             first = result.measurements[0] if result.measurements else None
             if first is not None:
-                self.ui.lumenStatusLabel.text = _(
-                    "{frames} frame(s) segmented; seed frame: area {area:.1f} mm2, diameter {diameter:.2f} mm").format(
+                text = _("{frames} frame(s) segmented; seed frame: area {area:.1f} mm2, diameter {diameter:.2f} mm").format(
                     frames=len(result.frames), area=first.area_mm2, diameter=first.equivalent_diameter_mm)
+                if flaggedRows:
+                    k = result.frames[flaggedRows[0]]
+                    text += "\n" + _("{count} frame(s) FLAGGED as implausible (red rows), e.g. frame {frame}: {reason}").format(
+                        count=len(flaggedRows), frame=k, reason=result.sequence.flag_reasons[k])
+                self.ui.lumenStatusLabel.text = text
+                self.ui.lumenStatusLabel.setStyleSheet("color: #c00000" if flaggedRows else "")
             self.updateButtons()
+
+    def _paintRowsRed(self, rows, rowCount: int) -> None:
+        """Show the table rows of flagged frames in red. Display only: the model's signals are
+        blocked so that nothing is written back to the table node."""
+        view = self.ui.lumenTableView
+        model = view.tableModel() if hasattr(view, "tableModel") else view.model()
+        model = model.sourceModel() if hasattr(model, "sourceModel") else model
+        if model is None or not hasattr(model, "item"):
+            return
+        offset = max(model.rowCount() - rowCount, 0)   # 1 when column names are shown as a first row
+        background, foreground = qt.QBrush(qt.QColor(255, 200, 200)), qt.QBrush(qt.QColor(170, 0, 0))
+        wasBlocked = model.blockSignals(True)
+        try:
+            for row in rows:
+                for column in range(model.columnCount()):
+                    item = model.item(row + offset, column)
+                    if item is not None:
+                        item.setBackground(background)
+                        item.setForeground(foreground)
+        finally:
+            model.blockSignals(wasBlocked)
+        view.viewport().update()
 
     def onOpenSegmentEditor(self) -> None:
         p = self._parameterNode
@@ -500,7 +651,7 @@ class Speckle2SelfLogic(ScriptedLoadableModuleLogic):
             return None
         return outputVolume
 
-    def segmentLumen(self, volumeNode, seedNode, *, method: str = "flood", tolerance: float = 1.0,
+    def segmentLumen(self, volumeNode, seedNode, *, method: str = "radial", tolerance: float = 1.0,
                      allFrames: bool = True, segmentationNode=None, tableNode=None):
         """Seed = first point of ``seedNode`` (world RAS). For a sequence proxy with ``allFrames``,
         every frame of the sequence is segmented starting at the browser's current frame."""

@@ -123,6 +123,9 @@ def test_seed_on_wall_warns(phantom):
     with pytest.warns(seg.SegmentationWarning, match="wall"):
         seg.flood_fill(image, far_wall, 10)
     with pytest.warns(seg.SegmentationWarning, match="wall"):
+        seg.segment_sequence(image[None], far_wall, "flood")
+    # the default (radial) method refuses such a seed outright: a message, no mask
+    with pytest.raises(seg.SeedNotInLumenError, match="bright tissue"):
         seg.segment_sequence(image[None], far_wall)
 
 
@@ -203,10 +206,11 @@ def test_sequence_from_a_middle_frame_runs_both_ways(smooth_tolerance):
     assert result.seeds_rc[2].tolist() == [int(c) for c in centers[2]]
 
 
-def test_sequence_flags_an_implausible_area_jump(smooth_tolerance):
+@pytest.mark.parametrize("method", ["flood", "radial"])
+def test_sequence_flags_an_implausible_area_jump(smooth_tolerance, method):
     radii = [LUMEN_RADIUS, LUMEN_RADIUS, 9, LUMEN_RADIUS, LUMEN_RADIUS]
     frames, truths, centers = moving_sequence(radii, step=(1, 1))
-    result = seg.segment_sequence(frames, tuple(centers[0]), tolerance=smooth_tolerance)
+    result = seg.segment_sequence(frames, tuple(centers[0]), method, tolerance=smooth_tolerance)
     assert result.flagged.tolist() == [False, False, True, False, False]
     assert "area changed" in result.flag_reasons[2]
     assert result.masks[2].any()     # kept for inspection, but flagged
@@ -289,7 +293,7 @@ def test_cli_png_in_png_out(tmp_path, phantom, smooth_tolerance, capsys):
     Image.fromarray(smoothed(image)).save(tmp_path / "frame.png")
     out = tmp_path / "mask.png"
     assert run_cli([str(tmp_path / "frame.png"), "--seed", "60,64", "--out", str(out),
-                    "--no-despeckle", "--tolerance", str(smooth_tolerance)]) == 0
+                    "--no-despeckle", "--method", "flood", "--tolerance", str(smooth_tolerance)]) == 0
     mask = np.array(Image.open(out))
     assert set(np.unique(mask)) == {0, 255}
     expected = seg.flood_fill(smoothed(image), SEED, smooth_tolerance, check=False)
@@ -311,7 +315,7 @@ def test_cli_volume_keeps_geometry_and_accepts_ras_seed(tmp_path, smooth_toleran
     ras = f"{-lps[0]},{-lps[1]},{lps[2]}"
     out = tmp_path / "lumen.nrrd"
     assert run_cli([str(tmp_path / "loop.nrrd"), "--seed-ras", ras, "--frame", "1", "--out", str(out),
-                    "--no-despeckle", "--tolerance", str(smooth_tolerance)]) == 0
+                    "--no-despeckle", "--method", "flood", "--tolerance", str(smooth_tolerance)]) == 0
     mask = sitk.ReadImage(str(out))
     assert mask.GetSpacing() == volume.GetSpacing() and mask.GetOrigin() == volume.GetOrigin()
     assert mask.GetDirection() == volume.GetDirection()

@@ -8,13 +8,20 @@ For every method (raw image, classical baselines, any number of Speckle2Self mod
   * GLCM homogeneity of the whole test image and lumen-to-wall CNR (lumen: mask eroded by 3 px;
     wall: ring 2..8 px outside the mask);
   * time per frame.
+One-click lumen segmentation (the product's default "radial" method, no parameter to tune):
+  * on the raw images and on the images despeckled by each --model (default: the bundled model),
+    IoU against the expert mask (mean, median, 10th percentile) from the mask-centroid seed and
+    from seeds displaced by 25% of the lumen's equivalent radius in 8 directions, the share of
+    results flagged as implausible and of seeds refused (SeedNotInLumenError, scored IoU 0).
 Split (Speckle2SelfLib.carotid): test subjects are 4 of 11 (135 images); tuning the other 7.
 
     python benchmarks/carotid.py --model Speckle2Self/Resources/Models/<model>.pt \
         [--methods raw median lee frost srad nlm bm3d obnlm] [--tuning-limit 60] [--test-limit 0] \
         [--cache .bench_cache] [--figure docs/figures/carotid.png]
+    python benchmarks/carotid.py --lumen-only [--model A.pt --model B.pt] [--lumen-split tuning] \
+        [--lumen-method radial --lumen-method flood]
 
-Prints a markdown table. Outputs of each method are cached as PNG per image (``--cache``), so
+Prints markdown tables (the lumen table alone with --lumen-only). Outputs of each method are cached as PNG per image (``--cache``), so
 adding a model does not recompute the baselines.
 """
 
@@ -156,6 +163,91 @@ def table(rows: List[Dict], n_tuning: int, n_test: int) -> str:
     return "\n".join(lines)
 
 
+LUMEN_DISPLACEMENT = 0.25      # seed displacement, fraction of the lumen's equivalent radius
+LUMEN_DIRECTIONS = 8
+
+
+def lumen_seeds(mask: np.ndarray) -> List[Tuple[int, int]]:
+    """The mask-centroid seed, then seeds displaced by LUMEN_DISPLACEMENT of the equivalent
+    radius in LUMEN_DIRECTIONS directions."""
+    centre = np.array(segmentation.seed_from_mask(mask), float)
+    radius = np.sqrt(np.count_nonzero(mask) / np.pi)
+    seeds = [tuple(int(v) for v in centre)]
+    for angle in 2 * np.pi * np.arange(LUMEN_DIRECTIONS) / LUMEN_DIRECTIONS:
+        offset = LUMEN_DISPLACEMENT * radius * np.array([np.sin(angle), np.cos(angle)])
+        seeds.append(tuple(int(round(v)) for v in centre + offset))
+    return seeds
+
+
+def lumen_scores(image: np.ndarray, mask: np.ndarray, method: str,
+                 tolerance: float = segmentation.DEFAULT_TOLERANCE) -> List[Tuple[float, bool, bool, float]]:
+    """(IoU, flagged, refused, seconds) of the one-click segmentation from every lumen seed
+    (``tolerance``: flood fill / growcut only)."""
+    out = []
+    for seed in lumen_seeds(mask):
+        start = time.perf_counter()
+        try:
+            frame = segmentation.segment(image, seed, method, tolerance=tolerance)
+            out.append((segmentation.iou(frame.mask, mask), frame.flagged, False, time.perf_counter() - start))
+        except segmentation.SeedNotInLumenError:
+            out.append((0.0, True, True, time.perf_counter() - start))
+    return out
+
+
+def evaluate_lumen(inputs: Dict[str, Callable], cases, cache, model_files, methods: List[str]) -> List[Dict]:
+    rows = []
+    for name, fn in inputs.items():
+        t0 = time.perf_counter()
+        scores = {m: [] for m in methods}
+        for case in cases:
+            img, mask = case.load()
+            out, _ = apply_cached(name, fn, case, img, cache, model_files)
+            # flood fill / growcut at the CLI's default tolerances for raw and despeckled input
+            tolerance = segmentation.DEFAULT_TOLERANCE if name == "raw" else segmentation.DESPECKLED_TOLERANCE
+            for method in methods:
+                scores[method].append(lumen_scores(out, mask, method, tolerance))
+        for method in methods:
+            table_ = np.array(scores[method], dtype=float)          # (images, seeds, 4)
+            centroid, displaced = table_[:, 0, 0], table_[:, 1:, 0].ravel()
+            rows.append({"input": name, "method": method, "n": len(cases),
+                         "centroid": centroid, "displaced": displaced,
+                         "flagged": table_[:, :, 1].mean(), "refused": table_[:, :, 2].mean(),
+                         "ms": 1000 * table_[:, :, 3].mean()})
+        print(f"  lumen, {name}: done in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    return rows
+
+
+def lumen_table(rows: List[Dict], split: str) -> str:
+    def stats(v):
+        return f"{np.mean(v):.3f} | {np.median(v):.3f} | {np.percentile(v, 10):.3f}"
+    n = rows[0]["n"] if rows else 0
+    lines = [f"One-click lumen segmentation on {n} {split}-subject images: IoU vs expert masks from the mask-centroid "
+             f"seed and from seeds displaced by {LUMEN_DISPLACEMENT:.0%} of the lumen radius ({LUMEN_DIRECTIONS} "
+             "directions); flagged: results marked implausible; refused: seeds judged not in a lumen (IoU 0).",
+             "", "| input | method | centroid mean | median | p10 | displaced mean | median | p10 | "
+             "mean shift | flagged | refused | ms/seed |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        shift = np.mean(r["displaced"]) - np.mean(r["centroid"])
+        lines.append(f"| {r['input']} | {r['method']} | {stats(r['centroid'])} | {stats(r['displaced'])} | "
+                     f"{shift:+.3f} | {r['flagged']:.1%} | {r['refused']:.1%} | {r['ms']:.0f} |")
+    return "\n".join(lines)
+
+
+def lumen_inputs(models: List[str], device: str) -> Tuple[Dict[str, Callable], Dict[str, Path]]:
+    """Raw images and each model's output (no model given: the bundled default model)."""
+    from Speckle2SelfLib.inference import Despeckler
+    from Speckle2SelfLib.models import resolve_model_path
+
+    inputs: Dict[str, Callable] = {"raw": lambda img: img}
+    files: Dict[str, Path] = {}
+    for model in models or [None]:
+        path = resolve_model_path(model)
+        label = f"Speckle2Self ({path.stem})"
+        inputs[label] = Despeckler.from_file(str(path), device).denoise
+        files[label] = path
+    return inputs, files
+
+
 def figure(examples: Dict[str, np.ndarray], path: Path) -> None:
     from PIL import Image, ImageDraw
 
@@ -186,6 +278,13 @@ def main(argv=None) -> int:
     parser.add_argument("--figure", help="write a side-by-side PNG of one test image")
     parser.add_argument("--gamma", type=float, action="append", default=[],
                         help="also score each model with this display gamma (the authors use 1.5)")
+    parser.add_argument("--lumen-only", action="store_true",
+                        help="only the one-click lumen table (raw and each --model, default the bundled model)")
+    parser.add_argument("--lumen-split", choices=("test", "tuning"), default="test",
+                        help="subjects of the lumen table (default test; tuning is for development)")
+    parser.add_argument("--lumen-limit", type=int, default=0, help="images in the lumen table (0: all)")
+    parser.add_argument("--lumen-method", action="append", default=[], choices=segmentation.METHODS,
+                        help=f"segmentation method(s) of the lumen table (default {segmentation.DEFAULT_METHOD})")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
@@ -195,16 +294,24 @@ def main(argv=None) -> int:
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)
+    cache = Path(args.cache) if args.cache else None
+    lumen_cases = evenly(carotid.cases(args.lumen_split, with_mask=True), args.lumen_limit)
+    inputs, input_files = lumen_inputs(args.model, args.device)
+    lumen_methods = args.lumen_method or [segmentation.DEFAULT_METHOD]
+    if args.lumen_only:
+        print(lumen_table(evaluate_lumen(inputs, lumen_cases, cache, input_files, lumen_methods), args.lumen_split))
+        return 0
     tuning = evenly(carotid.cases("tuning", with_mask=True), args.tuning_limit)
     test = evenly(carotid.cases("test", with_mask=True), args.test_limit)
     methods = build_methods(args.methods, args.model, args.device, args.gamma)
     model_files = {label: Path(p) for p in args.model for label in methods
                    if label.startswith(f"Speckle2Self ({Path(p).stem})")}
-    cache = Path(args.cache) if args.cache else None
     tolerances = np.arange(0, 81, 1.0)
     auc_tolerances = np.linspace(0, 255, args.auc_steps) if args.auc_steps else None
     rows, examples = evaluate(methods, tuning, test, cache, model_files, tolerances, auc_tolerances)
     print(table(rows, len(tuning), len(test)))
+    print()
+    print(lumen_table(evaluate_lumen(inputs, lumen_cases, cache, input_files, lumen_methods), args.lumen_split))
     if args.figure:
         figure(examples, Path(args.figure))
     return 0

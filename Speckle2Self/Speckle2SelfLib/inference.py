@@ -17,6 +17,11 @@ from .models import LoadedModel, load_model, resolve_model_path
 MIN_SIDE = 8           # smaller frames carry no speckle statistics worth filtering
 CPU_BATCH = 4          # CPU throughput barely changes above this; small batches keep Cancel responsive
 MAX_AUTO_BATCH = 256
+#: Frames whose plain forward pass would take more than this run layer by layer in strips
+#: (bounded memory, same result). The estimate: bytes per pixel and network channel of the
+#: plain pass, measured on CPU (about 140 B/px at width 16).
+TILE_ABOVE_BYTES = 384 * 2 ** 20
+UNTILED_BYTES_PER_PIXEL_CHANNEL = 9
 
 CancelFlag = Union[Callable[[], bool], "threading.Event", None]  # noqa: F821
 ProgressFn = Optional[Callable[[int, int], None]]
@@ -44,6 +49,24 @@ def pick_device(device: str = "auto") -> str:
     return device
 
 
+def cpu_has_native_bf16() -> bool:
+    """True where the CPU computes bf16 natively (Intel AMX / AVX512-BF16, Arm BF16).
+
+    Elsewhere (e.g. AVX2-only CPUs) bf16 autocast is emulated and slower than fp32.
+    """
+    import torch
+
+    capability = str(getattr(torch.backends.cpu, "get_cpu_capability", lambda: "")()).upper()
+    if "AMX" in capability or "BF16" in capability:
+        return True
+    try:
+        with open("/proc/cpuinfo") as fh:
+            flags = set(next((line for line in fh if line.startswith(("flags", "Features"))), "").split())
+    except OSError:
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
 def _is_cancelled(cancel: CancelFlag) -> bool:
     if cancel is None:
         return False
@@ -57,7 +80,7 @@ def check_frames(array: np.ndarray) -> np.ndarray:
         raise TypeError(f"expected a numpy array, got {type(array).__name__}")
     if array.size == 0:
         raise ValueError(f"empty image (shape {array.shape}); nothing to despeckle")
-    if array.dtype.kind not in "uif":
+    if array.dtype.kind not in "uif" or array.dtype.itemsize > 8:
         raise TypeError(f"unsupported dtype {array.dtype}; pass integer or floating-point intensities")
     if array.ndim == 3 and array.shape[-1] in (3, 4) and array.shape[0] >= MIN_SIDE:
         raise ValueError(f"shape {array.shape} looks like an RGB(A) image; convert it to grey first "
@@ -69,24 +92,74 @@ def check_frames(array: np.ndarray) -> np.ndarray:
     if min(frames.shape[1:]) < MIN_SIDE:
         raise ValueError(f"frames of {frames.shape[1]}x{frames.shape[2]} pixels are too small; "
                          f"at least {MIN_SIDE}x{MIN_SIDE} is needed")
-    if frames.dtype.kind == "f" and not np.isfinite(frames).all():
-        raise ValueError("image contains NaN or infinite values; replace them (e.g. np.nan_to_num) first")
+    if frames.dtype.kind == "f":
+        bad = [k for k, frame in enumerate(frames) if not np.isfinite(frame).all()]
+        if bad:
+            where = f"frame {bad[0]}" + (f" and {len(bad) - 1} more" if len(bad) > 1 else "")
+            raise ValueError(f"image contains NaN or infinite values ({where}); replace them "
+                             "(e.g. np.nan_to_num) first")
     return frames
 
 
+def frame_range(frame: np.ndarray):
+    """(lo, hi) of a frame as Python floats (float64: no overflow for float32 data near +/-3e38)."""
+    return float(frame.min()), float(frame.max())
+
+
+def is_flat(frame: np.ndarray) -> bool:
+    """A frame of one value: nothing to despeckle (it is returned unchanged)."""
+    lo, hi = frame_range(frame)
+    return not hi > lo
+
+
+#: dtypes whose values and ranges float32 arithmetic normalises exactly enough.
+_FLOAT32_SAFE = (np.uint8, np.int8, np.uint16, np.int16, np.float16, np.float32)
+
+
+def normalise_frame(frame: np.ndarray, out: np.ndarray) -> None:
+    """Write ``frame`` min-max normalised to [0, 1] into the float32 array ``out``.
+
+    Ranges are taken in float64: float32 data near +/-3e38 (whose span overflows float32) and
+    float64 data with a range far below float32 resolution (e.g. 1e-13 around 1.0) are
+    normalised correctly. A flat frame gives zeros.
+    """
+    lo, hi = frame_range(frame)
+    span = hi - lo
+    if not span > 0:
+        out[...] = 0.0
+        return
+    if frame.dtype.type in _FLOAT32_SAFE and 1e-30 < span < 1e38:
+        np.copyto(out, frame, casting="unsafe")
+        out -= np.float32(lo)
+        out *= np.float32(1.0 / span)
+    elif np.isfinite(span):
+        np.copyto(out, (frame.astype(np.float64) - lo) / span, casting="unsafe")
+    else:                       # float64 data spanning more than 1.8e308: halve before subtracting
+        np.copyto(out, (frame.astype(np.float64) * 0.5 - lo * 0.5) / (hi * 0.5 - lo * 0.5), casting="unsafe")
+    np.clip(out, 0.0, 1.0, out=out)
+
+
 def _restore(out01: np.ndarray, frame: np.ndarray, gamma: Optional[float], blend: float) -> np.ndarray:
-    """Map a [0, 1] network output back to the frame's range and dtype."""
-    lo, hi = float(frame.min()), float(frame.max())
-    if hi <= lo:
+    """Map a [0, 1] network output back to the frame's range and dtype (computed in float64)."""
+    lo, hi = frame_range(frame)
+    if not hi > lo:
         return frame.copy()      # a constant frame has no speckle
+    half = hi * 0.5 - lo * 0.5          # finite even where hi - lo overflows float64
     y = out01.astype(np.float64)
     if gamma is not None and gamma != 1.0:
-        y = np.power(y, gamma)
+        np.power(y, gamma, out=y)
     if blend > 0:
-        y = (1.0 - blend) * y + blend * (frame.astype(np.float64) - lo) / (hi - lo)
-    y = y * (hi - lo) + lo
+        y *= 1.0 - blend
+        y += blend * (frame.astype(np.float64) * 0.5 - lo * 0.5) / half
+    if np.isfinite(hi - lo):
+        y *= hi - lo
+        y += lo
+    else:                               # lo + 2 y half, without the overflowing intermediate
+        y *= half
+        y = (y + lo) + y
     if frame.dtype.kind in "ui":
-        y = np.clip(np.rint(y), lo, hi)
+        np.rint(y, out=y)
+    np.clip(y, lo, hi, out=y)
     return y.astype(frame.dtype)
 
 
@@ -112,43 +185,65 @@ class Despeckler:
 
     # ------------------------------------------------------------------ public API
     def denoise(self, array, batch_size: Optional[int] = None, progress: ProgressFn = None,
-                cancel: CancelFlag = None, gamma: Optional[float] = None, blend: float = 0.0):
+                cancel: CancelFlag = None, gamma: Optional[float] = None, blend: float = 0.0,
+                working_scale: Union[str, float, None] = "auto"):
         """Despeckle (H, W), (N, H, W) or an iterable of (H, W) frames.
 
         Returns the same shape and dtype in each frame's own intensity range. Raises
         Cancelled when ``cancel`` is set between batches (no partial result).
+        ``working_scale``: "auto" resamples the frames so their speckle grain matches the
+        model's training data (one factor for the whole call); a number forces a factor;
+        None or 1 runs at the frames' own resolution.
         """
-        if not 0.0 <= blend <= 1.0:
-            raise ValueError(f"blend must lie in [0, 1], got {blend}")
-        if gamma is not None and gamma <= 0:
-            raise ValueError(f"gamma must be positive, got {gamma}")
+        if isinstance(blend, bool) or not isinstance(blend, (int, float, np.floating, np.integer)) \
+                or not 0.0 <= blend <= 1.0:
+            raise ValueError(f"blend must be a number in [0, 1], got {blend!r}")
+        if gamma is not None and (isinstance(gamma, bool) or not isinstance(gamma, (int, float, np.floating, np.integer))
+                                  or not np.isfinite(gamma) or gamma <= 0):
+            raise ValueError(f"gamma must be a finite positive number, got {gamma!r}")
+        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))
+                                       or batch_size < 1):
+            raise ValueError(f"batch size must be a whole number of at least 1, got {batch_size!r}")
         if not isinstance(array, np.ndarray):
-            return self._denoise_iterable(array, batch_size, progress, cancel, gamma, blend)
+            return self._denoise_iterable(array, batch_size, progress, cancel, gamma, blend, working_scale)
         frames = check_frames(array)
+        self.last_working_scale = self.resolve_working_scale(frames, working_scale)
         out = np.empty_like(frames)
         total = len(frames)
         batch = self._batch_size(batch_size, frames.shape[1:])
-        done = 0
+        done = flat = 0
         while done < total:
             if _is_cancelled(cancel):
                 raise Cancelled("despeckling cancelled")
             chunk = frames[done:done + batch]
             results, batch = self._run_batch(chunk, batch)
+            if not np.isfinite(results).all():
+                raise FloatingPointError(f"the model produced NaN or infinite values (frames {done}.."
+                                         f"{done + len(chunk) - 1}); the model file is probably broken")
             for i, (res, frame) in enumerate(zip(results, chunk)):
                 out[done + i] = _restore(res, frame, gamma, blend)
+                if is_flat(frame):
+                    flat += 1
             done += len(chunk)
             if progress is not None:
                 progress(done, total)
+        if flat:
+            warnings.warn(f"{flat} of {total} frame(s) have a single value (flat); returned unchanged, "
+                          "there is nothing to despeckle", stacklevel=2)
         return out[0] if array.ndim == 2 else out
 
-    def _denoise_iterable(self, frames: Iterable, batch_size, progress, cancel, gamma, blend) -> List[np.ndarray]:
+    def _denoise_iterable(self, frames: Iterable, batch_size, progress, cancel, gamma, blend,
+                          working_scale="auto") -> List[np.ndarray]:
         total = len(frames) if hasattr(frames, "__len__") else -1
         outputs: List[np.ndarray] = []
         pending: List[np.ndarray] = []
 
         def flush():
+            nonlocal working_scale
             stack = np.stack(pending)
-            outputs.extend(self.denoise(stack, batch_size, None, cancel, gamma, blend))
+            if working_scale == "auto":     # one factor for the whole stream, from its first frames
+                working_scale = self.resolve_working_scale(stack, "auto")
+            outputs.extend(self.denoise(stack, batch_size, None, cancel, gamma, blend, working_scale))
             pending.clear()
             if progress is not None:
                 progress(len(outputs), total)
@@ -202,10 +297,54 @@ class Despeckler:
     def _forward(self, chunk: np.ndarray) -> np.ndarray:
         import torch
 
-        x = torch.from_numpy(chunk.astype(np.float32, copy=False)).unsqueeze(1)
-        lo = x.amin(dim=(1, 2, 3), keepdim=True)
-        span = x.amax(dim=(1, 2, 3), keepdim=True) - lo
-        x = torch.where(span > 0, (x - lo) / span.clamp_min(1e-12), torch.zeros_like(x))
+        normalised = np.empty((len(chunk), 1) + chunk.shape[1:], np.float32)
+        for frame, target in zip(chunk, normalised):
+            normalise_frame(frame, target[0])      # float64 ranges; flat frames give zeros
+        x = torch.from_numpy(normalised)
+        return self._apply_module(x).squeeze(1).cpu().numpy()
+
+    def _apply_module(self, x):
+        """(N, 1, H, W) float32 in [0, 1] on the CPU -> (N, 1, H, W) float32 in [0, 1] on the CPU.
+
+        The frames are resampled to the model's working scale (where their speckle grain
+        matches the training data's) and back.
+        """
+        import torch
+
+        from .perturbation import resample_to_working_scale   # imports torch: lazily
+
+        h, w = x.shape[-2:]
+        x = resample_to_working_scale(x, getattr(self, "last_working_scale", 1.0))
+        y = self._run_module_tiled(x) if self._needs_tiling(x) else self._run_module(x)
+        if y.shape[-2:] != (h, w):
+            y = torch.nn.functional.interpolate(y, size=(h, w), mode="bilinear", align_corners=False)
+        return y.clamp(0.0, 1.0)
+
+    def resolve_working_scale(self, frames: np.ndarray, working_scale: Union[str, float, None] = "auto") -> float:
+        """The resampling factor for these (N, H, W) frames.
+
+        "auto": where the model records the view difference it was trained at, the factor
+        that gives these frames the same (Speckle2SelfLib.grain); else the model's fixed
+        working scale (1 for models without one).
+        """
+        from . import grain
+
+        if working_scale is None:
+            return 1.0
+        if working_scale != "auto":
+            scale = float(working_scale)
+            if not np.isfinite(scale) or not grain.SCALE_LIMITS[0] <= scale <= grain.SCALE_LIMITS[1]:
+                raise ValueError(f"working scale must lie in {grain.SCALE_LIMITS}, got {working_scale}")
+            return scale
+        target = self.metadata.get("working_view_difference")
+        if target:
+            return grain.match_working_scale(frames, float(target))
+        return float(self.metadata.get("working_scale", 1.0))
+
+    def _run_module(self, x):
+        """The network itself on (N, 1, h, w) in [0, 1]; returns float32 on the CPU."""
+        import torch
+
         cuda = self.device.startswith("cuda")
         x = x.to(self.device, non_blocking=cuda)
         if cuda:
@@ -217,7 +356,43 @@ class Despeckler:
                     y = self.module(x)
             else:
                 y = self.module(x)
-        return y.float().squeeze(1).cpu().numpy()
+        return y.float().cpu()
+
+
+    # ------------------------------------------------------------------ bounded memory (large frames)
+    def _needs_tiling(self, x) -> bool:
+        """Whether the plain forward pass of (N, 1, h, w) would need more than the memory budget."""
+        n, _, h, w = x.shape
+        estimate = n * h * w * int(self.metadata.get("width", 32)) * UNTILED_BYTES_PER_PIXEL_CHANNEL
+        if self.device.startswith("cuda"):
+            import torch
+            free, _total = torch.cuda.mem_get_info(torch.device(self.device))
+            return estimate > 0.5 * free
+        return estimate > TILE_ABOVE_BYTES
+
+    def _strip_plan(self):
+        """The network as a layer-by-layer strip plan (Speckle2SelfLib.tiling), or None when this
+        model's structure is not one the executor reproduces exactly (checked once on a probe)."""
+        if not hasattr(self, "_plan"):
+            from .tiling import UnsupportedNetwork, build_plan, self_check
+            try:
+                self._plan = build_plan(self.module)
+                self_check(self.module, self._plan)
+            except UnsupportedNetwork as err:
+                warnings.warn(f"large frames run untiled with this model ({err}); memory is not bounded")
+                self._plan = None
+        return self._plan
+
+    def _run_module_tiled(self, x):
+        """Like _run_module, one frame at a time with bounded memory: every InstanceNorm over the
+        whole frame, the convolutions between them in strips with halos (equal to the plain pass
+        up to float rounding, no seams)."""
+        from .tiling import run_plan
+
+        plan = self._strip_plan()
+        if plan is None:
+            return self._run_module(x)
+        return run_plan(plan, x.to(self.device)).float().cpu()
 
 
 def despeckle(array, model=None, device: str = "auto", **kwargs):

@@ -9,8 +9,9 @@ and a seed in RAS (as a markup point gives it) or IJK. It runs
   "Carotid lumen" is imported from a labelmap in the volume's exact IJK-to-RAS geometry
   (for a sequence: one segmentation per frame in a ``vtkMRMLSequenceNode``, and the seed
   frame's one in the scene);
-* a ``vtkMRMLTableNode`` with one row per segmented frame: frame, area_mm2, diameter_mm,
-  flagged, note (why a frame was flagged);
+* a ``vtkMRMLTableNode`` with one row per segmented frame: frame, area_mm2, diameter_mm
+  (equivalent), major_diameter_mm / minor_diameter_mm (moment ellipse), flagged, note (why a
+  frame was flagged: do not trust it);
 * for several frames, a diameter-over-frames plot (``vtkMRMLPlotSeriesNode`` + chart).
 
 Needs slicer-core's MRML classes only (``import slicer``, ``vtk``); never Qt or slicer.app.
@@ -24,12 +25,12 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 
 from .mrml import grey_frames
-from .segmentation import (DEFAULT_TOLERANCE, MAX_AREA_CHANGE, Measurement, SequenceResult,
+from .segmentation import (DEFAULT_METHOD, DEFAULT_TOLERANCE, MAX_AREA_CHANGE, Measurement, SequenceResult,
                            segment_sequence)
 
 LUMEN_SEGMENT_NAME = "Carotid lumen"
 LUMEN_COLOR = (0.85, 0.15, 0.15)
-TABLE_COLUMNS = ("frame", "area_mm2", "diameter_mm", "flagged", "note")
+TABLE_COLUMNS = ("frame", "area_mm2", "diameter_mm", "major_diameter_mm", "minor_diameter_mm", "flagged", "note")
 
 
 @dataclass
@@ -67,7 +68,7 @@ class _Frames:
 
 
 def segment_lumen(volume_node, seed_ras: Optional[Sequence[float]] = None, *,
-                  seed_ijk: Optional[Sequence[float]] = None, method: str = "flood",
+                  seed_ijk: Optional[Sequence[float]] = None, method: str = DEFAULT_METHOD,
                   tolerance: float = DEFAULT_TOLERANCE, frame: Optional[int] = None,
                   all_frames: bool = True, segmentation_node=None, table_node=None,
                   max_area_change: float = MAX_AREA_CHANGE, plot: bool = True, **options) -> LumenResult:
@@ -80,8 +81,11 @@ def segment_lumen(volume_node, seed_ras: Optional[Sequence[float]] = None, *,
     slice for a volume, item 0 for a sequence). With ``all_frames`` every frame is segmented,
     the seed following the lumen (see :func:`~Speckle2SelfLib.segmentation.segment_sequence`),
     else only ``frame``. ``segmentation_node`` / ``table_node`` are reused when given (the
-    "Carotid lumen" segment and the table rows are replaced). ``options`` go to the
-    segmentation method (e.g. ``neighborhood_radius_px``).
+    "Carotid lumen" segment and the table rows are replaced). ``method``: "radial" (default,
+    robust to wall gaps), "flood" or "growcut" (Slicer's effects, with ``tolerance``);
+    ``options`` go to the segmentation method (e.g. ``neighborhood_radius_px`` for flood).
+    Implausible frames are kept but flagged (table columns ``flagged`` and ``note``); a radial
+    seed on bright tissue raises :class:`~Speckle2SelfLib.segmentation.SeedNotInLumenError`.
     """
     scene = volume_node.GetScene() if volume_node is not None else None
     if scene is None:
@@ -306,7 +310,7 @@ def _synchronise_browsers(scene, source_sequence, new_sequence) -> None:
 
 
 def _fill_table(scene, table_node, name: str, result: SequenceResult, frames: List[int]):
-    """(Re)fill a table: frame, area_mm2, diameter_mm, flagged, note -- one row per frame."""
+    """(Re)fill a table: the :data:`TABLE_COLUMNS`, one row per frame."""
     import slicer
     import vtk
 
@@ -314,8 +318,8 @@ def _fill_table(scene, table_node, name: str, result: SequenceResult, frames: Li
         table_node = scene.AddNewNodeByClass("vtkMRMLTableNode", f"{name} lumen measurements")
     if not isinstance(table_node, slicer.vtkMRMLTableNode):
         raise ValueError(f"table_node {_node_name(table_node)} is not a vtkMRMLTableNode")
-    columns = (vtk.vtkIntArray(), vtk.vtkDoubleArray(), vtk.vtkDoubleArray(), vtk.vtkIntArray(),
-               vtk.vtkStringArray())
+    columns = (vtk.vtkIntArray(), vtk.vtkDoubleArray(), vtk.vtkDoubleArray(), vtk.vtkDoubleArray(),
+               vtk.vtkDoubleArray(), vtk.vtkIntArray(), vtk.vtkStringArray())
     for column, column_name in zip(columns, TABLE_COLUMNS):
         column.SetName(column_name)
     for k in frames:
@@ -323,8 +327,10 @@ def _fill_table(scene, table_node, name: str, result: SequenceResult, frames: Li
         columns[0].InsertNextValue(k)
         columns[1].InsertNextValue(m.area_mm2)
         columns[2].InsertNextValue(m.equivalent_diameter_mm)
-        columns[3].InsertNextValue(int(result.flagged[k]))
-        columns[4].InsertNextValue(result.flag_reasons[k])
+        columns[3].InsertNextValue(m.major_diameter_mm)
+        columns[4].InsertNextValue(m.minor_diameter_mm)
+        columns[5].InsertNextValue(int(result.flagged[k]))
+        columns[6].InsertNextValue(result.flag_reasons[k])
     table = vtk.vtkTable()
     for column in columns:
         table.AddColumn(column)
@@ -332,7 +338,12 @@ def _fill_table(scene, table_node, name: str, result: SequenceResult, frames: Li
     table_node.SetColumnUnitLabel("area_mm2", "mm2")
     table_node.SetColumnUnitLabel("diameter_mm", "mm")
     table_node.SetColumnDescription("diameter_mm", "equivalent diameter 2*sqrt(area/pi)")
-    table_node.SetColumnDescription("flagged", "1: implausible area jump, leak or empty; do not trust")
+    for axis in ("major", "minor"):
+        table_node.SetColumnUnitLabel(f"{axis}_diameter_mm", "mm")
+        table_node.SetColumnDescription(f"{axis}_diameter_mm",
+                                        f"{axis} axis of the ellipse with the lumen's area moments")
+    table_node.SetColumnDescription("flagged", "1: implausible (leak, weak boundary, not a dark lumen, area jump, "
+                                               "empty); do not trust, see note")
     return table_node
 
 

@@ -83,6 +83,7 @@ def export_model(net, path, *, scales, interpolation: str, name: str = "speckle2
         "upsample": net.upsample,
         "shared_encoder": net.shared_encoder,
         "depth": net.depth,
+        "head": getattr(net, "head", "linear"),
         "scales": list(scales),
         "interpolation": interpolation,
         "normalisation": "per-slice min-max to [0, 1]; output mapped back to the input range",
@@ -142,7 +143,64 @@ def load_model(path, device: str = "cpu") -> LoadedModel:
     if weights_sha256(module) != metadata["weights_sha256"]:
         raise ModelFormatError(f"{path}: weights do not match the checksum in the metadata; the file is corrupt")
     module.eval()
+    check_module_matches_metadata(module, metadata, path)
     return LoadedModel(module, metadata, path)
+
+
+def check_module_matches_metadata(module, metadata: Dict[str, Any], path="model") -> None:
+    """Refuse a model whose metadata does not describe its network (an edited or mixed-up file).
+
+    Compares width, depth, upsampling, head and size multiple with the scripted module's
+    layers and parameter shapes, and runs a tiny forward pass of known shape: the output must
+    have the input's shape, be finite and lie in [0, 1]. Raises ModelFormatError.
+    """
+    import torch
+
+    def refuse(what: str) -> None:
+        raise ModelFormatError(f"{path}: {what}; the metadata was edited or does not belong to these weights")
+
+    layers = {name: mod for name, mod in module.named_modules()}
+    kinds = {name: str(getattr(mod, "original_name", "")) for name, mod in layers.items()}
+    enc_convs = [n for n in layers if n.startswith("encoder.") and kinds[n] == "Conv2d"]
+    stride2 = [n for n in enc_convs if tuple(layers[n].stride)[0] == 2]
+    if enc_convs:
+        actual_width = int(layers[enc_convs[0]].weight.shape[0])
+        if int(metadata["width"]) != actual_width:
+            refuse(f"metadata says width {metadata['width']} but the weights have width {actual_width}")
+        for k, name in enumerate(stride2):
+            expected = actual_width * 2 ** k
+            if int(layers[name].weight.shape[0]) != expected:
+                refuse(f"encoder stage {k} has {layers[name].weight.shape[0]} channels, not {expected}")
+    if "depth" in metadata and stride2 and int(metadata["depth"]) != len(stride2):
+        refuse(f"metadata says depth {metadata['depth']} but the network has {len(stride2)} stride-2 stages")
+    if "upsample" in metadata and any(n.startswith("decoder.") for n in kinds):
+        transposed = any(k == "ConvTranspose2d" for n, k in kinds.items() if n.startswith("decoder."))
+        if (metadata["upsample"] == "transposed") != transposed:
+            refuse(f"metadata says upsample {metadata['upsample']!r} but the decoder "
+                   f"{'has' if transposed else 'has no'} transposed convolutions")
+    if "head" in metadata:
+        decoder_layers = [n for n in kinds if n.startswith("decoder.layers.") and n.count(".") == 2]
+        last = kinds[decoder_layers[-1]] if decoder_layers else ""
+        has_norm_head = len(decoder_layers) >= 2 and kinds[decoder_layers[-2]] == "InstanceNorm2d"
+        if decoder_layers and (metadata["head"] == "norm_relu") != (has_norm_head and last == "ReLU"):
+            refuse(f"metadata says head {metadata['head']!r} but the decoder ends otherwise")
+    multiple = int(getattr(module, "size_multiple", 0) or 0)
+    if multiple and "size_multiple" in metadata and int(metadata["size_multiple"]) != multiple:
+        refuse(f"metadata says size multiple {metadata['size_multiple']} but the network pads to {multiple}")
+    multiple = multiple or 16
+    probe = torch.linspace(0, 1, (2 * multiple + 3) * (2 * multiple + 5)).reshape(1, 1, 2 * multiple + 3,
+                                                                             2 * multiple + 5)
+    try:
+        # optimized_execution(False): no JIT profiling run for a probe (0.04 s instead of 0.5 s).
+        with torch.jit.optimized_execution(False), torch.inference_mode():
+            out = module(probe)
+    except Exception as err:  # a network that cannot run a 1-channel frame
+        raise ModelFormatError(f"{path}: the network fails on a test frame ({_short(err)})") from err
+    if tuple(out.shape) != tuple(probe.shape):
+        refuse(f"a {tuple(probe.shape)} test frame gives output of shape {tuple(out.shape)}")
+    if not bool(torch.isfinite(out).all()) or float(out.min()) < 0 or float(out.max()) > 1:
+        raise ModelFormatError(f"{path}: the network gives values outside [0, 1] or NaN on a test frame; "
+                               "the file is corrupt")
 
 
 def _check_archive(path: Path) -> None:
@@ -167,10 +225,48 @@ def _parse_metadata(path: Path, text) -> Dict[str, Any]:
     missing = [k for k in REQUIRED_KEYS if k not in metadata]
     if metadata.get("format") != FORMAT_NAME or missing:
         raise ModelFormatError(f"{path}: not a Speckle2Self model (missing metadata: {', '.join(missing) or 'format'})")
-    if int(metadata["format_version"]) > FORMAT_VERSION:
+    try:
+        newer = int(metadata["format_version"]) > FORMAT_VERSION
+    except (TypeError, ValueError):
+        raise ModelFormatError(f"{path}: format_version {metadata['format_version']!r} is not a number") from None
+    if newer:
         raise ModelFormatError(f"{path}: model format {metadata['format_version']} is newer than this library "
                                f"supports ({FORMAT_VERSION}); update Speckle2Self")
+    problem = _metadata_problem(metadata)
+    if problem:
+        raise ModelFormatError(f"{path}: invalid metadata: {problem}")
     return metadata
+
+
+def _metadata_problem(m: Dict[str, Any]) -> Optional[str]:
+    """The first value of the metadata that no exported model has, or None."""
+    import math
+
+    def number(key, lo, hi, integer=False):
+        value = m[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                (integer and not float(value).is_integer()) or not math.isfinite(value) or not lo <= value <= hi:
+            return f"{key} = {value!r} (expected {'a whole number' if integer else 'a number'} in [{lo}, {hi}])"
+        return None
+
+    checks = [number("width", 1, 4096, True)]
+    for key, lo, hi, integer in (("depth", 1, 8, True), ("num_scales", 1, 16, True), ("size_multiple", 1, 256, True),
+                                 ("working_scale", 0.05, 4.0, False), ("working_view_difference", 1e-9, 1e9, False)):
+        if key in m and m[key] is not None:
+            checks.append(number(key, lo, hi, integer))
+    scales = m["scales"]
+    if not isinstance(scales, list) or not scales or any(
+            isinstance(s, bool) or not isinstance(s, (int, float)) or not 0 < s <= 1 for s in scales):
+        checks.append(f"scales = {scales!r} (expected a list of numbers in (0, 1])")
+    if m["interpolation"] not in ("bilinear", "bicubic", "area", "nearest"):
+        checks.append(f"interpolation = {m['interpolation']!r}")
+    if "upsample" in m and m["upsample"] not in ("transposed", "resize"):
+        checks.append(f"upsample = {m['upsample']!r}")
+    if "head" in m and m["head"] not in ("linear", "norm_relu"):
+        checks.append(f"head = {m['head']!r}")
+    if not isinstance(m["weights_sha256"], str):
+        checks.append("weights_sha256 is not a string")
+    return next((c for c in checks if c), None)
 
 
 def _short(err: Exception) -> str:
@@ -183,7 +279,14 @@ def bundled_models() -> List[Dict[str, Any]]:
     """Entries of Resources/Models/models.json: name, file, version, sha256, default, description."""
     if not MANIFEST.is_file():
         return []
-    return json.loads(MANIFEST.read_text())["models"]
+    try:
+        entries = json.loads(MANIFEST.read_text())["models"]
+        if not all(isinstance(e, dict) and {"name", "file", "sha256"} <= set(e) for e in entries):
+            raise KeyError("name/file/sha256")
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ModelFormatError(f"{MANIFEST}: the list of bundled models is damaged ({_short(err)}); "
+                               "reinstall the extension") from err
+    return entries
 
 
 def bundled_model_path(name: Optional[str] = None) -> Path:

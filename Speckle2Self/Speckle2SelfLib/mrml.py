@@ -119,7 +119,15 @@ def _read_pixels(node) -> _Pixels:
         raise ValueError(f"{_name(node)} is {dims[0]}x{dims[1]}x{dims[2]} voxels: its image plane is not the IJ "
                          "plane that frames are read from; reslice it (Resample Scalar/Vector/DWI Volume) first")
     components = scalars.GetNumberOfComponents()
+    if scalars.GetNumberOfTuples() != dims[0] * dims[1] * dims[2]:
+        raise ValueError(f"{_name(node)} has {scalars.GetNumberOfTuples()} voxel values for {dims[0]}x{dims[1]}x"
+                         f"{dims[2]} voxels; its image data is inconsistent, reload it")
     voxels = numpy_support.vtk_to_numpy(scalars).reshape(dims[2], dims[1], dims[0], components).copy()
+    if voxels.dtype.kind == "f" and not np.isfinite(voxels).all():
+        raise ValueError(f"{_name(node)} has NaN or infinite voxel values; replace them first (e.g. with "
+                         "Threshold Scalar Volume or numpy.nan_to_num)")
+    if voxels.dtype.kind not in "uif":
+        raise ValueError(f"{_name(node)} has voxels of type {voxels.dtype}; only integer or float intensities")
     if components == 1:
         return _Pixels(voxels[..., 0], None, voxels.dtype)
     if components == 3:
@@ -127,6 +135,15 @@ def _read_pixels(node) -> _Pixels:
     raise ValueError(f"{_name(node)} has {components}-component voxels; only grey (1) or RGB (3) volumes can "
                      "be despeckled. Convert it first (Vector to Scalar Volume module, or drop the alpha "
                      "channel of RGBA)")
+
+
+def check_still_in_scene(scene, **nodes) -> None:
+    """Refuse to store results when a node of the call left the scene while it ran (the user
+    deleted it, or closed the scene): nothing is added, the scene stays as the user left it."""
+    for role, node in nodes.items():
+        if node is not None and (node.GetScene() is not scene or not scene.IsNodePresent(node)):
+            raise ValueError(f"the {role} node {_name(node)} was removed from the scene while it was despeckled; "
+                             "nothing was added to the scene")
 
 
 def _check_volume_node(node) -> None:
@@ -274,6 +291,7 @@ class DespeckleLogic:
         started = time.monotonic()
         result = self._despeckle_pixels(despeckler, pixels, colour_out, colour_threshold, batch_size, gamma, blend,
                                         progress, cancel)
+        check_still_in_scene(scene, input=input_node, output=output_node)
         with _CreatedNodes(scene) as created:
             if output_node is None:
                 output_node = created.add(_volume_class(colour_out), _output_name(input_node))
@@ -321,6 +339,10 @@ class DespeckleLogic:
         result = self._despeckle_pixels(despeckler, stacked, colour_out, colour_threshold, batch_size, gamma, blend,
                                         _scaled_progress(progress, 2 * n, stacked.grey.shape[0], n), cancel)
         per_item = np.split(result, n)
+        check_still_in_scene(scene, sequence=sequence, browser=browser, proxy=input_proxy, output=output_node)
+        if sequence.GetNumberOfDataNodes() != n:
+            raise ValueError(f"sequence {_name(sequence)} changed from {n} to {sequence.GetNumberOfDataNodes()} "
+                             "frames while it was despeckled; nothing was added, run it again")
         with _CreatedNodes(scene) as created:
             output_node, out_sequence, browser, made_browser = self._store_sequence(
                 created, sequence, browser, input_proxy, output_node, replaced, per_item, colour_out, progress, cancel)
@@ -642,6 +664,11 @@ def describe_model(metadata: Dict[str, Any]) -> str:
              f"width {metadata.get('width', '?')}",
              f"scales {metadata.get('scales', '?')}",
              f"{training.get('steps_done', '?')} training steps"]
+    if metadata.get("working_view_difference"):
+        parts.append(f"grain-adaptive (view difference {metadata['working_view_difference']:.3f} "
+                     f"at working scale {metadata.get('working_scale', 1.0):g})")
+    elif metadata.get("working_scale", 1.0) != 1.0:
+        parts.append(f"working scale {metadata['working_scale']:g}")
     if training.get("minutes_done") is not None:
         parts.append(f"{training['minutes_done']} min on {training.get('device_used', '?')}")
     if data_text:

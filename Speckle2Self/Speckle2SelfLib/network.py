@@ -16,6 +16,10 @@ from torch import nn
 #: Inputs are padded to a multiple of this (four stride-2 stages).
 SIZE_MULTIPLE = 16
 UPSAMPLE_MODES = ("transposed", "resize")
+#: "linear": the last layer's output is clamped to [0, 1] at inference.
+#: "norm_relu": the authors' head, InstanceNorm (no affine) + ReLU after the last layer; it
+#: maps the darkest speckle (e.g. in an anechoic lumen) to exactly zero.
+HEADS = ("linear", "norm_relu")
 
 
 def _conv_norm_relu(in_ch: int, out_ch: int, stride: int = 1) -> nn.Sequential:
@@ -78,10 +82,12 @@ class Decoder(nn.Module):
     """Residual block, ``depth - 1`` x2 upsampling stages (paper: 8w -> 4w -> 2w -> w) each
     followed by a residual block, and a last x2 stage to one channel."""
 
-    def __init__(self, width: int = 32, upsample: str = "transposed", depth: int = 4):
+    def __init__(self, width: int = 32, upsample: str = "transposed", depth: int = 4, head: str = "linear"):
         super().__init__()
         if upsample not in UPSAMPLE_MODES:
             raise ValueError(f"upsample must be one of {UPSAMPLE_MODES}, got {upsample!r}")
+        if head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, got {head!r}")
         chans = _channels(width, depth)[::-1]
         layers: List[nn.Module] = [ResidualBlock(chans[0])]
         for cin, cout in zip(chans[:-1], chans[1:]):
@@ -91,6 +97,8 @@ class Decoder(nn.Module):
         else:
             layers += [nn.Upsample(scale_factor=2.0, mode="bilinear", align_corners=False),
                        nn.Conv2d(width, 1, 3, padding=1)]
+        if head == "norm_relu":
+            layers += [nn.InstanceNorm2d(1, affine=False), nn.ReLU()]
         self.layers = nn.Sequential(*layers)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
@@ -117,7 +125,7 @@ class Speckle2SelfNet(nn.Module):
     """Training network: ``forward(views)`` maps view k through encoder k and the shared decoder."""
 
     def __init__(self, width: int = 32, num_scales: int = 3, upsample: str = "transposed",
-                 shared_encoder: bool = False, depth: int = 4):
+                 shared_encoder: bool = False, depth: int = 4, head: str = "linear"):
         super().__init__()
         if width < 1 or num_scales < 1:
             raise ValueError("width and num_scales must be positive")
@@ -128,9 +136,10 @@ class Speckle2SelfNet(nn.Module):
         self.upsample = upsample
         self.shared_encoder = shared_encoder
         self.depth = depth
+        self.head = head
         n_enc = 1 if shared_encoder else num_scales
         self.encoders = nn.ModuleList([Encoder(width, depth) for _ in range(n_enc)])
-        self.decoder = Decoder(width, upsample, depth)
+        self.decoder = Decoder(width, upsample, depth, head)
 
     def encoder_for(self, k: int) -> Encoder:
         return self.encoders[0 if self.shared_encoder else k]

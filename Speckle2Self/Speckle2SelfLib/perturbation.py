@@ -49,3 +49,14 @@ def multiscale_views(x: torch.Tensor, scales: Sequence[float] = DEFAULT_SCALES,
             v = _resize(_resize(x, small, interpolation), (h, w), interpolation)
         views.append(minmax_normalise(v))
     return views
+
+
+def resample_to_working_scale(x, working_scale: float):
+    """Resample a (N, C, H, W) batch by ``working_scale`` (1: unchanged); area-average when shrinking."""
+    if abs(working_scale - 1.0) < 1e-6:
+        return x
+    h, w = x.shape[-2:]
+    size = (max(8, round(h * working_scale)), max(8, round(w * working_scale)))
+    if working_scale < 1.0:
+        return F.interpolate(x, size=size, mode="area")
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)

@@ -17,7 +17,7 @@ import numpy as np
 
 from .imageio import iter_inputs, read_frames
 from .losses import LossConfig, speckle2self_loss
-from .perturbation import DEFAULT_SCALES, minmax_normalise, multiscale_views
+from .perturbation import DEFAULT_SCALES, minmax_normalise, multiscale_views, resample_to_working_scale
 
 
 @dataclass
@@ -28,19 +28,27 @@ class TrainConfig:
     upsample: str = "transposed"
     shared_encoder: bool = False
     depth: int = 4                    # stride-2 stages; the paper's bottleneck is 1/16 (4)
+    head: str = "linear"              # "norm_relu": the authors' InstanceNorm + ReLU output head
     crop: int = 128
     batch: int = 16
     lr: float = 1e-3
     betas: Sequence[float] = (0.5, 0.999)
+    lr_schedule: str = "constant"     # "cosine": warm-up, then cosine decay over the budget
+    warmup_steps: int = 200
     steps: Optional[int] = None
     epochs: Optional[float] = None
     minutes: Optional[float] = None
+    # Augmentation is applied AFTER the views are made, identically to every view: a
+    # resampling step before the views would blur the full-resolution view towards the
+    # coarser ones and teach the net to copy its input.
+    augment_prob: float = 0.3         # share of samples rotated (the authors augment 30%)
     rotate_degrees: float = 10.0
+    working_scale: float = 1.0        # frames are resampled by this before the views (grain matching)
     reconstruction: str = "mse"
     consistency: str = "l1"
     seed: int = 0
     device: str = "auto"
-    amp: bool = True
+    amp: bool = True                  # CUDA: fp16/bf16; CPU: bf16 where the CPU has native bf16
     checkpoint_every: int = 200       # steps
     preview_every: int = 500          # steps (0: never)
     name: str = "speckle2self"
@@ -52,19 +60,60 @@ class TrainConfig:
             raise ValueError("batch must be at least 1")
         if self.steps is None and self.epochs is None and self.minutes is None:
             raise ValueError("give a stopping rule: steps, epochs or minutes")
+        if not 0.0 <= self.augment_prob <= 1.0:
+            raise ValueError(f"augment_prob must lie in [0, 1], got {self.augment_prob}")
+        if not 0.05 <= self.working_scale <= 4.0:
+            raise ValueError(f"working_scale must lie in [0.05, 4], got {self.working_scale}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
         LossConfig(self.reconstruction, self.consistency)   # validates the names
+        self._check_numbers()   # issue #16: no NaN/zero/negative settings reach a run
+
+    def _check_numbers(self) -> None:
+        import math
+
+        def finite_positive(name, value):
+            if value is not None and (isinstance(value, bool) or not math.isfinite(float(value)) or value <= 0):
+                raise ValueError(f"{name} must be a finite positive number, got {value!r}")
+
+        if self.steps is not None and int(self.steps) < 1:
+            raise ValueError(f"steps must be at least 1 (0 steps would write an untrained model), got {self.steps}")
+        finite_positive("epochs", self.epochs)
+        finite_positive("minutes", self.minutes)
+        finite_positive("lr", self.lr)
+        if int(self.width) < 1:
+            raise ValueError(f"width must be at least 1, got {self.width}")
+        if self.crop % 2 ** int(self.depth):
+            raise ValueError(f"crop {self.crop} must be a multiple of 2^depth = {2 ** int(self.depth)}")
+        if not self.scales or any(not (math.isfinite(float(v)) and 0 < float(v) <= 1) for v in self.scales):
+            raise ValueError(f"scales must be numbers in (0, 1], got {list(self.scales)}")
+        if not math.isfinite(float(self.rotate_degrees)):
+            raise ValueError(f"rotate_degrees must be finite, got {self.rotate_degrees}")
+        if int(self.checkpoint_every) < 1 or int(self.preview_every) < 0:
+            raise ValueError("checkpoint_every must be at least 1 and preview_every at least 0")
 
 
 # ----------------------------------------------------------------------------- data
 
+#: Crops whose full view spans less of the frame's [0, 1] range than this are redrawn.
+MIN_CROP_CONTRAST = 0.25
+
+
 class FramePool:
-    """All training frames as float32 [0, 1] arrays, and random augmented crops of them."""
+    """All training frames as float32 [0, 1] arrays; views made per whole frame; random crops.
+
+    The views of each frame are computed once, on the whole frame (after resampling it to the
+    working scale), so a crop's views are exactly the whole frame's views there; crops then
+    get the same augmentation in every view, and each view is stretched to [0, 1].
+    """
 
     def __init__(self, frames: List[np.ndarray], summary: Dict):
         if not frames:
             raise ValueError("no training frames; give image, volume, sequence or DICOM files or folders")
         self.frames = frames
         self.summary = summary
+        self._views: Optional[List[np.ndarray]] = None
+        self._views_key = None
 
     @classmethod
     def from_paths(cls, inputs: Sequence[str], min_side: int = 32) -> "FramePool":
@@ -84,28 +133,77 @@ class FramePool:
     def __len__(self) -> int:
         return len(self.frames)
 
-    def sample(self, rng: np.random.Generator, batch: int, crop: int, rotate_degrees: float):
-        """A (B, 1, crop, crop) torch batch: random crop, horizontal flip, small rotation."""
+    def prepare_views(self, scales: Sequence[float], interpolation: str = "bilinear",
+                      working_scale: float = 1.0) -> None:
+        """Compute and keep (S, H, W) float16 views of every frame (idempotent)."""
         import torch
 
-        # Rotating needs a margin so no corner samples outside the patch.
+        key = (tuple(scales), interpolation, float(working_scale))
+        if self._views_key == key:
+            return
+        views = []
+        for frame in self.frames:
+            x = torch.from_numpy(np.ascontiguousarray(frame))[None, None]
+            x = resample_to_working_scale(x, working_scale)
+            stack = torch.cat(multiscale_views(x, scales, interpolation), dim=1)[0]
+            views.append(stack.to(torch.float16).numpy())
+        self._views, self._views_key = views, key
+
+    def sample(self, rng: np.random.Generator, batch: int, crop: int, augment_prob: float = 0.3,
+               rotate_degrees: float = 10.0):
+        """One (B, 1, crop, crop) torch batch per view: the same crop and augmentation in every view."""
+        import torch
+
+        if self._views is None:
+            raise RuntimeError("call prepare_views() before sampling")
+        rotate = rng.random(batch) < augment_prob if rotate_degrees else np.zeros(batch, bool)
+        # Rotated samples need a margin so no corner samples outside the patch.
         margin = math.ceil(crop * (abs(math.cos(math.radians(rotate_degrees))) +
-                                   abs(math.sin(math.radians(rotate_degrees))))) if rotate_degrees else crop
-        patches = np.stack([self._crop(rng, margin) for _ in range(batch)])
-        x = torch.from_numpy(patches).unsqueeze(1)
+                                   abs(math.sin(math.radians(rotate_degrees))))) + 2
+        patches = []
+        for rot in rotate:
+            patch = torch.from_numpy(self._contrasted_crop(rng, margin if rot else crop).astype(np.float32))
+            if rot:
+                angle = rng.uniform(-rotate_degrees, rotate_degrees)
+                patch = _rotate_center_crop(patch[None], np.array([angle]), crop)[0]
+            patches.append(patch)
+        x = torch.stack(patches)                                  # (B, S, crop, crop)
         # Horizontal flips only: a vertical flip would put depth (attenuation) upside down.
         flip = torch.from_numpy(rng.random(batch) < 0.5)
         x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
-        return _rotate_center_crop(x, rng.uniform(-rotate_degrees, rotate_degrees, batch), crop)
+        # Each view of each crop is stretched to [0, 1], as the paper normalises each view: with
+        # whole-frame ranges, dark crops have so little contrast that the L1 consistency term
+        # outweighs the MSE reconstruction and the net collapses to a flat output.
+        return [minmax_normalise(x[:, k:k + 1].contiguous()) for k in range(x.shape[1])]
+
+    def _contrasted_crop(self, rng: np.random.Generator, size: int, tries: int = 20) -> np.ndarray:
+        """A random crop whose full view spans at least MIN_CROP_CONTRAST of the frame's range:
+        stretching a near-flat crop to [0, 1] would only teach the net quantisation noise."""
+        for _ in range(tries):
+            views = self._crop(rng, size)
+            full = views[0]
+            if float(full.max()) - float(full.min()) >= MIN_CROP_CONTRAST:
+                return views
+        return views
+
+    def view_difference(self, working_scale: float = 1.0, max_frames: int = 16) -> Optional[float]:
+        """Mean view difference (0.5 view vs full view, Speckle2SelfLib.grain) of up to
+        ``max_frames`` frames at the working scale: what the model learns to work at."""
+        from .grain import view_difference_at
+
+        pick = np.unique(np.linspace(0, len(self.frames) - 1, min(max_frames, len(self.frames))).round().astype(int))
+        values = [view_difference_at(self.frames[k], working_scale) for k in pick]
+        values = [v for v in values if v is not None]
+        return round(float(np.mean(values)), 4) if values else None
 
     def _crop(self, rng: np.random.Generator, size: int) -> np.ndarray:
-        frame = self.frames[rng.integers(len(self.frames))]
-        h, w = frame.shape
+        views = self._views[rng.integers(len(self._views))]
+        _, h, w = views.shape
         if h < size or w < size:
-            frame = np.pad(frame, ((0, max(0, size - h)), (0, max(0, size - w))), mode="reflect")
-            h, w = frame.shape
+            views = np.pad(views, ((0, 0), (0, max(0, size - h)), (0, max(0, size - w))), mode="reflect")
+            _, h, w = views.shape
         r, c = rng.integers(h - size + 1), rng.integers(w - size + 1)
-        return frame[r:r + size, c:c + size]
+        return views[:, r:r + size, c:c + size]
 
 
 def _to_unit(frame: np.ndarray) -> np.ndarray:
@@ -124,7 +222,7 @@ def _rotate_center_crop(x, angles_deg: np.ndarray, crop: int):
     scale = crop / size
     theta[:, 0, 0], theta[:, 0, 1] = torch.cos(a) * scale, -torch.sin(a) * scale
     theta[:, 1, 0], theta[:, 1, 1] = torch.sin(a) * scale, torch.cos(a) * scale
-    grid = F.affine_grid(theta, [len(angles_deg), 1, crop, crop], align_corners=False)
+    grid = F.affine_grid(theta, [len(angles_deg), x.shape[1], crop, crop], align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
@@ -139,14 +237,16 @@ class TrainState:
 
 def build_net(cfg: TrainConfig):
     from .network import Speckle2SelfNet
-    return Speckle2SelfNet(cfg.width, len(cfg.scales), cfg.upsample, cfg.shared_encoder, cfg.depth)
+    return Speckle2SelfNet(cfg.width, len(cfg.scales), cfg.upsample, cfg.shared_encoder, cfg.depth, cfg.head)
 
 
 def _amp_dtype(device: str):
     import torch
-    if not device.startswith("cuda"):
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    from .inference import cpu_has_native_bf16
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    # On CPUs without native bf16 (AVX2 only) autocast emulates it and is slower than fp32.
+    return torch.bfloat16 if cpu_has_native_bf16() else None
 
 
 def config_from_model(model_path, **overrides) -> TrainConfig:
@@ -156,7 +256,8 @@ def config_from_model(model_path, **overrides) -> TrainConfig:
     meta = load_model(model_path).metadata
     arch = dict(width=int(meta["width"]), scales=list(meta["scales"]), interpolation=meta["interpolation"],
                 upsample=meta.get("upsample", "transposed"), shared_encoder=bool(meta.get("shared_encoder", False)),
-                depth=int(meta.get("depth", 4)))
+                depth=int(meta.get("depth", 4)), head=meta.get("head", "linear"),
+                working_scale=float(meta.get("working_scale", 1.0)))
     return TrainConfig(**{**overrides, **arch})
 
 
@@ -201,6 +302,10 @@ def train(cfg: TrainConfig, pool: FramePool, out_path, resume: Optional[str] = N
     if resume:
         rng = _load_checkpoint(resume, net, opt, state, device)
     amp = _amp_dtype(device) if cfg.amp else None
+    if amp is not None:
+        net = net.to(memory_format=torch.channels_last)
+    pool.prepare_views(cfg.scales, cfg.interpolation, cfg.working_scale)
+    pool.summary.setdefault("view_difference", pool.view_difference(cfg.working_scale))
     scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
     loss_cfg = LossConfig(cfg.reconstruction, cfg.consistency)
     total_steps = _total_steps(cfg, len(pool))
@@ -209,9 +314,12 @@ def train(cfg: TrainConfig, pool: FramePool, out_path, resume: Optional[str] = N
     t0 = time.monotonic() - state.elapsed_s
     net.train()
     while not _done(cfg, state, total_steps):
-        x = pool.sample(rng, cfg.batch, cfg.crop, cfg.rotate_degrees).to(device)
-        views = multiscale_views(x, cfg.scales, cfg.interpolation)
-        with torch.autocast("cuda", dtype=amp, enabled=amp is not None):
+        for group in opt.param_groups:
+            group["lr"] = learning_rate(cfg, state, total_steps)
+        views = [v.to(device) for v in pool.sample(rng, cfg.batch, cfg.crop, cfg.augment_prob, cfg.rotate_degrees)]
+        if amp is not None:
+            views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+        with torch.autocast(device.split(":")[0], dtype=amp, enabled=amp is not None):
             outputs = net(views)
             losses = speckle2self_loss([o.float() for o in outputs], views, loss_cfg)
         opt.zero_grad(set_to_none=True)
@@ -239,8 +347,28 @@ def train(cfg: TrainConfig, pool: FramePool, out_path, resume: Optional[str] = N
         bar.close()
     save_checkpoint(ckpt_path, net, opt, state, cfg, pool.summary)
     export_model(net, out_path, scales=cfg.scales, interpolation=cfg.interpolation, name=cfg.name,
-                 training=training_summary(cfg, pool, state, device))
+                 training=training_summary(cfg, pool, state, device), extra=_grain_metadata(cfg, pool.summary))
     return net, state
+
+
+def _grain_metadata(cfg: TrainConfig, data: Dict) -> Dict:
+    """What inference needs to give new frames the training data's grain."""
+    return {"working_scale": cfg.working_scale, "working_view_difference": data.get("view_difference")}
+
+
+def learning_rate(cfg: TrainConfig, state: TrainState, total_steps: Optional[int]) -> float:
+    """The paper's constant rate, or linear warm-up then cosine decay to 5% over the budget
+    (steps, or wall-clock minutes when the run is timed)."""
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    if state.step < cfg.warmup_steps:
+        return cfg.lr * (state.step + 1) / cfg.warmup_steps
+    if total_steps is not None:
+        progress = state.step / max(1, total_steps)
+    else:
+        progress = state.elapsed_s / (60.0 * cfg.minutes)
+    progress = min(1.0, max(0.0, progress))
+    return cfg.lr * (0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
 def _total_steps(cfg: TrainConfig, n_frames: int) -> Optional[int]:
@@ -317,7 +445,7 @@ def _load_checkpoint(path, net, opt, state: TrainState, device: str) -> np.rando
     return np.random.default_rng([int(ckpt["config"]["seed"]), state.step])
 
 
-def export_checkpoint(ckpt_path, out_path, name: Optional[str] = None) -> Dict:
+def export_checkpoint(ckpt_path, out_path, name: Optional[str] = None, extra: Optional[Dict] = None) -> Dict:
     """Export a checkpoint (e.g. from an interrupted run) as a TorchScript model."""
     import torch
     from .models import export_model
@@ -330,7 +458,8 @@ def export_checkpoint(ckpt_path, out_path, name: Optional[str] = None) -> Dict:
     summary.update(steps_done=int(ckpt["step"]), minutes_done=round(float(ckpt["elapsed_s"]) / 60, 2),
                    data=ckpt.get("data", {}))
     return export_model(net, out_path, scales=cfg.scales, interpolation=cfg.interpolation,
-                        name=name or cfg.name, training=summary)
+                        name=name or cfg.name, training=summary,
+                        extra={**_grain_metadata(cfg, ckpt.get("data", {})), **(extra or {})})
 
 
 # ----------------------------------------------------------------------------- preview
