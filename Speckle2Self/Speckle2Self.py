@@ -28,6 +28,7 @@ HOMEPAGE = "https://github.com/speckle2self/SlicerSpeckle2Self"
 LOAD_MODEL_ITEM = "__load_model_file__"
 TORCH_REQUIREMENT = ">=2.0"
 DEVICES = ["Auto", "CPU", "CUDA"]
+BACKENDS = {"Auto": "auto", "fp32": "fp32", "bf16": "bf16", "OpenVINO": "openvino", "ONNX Runtime": "onnxruntime"}
 
 
 #
@@ -46,12 +47,18 @@ class Speckle2Self(ScriptedLoadableModule):
             "self-supervised network (multi-scale perturbation, one encoder per scale, a shared decoder). "
             "Grey and RGB inputs are supported; with 'keep colour' a colour Doppler overlay stays unchanged. "
             "The 'Segment lumen' section segments a vessel lumen from a seed point on the despeckled image. "
+            "The 'Adapt model' section fine-tunes a model on the scene's own images (self-supervised) to adapt it "
+            "to your scanner and anatomy. "
             f'See the <a href="{HOMEPAGE}">documentation</a>. From the Python console: '
             "<code>from Speckle2SelfLib.mrml import despeckle_node; despeckle_node(getNode('US'))</code>.")
         self.parent.acknowledgementText = _(
             "Speckle2Self follows the self-supervised despeckling method of the Speckle2Self paper "
             "(multi-scale perturbation). The module layout follows SlicerNNUnet and SlicerMONAIAuto3DSeg; "
             "PyTorch is provided by the SlicerPyTorch extension.")
+        try:   # 'Adapt model': user models beside Slicer's settings, for the GUI and the Python console alike
+            Speckle2SelfLogic.userModelsDirectory()
+        except Exception as err:  # never keep the module from loading
+            logging.warning(f"Speckle2Self: user models folder not set up ({err})")
 
 
 #
@@ -71,6 +78,7 @@ class Speckle2SelfParameterNode:
     outputVolume: vtkMRMLScalarVolumeNode
     model: str = ""
     device: Annotated[str, Choice(DEVICES)] = "Auto"
+    backend: Annotated[str, Choice(list(BACKENDS))] = "Auto"       # CPU path: Speckle2SelfLib.backends
     batchSize: Annotated[int, WithinRange(0, 256)] = 0
     blend: Annotated[float, WithinRange(0.0, 1.0)] = 0.0
     gamma: Annotated[float, WithinRange(0.2, 3.0)] = 1.0
@@ -131,10 +139,12 @@ class Speckle2SelfWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.populateModelCombo()
         self.initializeParameterNode()
         self.setupLive()
+        self.setupAdapt()
 
     def cleanup(self) -> None:
         self._cancelRequested = True
         self.stopLive()
+        self.stopAdapt()
         self.removeObservers()
 
     def enter(self) -> None:
@@ -240,6 +250,8 @@ class Speckle2SelfWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 if entry.get("default"):
                     label += _(" - default")
                 combo.addItem(label, entry["name"])
+            for model in self.logic.userModels():      # "Adapt model" results, selected by file path
+                combo.addItem(_("{name} (user model)").format(name=model.name), str(model.path))
             combo.addItem(_("Load model file..."), LOAD_MODEL_ITEM)
         finally:
             self._updatingModelCombo = False
@@ -311,8 +323,8 @@ class Speckle2SelfWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         try:
             result = self.logic.process(
                 p.inputVolume, p.outputVolume, allFrames=p.allFrames, model=p.model or None,
-                device=p.device.lower(), batchSize=p.batchSize or None, gamma=p.gamma, blend=p.blend,
-                keepColour=p.keepColour, progress=self.onProgress, cancel=lambda: self._cancelRequested)
+                device=p.device.lower(), backend=BACKENDS[p.backend], batchSize=p.batchSize or None, gamma=p.gamma,
+                blend=p.blend, keepColour=p.keepColour, progress=self.onProgress, cancel=lambda: self._cancelRequested)
         except Cancelled:
             self.ui.statusLabel.text = _("Cancelled; nothing was added to the scene.")
         except Exception as err:  # shown to the user with the details; the scene is left as it was
@@ -337,7 +349,7 @@ class Speckle2SelfWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._running = running
         self._cancelRequested = False
         for widget in (self.ui.inputSelector, self.ui.outputSelector, self.ui.allFramesCheckBox,
-                       self.ui.modelComboBox, self.ui.deviceComboBox, self.ui.batchSizeSpinBox,
+                       self.ui.modelComboBox, self.ui.deviceComboBox, self.ui.backendComboBox, self.ui.batchSizeSpinBox,
                        self.ui.advancedCollapsibleButton, self.ui.lumenCollapsibleButton):
             widget.enabled = not running
         self.ui.applyButton.text = _("Cancel") if running else _("Apply")
@@ -403,7 +415,7 @@ class Speckle2SelfWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             output = None                 # grey, never the input, never a sequence's frame: a new volume
         try:
             with slicer.util.WaitCursor():
-                despeckler = Despeckler.from_file(p.model or None, p.device.lower())
+                despeckler = Despeckler.from_file(p.model or None, p.device.lower(), BACKENDS[p.backend])
                 self._live = LiveVolumeDespeckler(despeckler, p.inputVolume, output)
         except Exception as err:  # shown to the user; nothing was changed
             logging.error(traceback.format_exc())
@@ -413,7 +425,7 @@ class Speckle2SelfWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._liveNode = p.inputVolume
         for event in (vtk.vtkCommand.ModifiedEvent, slicer.vtkMRMLVolumeNode.ImageDataModifiedEvent):
             self.addObserver(self._liveNode, event, self.onLiveInputModified)
-        for widget in (self.ui.inputSelector, self.ui.modelComboBox, self.ui.deviceComboBox):
+        for widget in (self.ui.inputSelector, self.ui.modelComboBox, self.ui.deviceComboBox, self.ui.backendComboBox):
             widget.enabled = False
         self._liveDirty = True
         self._liveTimer.start()
@@ -463,7 +475,8 @@ class Speckle2SelfWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if hasattr(self, "ui"):
             self._setLiveChecked(False)
             if not self._running:
-                for widget in (self.ui.inputSelector, self.ui.modelComboBox, self.ui.deviceComboBox):
+                for widget in (self.ui.inputSelector, self.ui.modelComboBox, self.ui.deviceComboBox,
+                               self.ui.backendComboBox):
                     widget.enabled = True
         if live is not None:
             live.stop(timeout=5.0)        # waits for the frame in work (a fraction of a second)
@@ -475,6 +488,188 @@ class Speckle2SelfWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         wasBlocked = self.ui.liveCheckBox.blockSignals(True)
         self.ui.liveCheckBox.checked = checked
         self.ui.liveCheckBox.blockSignals(wasBlocked)
+
+    # ------------------------------------------------------------------ adapt model
+    ADAPT_INTERVAL_MS = 500               # GUI timer: show the background run's progress
+    ADAPT_CROPS = [64, 96, 128, 192, 256]
+    ADAPT_PREVIEW_WIDTH = 360
+
+    def setupAdapt(self) -> None:
+        """'Adapt model': fine-tune a model on the scene's own images (Speckle2SelfLib.adapt).
+
+        The frames are read here, on the main thread; training runs in the job's thread and a
+        QTimer shows its snapshot (progress, loss terms, loss plot, preview). MRML is never
+        touched off the main thread, and the scene is never modified.
+        """
+        self._adaptJob = None
+        self._adaptVersion = -1
+        self._adaptTimer = qt.QTimer()
+        self._adaptTimer.setInterval(self.ADAPT_INTERVAL_MS)
+        self._adaptTimer.connect("timeout()", self.onAdaptTick)
+        for crop in self.ADAPT_CROPS:
+            self.ui.adaptCropComboBox.addItem(str(crop), crop)
+        self.ui.adaptCropComboBox.currentIndex = self.ADAPT_CROPS.index(128)
+        for device in DEVICES:
+            self.ui.adaptDeviceComboBox.addItem(device)
+        self.ui.adaptProgressBar.maximum = 1000
+        self.ui.adaptProgressBar.hide()
+        self.ui.adaptStartButton.connect("clicked(bool)", self.onAdaptStartButton)
+        self.ui.adaptRemoveButton.connect("clicked(bool)", self.onAdaptRemoveButton)
+        self.ui.adaptInputSelector.connect("checkedNodesChanged()", self.updateAdaptButtons)
+        self.ui.adaptCollapsibleButton.connect("contentsCollapsed(bool)", self.onAdaptSectionToggled)
+        self.ui.modelComboBox.connect("currentIndexChanged(int)", self.updateAdaptButtons)
+        self.populateAdaptInitCombo()
+        self.updateAdaptButtons()
+
+    def onAdaptSectionToggled(self, collapsed: bool) -> None:
+        if not collapsed and not self.adaptRunning():
+            self.populateAdaptInitCombo()     # models loaded since show up as starting points
+
+    def adaptRunning(self) -> bool:
+        return self._adaptJob is not None and self._adaptJob.is_running()
+
+    def populateAdaptInitCombo(self) -> None:
+        """The models of the Model list (bundled, user models, loaded files); the one selected there first."""
+        source, combo = self.ui.modelComboBox, self.ui.adaptInitComboBox
+        combo.clear()
+        for i in range(source.count):
+            if source.itemData(i) != LOAD_MODEL_ITEM:
+                combo.addItem(source.itemText(i), source.itemData(i))
+        selected = combo.findData(source.currentData) if source.currentData != LOAD_MODEL_ITEM else -1
+        combo.currentIndex = max(selected, 0)
+        self.ui.adaptFolderLabel.text = _("User models folder: {folder}").format(
+            folder=self.logic.userModelsDirectory())
+
+    def updateAdaptButtons(self, *args) -> None:
+        if not hasattr(self, "_adaptTimer") or self.adaptRunning():
+            return
+        nodes = self.ui.adaptInputSelector.checkedNodes()
+        self.ui.adaptStartButton.enabled = bool(nodes) and self.ui.adaptInitComboBox.count > 0
+        self.ui.adaptStartButton.toolTip = _("Start fine-tuning in the background; click again to stop "
+                                             "(the best weights so far are kept)") if nodes else \
+            _("Check one or more volumes or sequences to adapt on")
+        model = self.currentModel()
+        self.ui.adaptRemoveButton.enabled = bool(model) and self.logic.isUserModel(model)
+
+    def onAdaptStartButton(self) -> None:
+        if self.adaptRunning():
+            self._adaptJob.stop()
+            self.ui.adaptStartButton.enabled = False
+            self.ui.adaptStartButton.text = _("Stopping after the current step...")
+            return
+        if not self.logic.ensurePythonDependencies():
+            self.ui.adaptStatusLabel.text = _("PyTorch is needed to adapt a model; it was not installed.")
+            return
+        minutes = self.ui.adaptMinutesSpinBox.value or None
+        steps = self.ui.adaptStepsSpinBox.value or None
+        if not minutes and not steps:
+            self.ui.adaptStatusLabel.text = _("Give a time budget or a number of steps.")
+            return
+        try:
+            with slicer.util.WaitCursor():
+                self._adaptJob = self.logic.startAdaptation(
+                    self.ui.adaptInputSelector.checkedNodes(), init=self.ui.adaptInitComboBox.currentData or None,
+                    minutes=minutes, steps=steps, crop=int(self.ui.adaptCropComboBox.currentData),
+                    device=self.ui.adaptDeviceComboBox.currentText.lower())
+        except Exception as err:  # bad input nodes or settings: nothing was started
+            logging.error(traceback.format_exc())
+            self.ui.adaptStatusLabel.text = _("Cannot adapt: {error}").format(error=err)
+            return
+        self._adaptVersion = -1
+        self.ui.adaptWarningsLabel.text = ""
+        self.setAdaptRunning(True)
+        self._adaptTimer.start()
+        self.onAdaptTick()
+
+    def setAdaptRunning(self, running: bool) -> None:
+        for widget in (self.ui.adaptInputSelector, self.ui.adaptInitComboBox, self.ui.adaptMinutesSpinBox,
+                       self.ui.adaptStepsSpinBox, self.ui.adaptCropComboBox, self.ui.adaptDeviceComboBox,
+                       self.ui.adaptRemoveButton):
+            widget.enabled = not running
+        self.ui.adaptStartButton.text = _("Stop") if running else _("Start adaptation")
+        self.ui.adaptStartButton.enabled = True
+        self.ui.adaptProgressBar.visible = running
+        if not running:
+            self.updateAdaptButtons()
+
+    def onAdaptTick(self) -> None:
+        job = self._adaptJob
+        if job is None:
+            self._adaptTimer.stop()
+            return
+        snap = job.snapshot()
+        self.ui.adaptProgressBar.value = int(1000 * snap.fraction)
+        if snap.step:
+            loss = snap.loss
+            self.ui.adaptStatusLabel.text = _(
+                "{phase}: step {step}, {minutes:.1f} min; loss {total:.4f} (reconstruction {rec:.4f}, "
+                "consistency {cons:.4f})").format(phase=snap.phase.capitalize(), step=snap.step,
+                                                  minutes=snap.elapsed_s / 60, total=loss.get("total", 0.0),
+                                                  rec=loss.get("reconstruction", 0.0),
+                                                  cons=loss.get("consistency", 0.0))
+        else:
+            self.ui.adaptStatusLabel.text = _("Preparing the frames and the model...")
+        self.ui.adaptWarningsLabel.text = "\n".join("\u26a0 " + w for w in snap.warnings)
+        if snap.version != self._adaptVersion:
+            self._adaptVersion = snap.version
+            self._showAdaptImage(self.ui.adaptPreviewLabel, snap.preview_path)
+            self._showAdaptImage(self.ui.adaptLossPlotLabel, snap.loss_plot_path)
+        if not job.is_running():
+            self.finishAdaptation()
+
+    def _showAdaptImage(self, label, path) -> None:
+        if path is None:
+            return
+        pixmap = qt.QPixmap(str(path))
+        if pixmap.isNull():                   # already removed (the run ended): keep the last one shown
+            return
+        if pixmap.width() > self.ADAPT_PREVIEW_WIDTH:
+            pixmap = pixmap.scaledToWidth(self.ADAPT_PREVIEW_WIDTH, qt.Qt.SmoothTransformation)
+        label.setPixmap(pixmap)
+
+    def finishAdaptation(self) -> None:
+        """The run ended: select its (registered) model, or say why there is none."""
+        self._adaptTimer.stop()
+        job, self._adaptJob = self._adaptJob, None
+        self.setAdaptRunning(False)
+        if job.error is not None:
+            self.ui.adaptStatusLabel.text = _("Adaptation ended without a model: {error}").format(error=job.error)
+            return
+        result = job.result
+        self.populateModelCombo()
+        self.populateAdaptInitCombo()
+        if self._parameterNode:
+            self._parameterNode.model = str(result.path)   # despeckle with the adapted model from now on
+        self.selectModelInCombo(str(result.path))
+        self.ui.adaptStatusLabel.text = _(
+            "{how} after {steps} steps: model '{name}' saved to {path} and selected above.").format(
+            how=_("Stopped") if result.stopped else _("Done"), steps=result.steps, name=result.name,
+            path=result.path)
+        self.updateAdaptButtons()
+
+    def stopAdapt(self) -> None:
+        job = getattr(self, "_adaptJob", None)
+        if job is not None:
+            job.stop()
+        if getattr(self, "_adaptTimer", None) is not None:
+            self._adaptTimer.stop()
+
+    def onAdaptRemoveButton(self) -> None:
+        model = self.currentModel()
+        if not model or not self.logic.isUserModel(model):
+            return
+        if not slicer.util.confirmOkCancelDisplay(
+                _("Delete the user model file {path}?").format(path=model), _("Remove model")):
+            return
+        with slicer.util.tryWithErrorDisplay(_("Removing the model failed."), waitCursor=True):
+            self.logic.removeUserModel(model)
+            if self._parameterNode and self._parameterNode.model == model:
+                self._parameterNode.model = ""
+            self.populateModelCombo()
+            self.populateAdaptInitCombo()
+            self.selectModelInCombo(self._parameterNode.model if self._parameterNode else "")
+            self.ui.adaptStatusLabel.text = _("Removed {path}.").format(path=model)
+        self.updateAdaptButtons()
 
     # ------------------------------------------------------------------ lumen
     def onSegmentButton(self) -> None:
@@ -582,6 +777,44 @@ class Speckle2SelfLogic(ScriptedLoadableModuleLogic):
     def hasBundledModel(self) -> bool:
         return bool(self.bundledModels())
 
+    # ------------------------------------------------------------------ user models (Adapt model)
+    @staticmethod
+    def userModelsDirectory() -> str:
+        """$SPECKLE2SELF_USER_MODELS, else Speckle2Self/models beside Slicer's settings file."""
+        from Speckle2SelfLib import user_models
+
+        settings = os.path.dirname(slicer.app.slicerUserSettingsFilePath)
+        user_models.set_default_directory(os.path.join(settings, "Speckle2Self", "models"))
+        return str(user_models.user_models_dir())
+
+    def userModels(self) -> list:
+        """Usable user models; skipped (corrupt or altered) files are logged with the reason."""
+        from Speckle2SelfLib import user_models
+
+        models, messages = user_models.list_user_models(self.userModelsDirectory())
+        for message in messages:
+            logging.warning(message)
+        return models
+
+    def isUserModel(self, model: str) -> bool:
+        from Speckle2SelfLib import user_models
+
+        return bool(model) and os.path.isfile(model) and user_models.is_user_model(model, self.userModelsDirectory())
+
+    def removeUserModel(self, model: str) -> None:
+        from Speckle2SelfLib import user_models
+
+        user_models.remove_user_model(model, self.userModelsDirectory())
+
+    def startAdaptation(self, nodes, *, init=None, minutes=None, steps=None, crop: int = 128, device: str = "auto"):
+        """Read ``nodes`` now (main thread) and fine-tune ``init`` on them in the background;
+        returns the running Speckle2SelfLib.adapt.AdaptJob (its model goes to the user models folder)."""
+        from Speckle2SelfLib.adapt import AdaptJob, frames_from_nodes
+
+        data = frames_from_nodes(list(nodes))
+        return AdaptJob(data, init=init, minutes=minutes, steps=steps, crop=crop, device=device,
+                        directory=self.userModelsDirectory()).start()
+
     def modelMetadata(self, model: Optional[str]) -> dict:
         """Metadata of a bundled model (None: the default) or model file, {} when there is none."""
         from Speckle2SelfLib.models import MODELS_DIR
@@ -621,14 +854,15 @@ class Speckle2SelfLogic(ScriptedLoadableModuleLogic):
 
     # ------------------------------------------------------------------ processing
     def process(self, inputVolume, outputVolume=None, *, allFrames: bool = True, model=None, device: str = "auto",
-                batchSize=None, gamma: Optional[float] = None, blend: float = 0.0, keepColour: bool = False,
-                progress=None, cancel=None) -> DespeckleRun:
+                backend: str = "auto", batchSize=None, gamma: Optional[float] = None, blend: float = 0.0,
+                keepColour: bool = False, progress=None, cancel=None) -> DespeckleRun:
         """Despeckle ``inputVolume`` (all frames of its sequence when it is a proxy and ``allFrames``)."""
         from Speckle2SelfLib.mrml import find_sequence
 
         if inputVolume is None:
             raise ValueError(_("Select an input volume."))
         logic = self.despeckleLogic
+        logic.backend = backend
         gamma = None if gamma is None or abs(gamma - 1.0) < 1e-6 else gamma
         colour = keepColour and isRgb(inputVolume)
         outputVolume = self._usableOutput(outputVolume, colour)

@@ -89,15 +89,6 @@ def _finals(out: Path):
     return sorted(p for p in out.glob("*.png") if not p.name.startswith("."))
 
 
-def _wait_for_outputs(proc, out: Path, count: int, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and proc.poll() is None:
-        if out.is_dir() and len(_finals(out)) >= count:
-            return
-        time.sleep(0.01)
-    pytest.fail(f"the run ended or stalled before {count} outputs (rc {proc.poll()})")
-
-
 def _assert_complete(paths):
     for path in paths:
         with Image.open(path) as image:
@@ -105,38 +96,51 @@ def _assert_complete(paths):
             assert image.size == (SIDE, SIDE), path
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
-def test_killed_folder_run_leaves_only_complete_outputs_and_skip_existing_finishes(
-        sig, big_folder, tmp_path, untrained_model, capsys):
-    out = tmp_path / "out"
+def test_killed_folder_runs_leave_only_complete_outputs_and_skip_existing_finishes(
+        big_folder, tmp_path, untrained_model, capsys):
+    """One run stopped with SIGTERM, one with SIGKILL (started together: one start-up wait)."""
     inputs = snapshot(big_folder)
-    proc = _start(big_folder, out, untrained_model)
+    runs = {sig: (tmp_path / sig.name, _start(big_folder, tmp_path / sig.name, untrained_model))
+            for sig in (signal.SIGTERM, signal.SIGKILL)}
+    stderr = {}
     try:
-        _wait_for_outputs(proc, out, 3)
-        proc.send_signal(sig)
-        _stdout, stderr = proc.communicate(timeout=60)
+        waiting = dict(runs)
+        deadline = time.monotonic() + 120
+        while waiting and time.monotonic() < deadline:      # signal each run at its third output
+            for sig, (out, proc) in list(waiting.items()):
+                if proc.poll() is not None:
+                    pytest.fail(f"{sig.name} run ended before it could be stopped: {proc.communicate()[1]}")
+                if out.is_dir() and len(_finals(out)) >= 3:
+                    proc.send_signal(sig)
+                    del waiting[sig]
+            time.sleep(0.005)
+        assert not waiting, "the runs stalled"
+        for sig, (out, proc) in runs.items():
+            stderr[sig] = proc.communicate(timeout=60)[1]
     finally:
-        if proc.poll() is None:
-            proc.kill()
-    done = _finals(out)
-    assert 3 <= len(done) < N_FILES, "stopped half-way"
-    _assert_complete(done)
-    hidden = [p.name for p in out.iterdir() if p.name.startswith(".")]
-    if sig == signal.SIGTERM:
-        assert proc.returncode == 143, stderr
-        assert "Traceback" not in stderr and "terminated" in stderr
-        assert hidden == [], "temporaries are removed on SIGTERM"
-    else:
-        assert proc.returncode == -signal.SIGKILL
-        assert all("speckle2self-partial" in name for name in hidden), hidden
-    kept = {p.name: p.read_bytes() for p in done}
-    result = run_cli(["denoise", big_folder, out, "--model", untrained_model, "--device", "cpu",
-                      "--skip-existing"], capsys)
-    assert result.code == 0, result.err
-    assert f"{len(done)} skipped" in result.out
-    finals = _finals(out)
-    assert len(finals) == N_FILES
-    _assert_complete(finals)
-    assert all(p.read_bytes() == kept[p.name] for p in finals if p.name in kept), "earlier outputs untouched"
-    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == [], "stale temporaries removed"
+        for _out, proc in runs.values():
+            if proc.poll() is None:
+                proc.kill()
+    for sig, (out, proc) in runs.items():
+        done = _finals(out)
+        assert 3 <= len(done) < N_FILES, f"{sig.name}: stopped half-way"
+        _assert_complete(done)
+        hidden = [p.name for p in out.iterdir() if p.name.startswith(".")]
+        if sig == signal.SIGTERM:
+            assert proc.returncode == 143, stderr[sig]
+            assert "Traceback" not in stderr[sig] and "terminated" in stderr[sig]
+            assert hidden == [], "temporaries are removed on SIGTERM"
+        else:
+            assert proc.returncode == -signal.SIGKILL
+            assert all("speckle2self-partial" in name for name in hidden), hidden
+        kept = {p.name: p.read_bytes() for p in done}
+        result = run_cli(["denoise", big_folder, out, "--model", untrained_model, "--device", "cpu",
+                          "--skip-existing"], capsys)
+        assert result.code == 0, result.err
+        assert f"{len(done)} skipped" in result.out
+        finals = _finals(out)
+        assert len(finals) == N_FILES
+        _assert_complete(finals)
+        assert all(p.read_bytes() == kept[p.name] for p in finals if p.name in kept), "earlier outputs untouched"
+        assert [p.name for p in out.iterdir() if p.name.startswith(".")] == [], "stale temporaries removed"
     assert snapshot(big_folder) == inputs

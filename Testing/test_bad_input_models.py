@@ -119,6 +119,7 @@ CASES = {
     "checksum edited": (_edited(weights_sha256="0" * 64), "checksum"),
     "weights swapped": (_other_weights, "width"),
     "required key missing": (_edited(interpolation=_DROP), "missing metadata"),
+    "zero training steps": (_edited(training={"steps_done": 0}), "never trained"),
 }
 
 
@@ -167,3 +168,18 @@ def test_bundled_model_checksum_and_manifest_are_verified(untrained_model, tmp_p
     manifest.write_text("{broken")
     with pytest.raises(ModelFormatError, match="list of bundled models is damaged"):
         models.bundled_models()
+
+
+@pytest.mark.parametrize("content, needle", [
+    (b"", "not a readable"), (b"plain text, not a checkpoint", "not a readable"),
+    ({"weights": [1, 2]}, "no config/model/step"), ({"config": {}, "model": {}, "step": 0}, "0 training steps"),
+], ids=["empty", "text", "foreign dict", "zero steps"])
+def test_export_refuses_bad_checkpoints(content, needle, tmp_path, capsys):
+    ckpt = tmp_path / "run.ckpt"
+    if isinstance(content, bytes):
+        ckpt.write_bytes(content)
+    else:
+        torch.save(content, ckpt)
+    result = run_cli(["export", ckpt, "--out", tmp_path / "m.pt"], capsys)
+    assert_refused(result, 2, "run.ckpt", needle)
+    assert not (tmp_path / "m.pt").exists()

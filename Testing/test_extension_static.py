@@ -23,7 +23,7 @@ MODULE_DIR = REPO / "Speckle2Self"
 MODULE_FILE = MODULE_DIR / "Speckle2Self.py"
 UI_FILE = MODULE_DIR / "Resources" / "UI" / "Speckle2Self.ui"
 LIB_DIR = MODULE_DIR / "Speckle2SelfLib"
-MODELS_DIR = MODULE_DIR / "Resources" / "Models"
+MODELS_DIR = REPO / "Resources" / "Models"     # top level: shared by the Slicer build and pip
 QT_WIDGETS = {"QWidget", "QLabel", "QCheckBox", "QComboBox", "QSpinBox", "QPushButton", "QProgressBar",
               "QTableView", "QLineEdit", "QGroupBox"}
 MRML_WIDGETS = {"qMRMLNodeComboBox", "qSlicerMarkupsPlaceWidget", "qMRMLTableView"}
@@ -140,13 +140,16 @@ def test_module_cmake_lists_every_lib_script_and_resource():
     on_disk = {"Speckle2Self.py"} | {p.relative_to(MODULE_DIR).as_posix() for p in LIB_DIR.glob("*.py")}
     assert scripts == on_disk, (f"scripts not listed: {sorted(on_disk - scripts)}; "
                                 f"listed but absent: {sorted(scripts - on_disk)}")
-    resources = expand(i for i in cmake_set(text, "MODULE_PYTHON_RESOURCES") if "MODULE_MODEL_RESOURCES" not in i)
-    resources |= expand(cmake_set(text, "MODULE_MODEL_RESOURCES"))
-    models = {p.relative_to(MODULE_DIR).as_posix() for p in MODELS_DIR.rglob("*")
-              if p.is_file() and "__pycache__" not in p.parts} if MODELS_DIR.is_dir() else set()
-    expected = {"Resources/Icons/Speckle2Self.png", "Resources/UI/Speckle2Self.ui"} | models
+    resources = expand(cmake_set(text, "MODULE_PYTHON_RESOURCES"))
+    expected = {"Resources/Icons/Speckle2Self.png", "Resources/UI/Speckle2Self.ui"}
     assert resources == expected, (f"resources not listed: {sorted(expected - resources)}; "
                                    f"listed but absent: {sorted(resources - expected)}")
+    listed_models = set(cmake_set(text, "MODULE_MODEL_RESOURCES"))
+    models = {p.relative_to(MODELS_DIR).as_posix() for p in MODELS_DIR.rglob("*")
+              if p.is_file() and "__pycache__" not in p.parts}
+    assert listed_models == models, (f"models not listed: {sorted(models - listed_models)}; "
+                                     f"listed but absent: {sorted(listed_models - models)}")
+    assert "../Resources/Models" in text and "install(FILES" in text
     assert re.search(r"slicerMacroBuildScriptedModule\(.*WITH_GENERIC_TESTS", text, re.S)
     assert "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in text
 
@@ -226,3 +229,15 @@ def test_lib_never_imports_qt_ctk_or_slicer_app():
     offending = [use for path in sources for use in gui_uses(path)]
     assert not offending, f"Speckle2SelfLib must run headless: {offending}"
     assert gui_uses(MODULE_FILE), "the check finds GUI use where there is some (the module file)"
+
+
+def test_json_description_for_slicer_5_8_matches_the_s4ext():
+    """Slicer 5.8+ reads a JSON catalog entry; the .s4ext stays for 5.6 and both must agree."""
+    import json
+
+    entry = json.loads((REPO / "Speckle2Self.json").read_text())
+    fields = read_s4ext()
+    assert entry["scm_url"] == fields["scmurl"] and entry["scm_revision"] == fields["scmrevision"]
+    assert entry["category"] == fields["category"] == "Ultrasound"
+    assert entry["build_dependencies"] == fields["depends"].split() == ["PyTorch"]
+    assert entry["build_subdirectory"] == "." and entry["tier"] in (1, 3, 5)

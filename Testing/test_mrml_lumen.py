@@ -120,6 +120,11 @@ def test_single_frame_from_ras_seed(scene):
     assert table_column(result.table_node, "diameter_mm") == [pytest.approx(expected.equivalent_diameter_mm)]
     assert table_column(result.table_node, "flagged") == [0]
     assert expected.area_mm2 == pytest.approx(truth.sum() * 0.02, rel=0.15)
+    # ellipse diameters in mm (rows 0.1 mm, columns 0.2 mm: the round lumen is 2.8 x 5.6 mm)
+    assert table_column(result.table_node, "major_diameter_mm") == [pytest.approx(expected.major_diameter_mm)]
+    assert table_column(result.table_node, "minor_diameter_mm") == [pytest.approx(expected.minor_diameter_mm)]
+    assert expected.major_diameter_mm == pytest.approx(2 * RADIUS * SPACING[0], rel=0.15)
+    assert expected.minor_diameter_mm == pytest.approx(2 * RADIUS * SPACING[1], rel=0.15)
 
 
 def test_seed_ijk_and_reuse_of_the_segmentation_node(scene):
@@ -135,6 +140,31 @@ def test_seed_ijk_and_reuse_of_the_segmentation_node(scene):
     assert again.table_node is first.table_node and again.table_node.GetNumberOfRows() == 1
     mask = segment_array(again.segmentation_node, again.segment_id, (1, ROWS, COLS))
     np.testing.assert_array_equal(mask, again.sequence.masks)
+
+
+def test_table_flags_implausible_frames_with_a_note(scene):
+    frames, _ = moving_frames(4)
+    frames[2] = 235                          # the lumen is lost: a bright frame
+    frames[2, ::3, ::3] = 30
+    volume = make_volume(scene, frames, "Cine")
+    result = lumen_mrml.segment_lumen(volume, seed_ijk=(45, 35, 0))
+    table = result.table_node.GetTable()
+    assert [table.GetColumnName(i) for i in range(table.GetNumberOfColumns())] == list(lumen_mrml.TABLE_COLUMNS)
+    assert table_column(result.table_node, "flagged") == [0, 0, 1, 0]
+    notes = table_column(result.table_node, "note")
+    assert notes[2] and not notes[0] and not notes[3]
+    for column in ("major_diameter_mm", "minor_diameter_mm"):
+        expected = [getattr(measure(m, (SPACING[1], SPACING[0])), column) for m in result.sequence.masks]
+        np.testing.assert_allclose(table_column(result.table_node, column), expected)
+
+
+def test_seed_on_the_wall_is_refused_with_a_message(scene):
+    from Speckle2SelfLib.segmentation import SeedNotInLumenError
+
+    volume = make_volume(scene, lumen_frame((40, 60))[0][None])
+    with pytest.raises(SeedNotInLumenError, match="bright tissue"):
+        lumen_mrml.segment_lumen(volume, seed_ijk=(60, 40 + RADIUS + 2, 0))
+    assert scene.GetNodesByClass("vtkMRMLSegmentationNode").GetNumberOfItems() == 0
 
 
 def test_seed_outside_volume_is_an_error(scene):

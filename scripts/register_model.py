@@ -1,4 +1,4 @@
-"""Bundle a trained model: copy it into Speckle2Self/Resources/Models and record it in models.json.
+"""Bundle a trained model: copy it into Resources/Models and record it in models.json.
 
     python scripts/register_model.py MODEL.pt --name speckle2self-carotid-w16 --version 1 [--default]
         [--description "..."]

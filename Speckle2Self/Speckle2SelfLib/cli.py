@@ -274,6 +274,8 @@ def _add_denoise(sub) -> None:
                    help="auto (default): resample so the speckle grain matches the model's training data; "
                         "off: the input's own resolution; or a factor in [0.25, 2]")
     p.add_argument("--threads", type=int_between(1, 1024), help="CPU threads for torch")
+    p.add_argument("--backend", default="auto", choices=["auto", "fp32", "bf16", "openvino", "onnxruntime"],
+                   help="CPU inference path: auto (bf16 where native, else fp32); openvino/onnxruntime: faster, optional")
     p.add_argument("--skip-existing", action="store_true",
                    help="leave outputs that already exist (complete files: outputs are written under a "
                         "temporary name and renamed) and do the rest, e.g. after an interrupted folder run")
@@ -303,9 +305,9 @@ def _run_denoise(args) -> int:
             print(f"{src} -> {dst} skipped (exists)")
             return EXIT_OK
         data = _read_checked(src, dst)          # a bad input is refused before the model is loaded
-        _denoise_file(Despeckler.from_file(args.model, args.device), src, dst, options, data)
+        _denoise_file(Despeckler.from_file(args.model, args.device, args.backend), src, dst, options, data)
         return EXIT_OK
-    engine = Despeckler.from_file(args.model, args.device)
+    engine = Despeckler.from_file(args.model, args.device, args.backend)
     return _denoise_folder(engine, pairs, options, args.skip_existing)
 
 
@@ -394,20 +396,30 @@ def _run_export(args) -> int:
         ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
         if not isinstance(ckpt, dict) or not {"config", "model", "step"} <= set(ckpt):
             raise ValueError("no config/model/step entries")
+        steps = int(ckpt["step"])
         del ckpt
     except Exception as err:  # pickle.UnpicklingError, zip errors, EOFError, ... from a foreign or damaged file
         raise ValueError(f"{args.checkpoint}: not a readable Speckle2Self training checkpoint "
                          f"({one_line(err, 160)})") from err
+    if steps < 1:
+        raise ValueError(f"{args.checkpoint}: the checkpoint has {steps} training steps; an untrained network "
+                         "is not exported (train with --steps N, N >= 1)")
     meta = export_checkpoint(args.checkpoint, args.out, args.name)
     print(f"wrote {args.out} ({meta['training'].get('steps_done')} steps)")
     return 0
 
 
-def _add_optional(sub, module: str, name: str, help_text: str) -> None:
-    """Subcommands that live in other Lib modules register themselves through add_*/run_*."""
+def _add_optional(sub, module: str, name: str, help_text: str, load: bool = True) -> None:
+    """Subcommands that live in other Lib modules register themselves through add_*/run_*.
+
+    ``load=False`` (another subcommand was asked for) registers the name only: importing the
+    module (scipy, slicer, ...) would add seconds to every start of the command line.
+    """
     import importlib
 
     p = sub.add_parser(name, help=help_text)
+    if not load:
+        return
     try:
         mod = importlib.import_module(f".{module}", __package__)
         getattr(mod, f"add_{name}_arguments")(p)
@@ -462,7 +474,18 @@ def _with_debug(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _command_in(argv: Optional[List[str]]) -> Optional[str]:
+    """The subcommand named in ``argv`` (None when none is, e.g. ``--help``; "" when unknown)."""
+    args = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    for arg in args:
+        if arg.startswith("@"):
+            return ""                   # arguments from a file: load everything
+        if not arg.startswith("-"):
+            return arg
+    return None
+
+
+def build_parser(argv: Optional[List[str]] = None) -> argparse.ArgumentParser:
     parser = _Parser(prog="speckle2self", description="Self-supervised ultrasound despeckling",
                      fromfile_prefix_chars="@",
                      epilog="exit codes: 0 done; 1 the run failed (or some files of a folder run); "
@@ -475,9 +498,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_denoise(sub)
     _add_info(sub)
     _add_export(sub)
-    _add_optional(sub, "simulation", "simulate", "simulate a B-mode phantom with its clean target")
-    _add_optional(sub, "segmentation", "segment", "segment the carotid lumen from a seed point")
-    _add_optional(sub, "demo", "demo", "despeckle a simulated phantom and a real DICOM with the bundled model")
+    wanted = _command_in(argv)
+    for module, name, help_text in (
+            ("simulation", "simulate", "simulate a B-mode phantom with its clean target"),
+            ("segmentation", "segment", "segment the carotid lumen from a seed point"),
+            ("demo", "demo", "despeckle a simulated phantom and a real DICOM with the bundled model")):
+        _add_optional(sub, module, name, help_text, load=wanted in ("", name))
     _add_stream(sub)
     for subparser in sub.choices.values():
         _with_debug(subparser)
@@ -511,7 +537,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .safeio import one_line
 
     try:
-        args = build_parser().parse_args(argv)
+        args = build_parser(argv).parse_args(argv)
     except SystemExit as done:      # --help, --version, or a one-line option error (exit 2)
         return done.code if isinstance(done.code, int) else EXIT_BAD_INPUT
     debug = bool(getattr(args, "debug", False))

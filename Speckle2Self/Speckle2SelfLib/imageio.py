@@ -120,7 +120,8 @@ def _cause(err: BaseException, native: str = "") -> str:
     import re
 
     lines = [" ".join(line.split()) for line in (str(err) + "\n" + native).splitlines() if line.strip()]
-    noise = ("exception thrown in", "reason: no such file", "itk::", "location:", "file:", "line:")
+    # ITK appends "Reason: <strerror(errno)>", whatever errno last held: not a cause.
+    noise = ("exception thrown in", "reason:", "itk::", "location:", "file:", "line:")
     lines = [re.sub(r"^(ITK ERROR: \w+\(0x[0-9a-fA-F]+\): |MetaImage: |Description: )", "", line)
              for line in lines if not line.lower().startswith(noise)]
     preferred = [line for line in lines if any(k in line.lower() for k in ("not read completely", "ideal =",

@@ -166,18 +166,22 @@ def _restore(out01: np.ndarray, frame: np.ndarray, gamma: Optional[float], blend
 class Despeckler:
     """A loaded model bound to a device. Thread-safe for one call at a time."""
 
-    def __init__(self, loaded: LoadedModel, device: str = "auto"):
+    def __init__(self, loaded: LoadedModel, device: str = "auto", backend: str = "auto"):
+        """``backend``: auto, fp32, bf16, openvino or onnxruntime (Speckle2SelfLib.backends)."""
+        from .backends import select_backend
+
         self.loaded = loaded
         self.device = pick_device(device)
         self.module = loaded.module.to(self.device)
         if self.device.startswith("cuda"):
             import torch
             self.module = self.module.to(memory_format=torch.channels_last)
+        self.backend, self._runner = select_backend(backend, self.device, loaded)
 
     @classmethod
-    def from_file(cls, path=None, device: str = "auto") -> "Despeckler":
+    def from_file(cls, path=None, device: str = "auto", backend: str = "auto") -> "Despeckler":
         """Load a model file (None: the bundled default model)."""
-        return cls(load_model(resolve_model_path(path), device="cpu"), device)
+        return cls(load_model(resolve_model_path(path), device="cpu"), device, backend)
 
     @property
     def metadata(self) -> dict:
@@ -345,13 +349,16 @@ class Despeckler:
         """The network itself on (N, 1, h, w) in [0, 1]; returns float32 on the CPU."""
         import torch
 
+        if getattr(self, "_runner", None) is not None and self.device == "cpu":
+            return self._runner(x)          # bf16 / OpenVINO / ONNX Runtime (Speckle2SelfLib.backends)
         cuda = self.device.startswith("cuda")
         x = x.to(self.device, non_blocking=cuda)
         if cuda:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
-            if cuda:
-                dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            if cuda and getattr(self, "backend", "auto") != "fp32":
+                bf16 = getattr(self, "backend", "auto") == "bf16" or torch.cuda.is_bf16_supported()
+                dtype = torch.bfloat16 if bf16 else torch.float16
                 with torch.autocast("cuda", dtype=dtype):
                     y = self.module(x)
             else:
@@ -395,6 +402,6 @@ class Despeckler:
         return run_plan(plan, x.to(self.device)).float().cpu()
 
 
-def despeckle(array, model=None, device: str = "auto", **kwargs):
+def despeckle(array, model=None, device: str = "auto", backend: str = "auto", **kwargs):
     """One-call convenience: ``despeckle(img)`` with the bundled default model."""
-    return Despeckler.from_file(model, device).denoise(array, **kwargs)
+    return Despeckler.from_file(model, device, backend).denoise(array, **kwargs)

@@ -22,7 +22,20 @@ from . import __version__
 METADATA_FILE = "speckle2self.json"
 FORMAT_NAME = "speckle2self-model"
 FORMAT_VERSION = 1
-MODELS_DIR = Path(__file__).resolve().parents[1] / "Resources" / "Models"
+
+
+def _find_models_dir() -> Path:
+    """Where the bundled models live in each way the library is installed:
+    a pip wheel (package data ``Speckle2SelfLib/bundled_models``), a Slicer extension (the
+    module's ``Resources/Models``, installed there by CMake) or the source tree (the
+    repository's top-level ``Resources/Models``, also what an editable install sees)."""
+    here = Path(__file__).resolve().parent
+    candidates = (here / "bundled_models", here.parent / "Resources" / "Models",
+                  here.parents[1] / "Resources" / "Models")
+    return next((c for c in candidates if (c / "models.json").is_file()), candidates[-1])
+
+
+MODELS_DIR = _find_models_dir()
 MANIFEST = MODELS_DIR / "models.json"
 REQUIRED_KEYS = ("format", "format_version", "architecture", "width", "scales", "interpolation",
                  "normalisation", "weights_sha256")
@@ -266,6 +279,15 @@ def _metadata_problem(m: Dict[str, Any]) -> Optional[str]:
         checks.append(f"head = {m['head']!r}")
     if not isinstance(m["weights_sha256"], str):
         checks.append("weights_sha256 is not a string")
+    training = m.get("training")
+    if isinstance(training, dict) and training.get("steps_done") is not None:
+        try:
+            untrained = int(training["steps_done"]) < 1
+        except (TypeError, ValueError):
+            untrained = True
+        if untrained:
+            checks.append(f"training.steps_done = {training['steps_done']!r}: the network was never trained "
+                          "(train it with --steps N, N >= 1)")
     return next((c for c in checks if c), None)
 
 

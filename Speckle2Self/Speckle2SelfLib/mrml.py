@@ -255,8 +255,9 @@ class DespeckleLogic:
         self.model = model
         self.device = device
         self.sequences_logic = sequences_logic
+        self.backend = "auto"        # CPU inference path (Speckle2SelfLib.backends)
         self._despeckler = None
-        self._despeckler_key: Optional[Tuple[str, str]] = None
+        self._despeckler_key: Optional[Tuple[str, str, str]] = None
         self.last_seconds = 0.0      # duration of the last successful call (despeckling + writing)
 
     def despeckler(self, model=None, device: Optional[str] = None):
@@ -267,9 +268,9 @@ class DespeckleLogic:
         if isinstance(model, Despeckler):
             return model
         device = device or self.device
-        key = (str(model), device)
+        key = (str(model), device, self.backend)
         if self._despeckler is None or self._despeckler_key != key:
-            self._despeckler = Despeckler.from_file(None if model is None else str(model), device)
+            self._despeckler = Despeckler.from_file(None if model is None else str(model), device, self.backend)
             self._despeckler_key = key
         return self._despeckler
 

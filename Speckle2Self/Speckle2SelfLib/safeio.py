@@ -51,11 +51,7 @@ def is_within(path, folder) -> bool:
 
 
 def _suffix(path: Path) -> str:
-    name = path.name.lower()
-    for double in (".nii.gz", ".igs.mha", ".seq.mha"):
-        if name.endswith(double):
-            return ".nii.gz" if double == ".nii.gz" else ".mha"
-    return path.suffix.lower()
+    return ".nii.gz" if path.name.lower().endswith(".nii.gz") else path.suffix.lower()
 
 
 def check_output_path(out, inputs: Iterable = (), *, suffixes: Optional[Sequence[str]] = None,
@@ -122,6 +118,10 @@ def _check_writable(folder: Path, what: str, out: Path) -> None:
     read-only mounts."""
     if not folder.is_dir():
         raise OutputPathError(f"{what} {out}: {folder} is not a folder")
+    key = (str(_real(folder)), os.getpid())
+    if key in _PROBED:
+        return
+    _remove_stale(folder, f"{PARTIAL_MARK}probe-")
     probe = folder / f"{PARTIAL_MARK}probe-{os.getpid()}"
     try:
         with open(probe, "wb"):
@@ -134,6 +134,11 @@ def _check_writable(folder: Path, what: str, out: Path) -> None:
             probe.unlink()
         except OSError:
             pass
+    _PROBED.add(key)
+
+
+#: Folders found writable by this process (a folder run probes its output folders once).
+_PROBED: set = set()
 
 
 def check_mask_output(out, source) -> Path:
@@ -166,10 +171,13 @@ def partial_dir_for(out: Path) -> Path:
 
 def remove_stale_partials(out: Path) -> None:
     """Remove temporaries of earlier, killed runs for ``out`` (their process is gone)."""
-    prefix = f".{out.name}{PARTIAL_MARK}"
-    if not out.parent.is_dir():
+    _remove_stale(out.parent, f".{out.name}{PARTIAL_MARK}")
+
+
+def _remove_stale(folder: Path, prefix: str) -> None:
+    if not folder.is_dir():
         return
-    for entry in out.parent.iterdir():
+    for entry in folder.iterdir():
         if not entry.name.startswith(prefix):
             continue
         try:
@@ -220,7 +228,8 @@ def atomic_output(out) -> Iterator[Path]:
 
 def one_line(err: BaseException, limit: int = 400) -> str:
     """An exception as one line: its message with newlines folded, or its type when empty."""
-    text = " ".join(str(err).split())
+    raw = err.args[0] if isinstance(err, KeyError) and len(err.args) == 1 else err   # KeyError quotes its text
+    text = " ".join(str(raw).split())
     if isinstance(err, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)) \
             and err.filename and str(err.filename) not in text:
         text = f"{err.filename}: {err.strerror or text}"

@@ -279,12 +279,16 @@ def init_from_model(net, model_path) -> None:
 
 def train(cfg: TrainConfig, pool: FramePool, out_path, resume: Optional[str] = None,
           progress: bool = True, on_step: Optional[Callable[[TrainState], None]] = None,
-          init_model: Optional[str] = None):
+          init_model: Optional[str] = None, should_stop: Optional[Callable[[], bool]] = None,
+          keep_best: bool = False):
     """Train, checkpoint next to ``out_path`` and export a TorchScript model there.
 
     ``init_model`` fine-tunes an exported model (its architecture must match ``cfg``:
     use :func:`config_from_model`). Returns (net, state). The checkpoint ``<out>.ckpt``
-    can be passed back as ``resume``.
+    can be passed back as ``resume``. ``should_stop`` is asked after each step; when it
+    returns True the run ends there (checkpoint and export as at the end). ``keep_best``
+    exports the weights of the step with the lowest smoothed loss (:class:`BestWeights`)
+    instead of the last ones; the checkpoint keeps the last ones, for resuming.
     """
     import torch
     from .inference import pick_device
@@ -312,6 +316,8 @@ def train(cfg: TrainConfig, pool: FramePool, out_path, resume: Optional[str] = N
     bar = _progress_bar(progress, total_steps, state.step)
     ckpt_path = out_path.with_suffix(".ckpt")
     t0 = time.monotonic() - state.elapsed_s
+    best = BestWeights() if keep_best else None
+    stopped = False
     net.train()
     while not _done(cfg, state, total_steps):
         for group in opt.param_groups:
@@ -336,6 +342,8 @@ def train(cfg: TrainConfig, pool: FramePool, out_path, resume: Optional[str] = N
         if not math.isfinite(state.last_loss["total"]):
             raise FloatingPointError(f"loss became {state.last_loss['total']} at step {state.step}; "
                                      "lower the learning rate or disable AMP (--no-amp)")
+        if best is not None:
+            best.update(net, state)
         _update_bar(bar, state)
         if state.step % cfg.checkpoint_every == 0:
             save_checkpoint(ckpt_path, net, opt, state, cfg, pool.summary)
@@ -343,12 +351,49 @@ def train(cfg: TrainConfig, pool: FramePool, out_path, resume: Optional[str] = N
             write_preview(net, pool, out_path.with_suffix(".preview.png"))
         if on_step is not None:
             on_step(state)
+        if should_stop is not None and should_stop():
+            stopped = True
+            break
     if bar is not None:
         bar.close()
     save_checkpoint(ckpt_path, net, opt, state, cfg, pool.summary)
+    summary = training_summary(cfg, pool, state, device)
+    if stopped:
+        summary["stopped_early"] = True
+    if best is not None:
+        summary.update(best.restore(net))
     export_model(net, out_path, scales=cfg.scales, interpolation=cfg.interpolation, name=cfg.name,
-                 training=training_summary(cfg, pool, state, device), extra=_grain_metadata(cfg, pool.summary))
+                 training=summary, extra=_grain_metadata(cfg, pool.summary))
     return net, state
+
+
+class BestWeights:
+    """The weights of the step with the lowest smoothed total loss seen so far.
+
+    Single-batch losses of random crops are noisy, so the loss is smoothed (exponential
+    moving average over about ``1 / alpha`` steps) before steps are compared.
+    """
+
+    def __init__(self, alpha: float = 0.1):
+        self.alpha = alpha
+        self.smoothed: Optional[float] = None
+        self.best_loss = math.inf
+        self.best_step = 0
+        self.weights: Optional[Dict] = None
+
+    def update(self, net, state: TrainState) -> None:
+        loss = state.last_loss["total"]
+        self.smoothed = loss if self.smoothed is None else (1 - self.alpha) * self.smoothed + self.alpha * loss
+        if self.smoothed < self.best_loss:
+            self.best_loss, self.best_step = self.smoothed, state.step
+            self.weights = {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+    def restore(self, net) -> Dict:
+        """Load the best weights into ``net``; returns what the model metadata records."""
+        if self.weights is None:
+            return {}
+        net.load_state_dict(self.weights)
+        return {"best_step": self.best_step, "best_smoothed_loss": round(self.best_loss, 6)}
 
 
 def _grain_metadata(cfg: TrainConfig, data: Dict) -> Dict:

@@ -1,0 +1,575 @@
+"""Command line: ``speckle2self train | denoise | info | export | simulate | segment``.
+
+Every option is checked when it is parsed and every input and output path before any
+computation. A failure is one line on stderr (``error: <file>: <cause>``; ``--debug`` adds
+the traceback). Exit codes: 0 done; 1 the run failed, or some files of a folder run failed;
+2 bad input, options or output paths (nothing computed or written); 130 interrupted
+(Ctrl-C), 143 terminated (SIGTERM). See docs/reliability.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+from . import __version__
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
+MODEL_SUFFIXES = (".pt", ".pth", ".ts", ".zip")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage block) and exit code 2."""
+
+    def error(self, message: str):
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
+# ----------------------------------------------------------------------------- option types
+
+def _number(text: str, kind=float):
+    try:
+        value = kind(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected {'a whole number' if kind is int else 'a number'}, "
+                                         f"got {text!r}") from None
+    if kind is float and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def int_at_least(low: int, why: str = ""):
+    def parse(text: str) -> int:
+        value = _number(text, int)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}{why}")
+        return value
+    parse.__name__ = f"whole number >= {low}"
+    return parse
+
+
+def int_between(low: int, high: int):
+    def parse(text: str) -> int:
+        value = _number(text, int)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must lie in {low}..{high}, got {value}")
+        return value
+    parse.__name__ = f"whole number in {low}..{high}"
+    return parse
+
+
+def float_between(low: float, high: float, low_open: bool = False):
+    def parse(text: str) -> float:
+        value = _number(text)
+        if not ((low < value) if low_open else (low <= value)) or not value <= high:
+            bracket = "(" if low_open else "["
+            raise argparse.ArgumentTypeError(f"must lie in {bracket}{low:g}, {high:g}], got {text}")
+        return value
+    parse.__name__ = "number"
+    return parse
+
+
+def positive_float(text: str) -> float:
+    value = _number(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def scales_list(text: str) -> List[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values or any(not (math.isfinite(v) and 0 < v <= 1) for v in values):
+        raise argparse.ArgumentTypeError(f"scales must be numbers in (0, 1], got {text!r}")
+    return values
+
+
+def crop_size(text: str) -> int:
+    value = _number(text, int)
+    if value < 32 or value % 16:
+        raise argparse.ArgumentTypeError(f"must be a multiple of 16 and at least 32, got {value}")
+    if value > 4096:
+        raise argparse.ArgumentTypeError(f"{value} is larger than any frame worth cropping (at most 4096)")
+    return value
+
+
+def _working_scale_arg(text: str):
+    """--working-scale: 'auto', 'off' (None) or a number (range checked by the engine)."""
+    if text in ("auto", "off"):
+        return None if text == "off" else text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto, off or a number, got {text!r}") from None
+    from .grain import SCALE_LIMITS
+    if not (math.isfinite(value) and SCALE_LIMITS[0] <= value <= SCALE_LIMITS[1]):
+        raise argparse.ArgumentTypeError(f"expected auto, off or a number in [{SCALE_LIMITS[0]:g}, "
+                                         f"{SCALE_LIMITS[1]:g}], got {text!r}")
+    return value
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="self-supervised training on unlabeled images, volumes, sequences, DICOM")
+    p.add_argument("inputs", nargs="+", help="files and/or folders (every readable file, recursively)")
+    p.add_argument("--out", required=True, help="TorchScript model to write (a .ckpt and .preview.png go beside it)")
+    stop = p.add_argument_group("stopping (at least one)")
+    stop.add_argument("--minutes", type=positive_float, help="wall-clock budget, counting resumed time")
+    stop.add_argument("--epochs", type=positive_float, help="passes over the frames (one crop per frame per epoch)")
+    stop.add_argument("--steps", type=int_at_least(1, " (0 steps would write an untrained model)"), help="optimiser steps")
+    p.add_argument("--crop", type=crop_size, default=128, help="crop size, a multiple of 16 (default 128)")
+    p.add_argument("--width", type=int_between(1, 256), default=32, help="base width of the network (paper: 32)")
+    p.add_argument("--batch", type=int_between(1, 4096), default=16, help="batch size (paper: 16)")
+    p.add_argument("--lr", type=float_between(0, 10, low_open=True), default=1e-3)
+    p.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"],
+                   help="constant (paper) or warm-up + cosine decay over the budget")
+    p.add_argument("--scales", type=scales_list, default="1.0,0.5,0.25", help="comma-separated perturbation scales")
+    p.add_argument("--interpolation", default="bilinear", choices=["bilinear", "bicubic", "area", "nearest"])
+    p.add_argument("--upsample", default="transposed", choices=["transposed", "resize"],
+                   help="decoder upsampling: transposed convs (paper) or bilinear resize + conv")
+    p.add_argument("--shared-encoder", action="store_true", help="one encoder for all scales (ablation)")
+    p.add_argument("--depth", type=int_between(2, 6), default=4,
+                   help="stride-2 stages; 4 (paper) puts the bottleneck at 1/16 resolution")
+    p.add_argument("--head", default="linear", choices=["linear", "norm_relu"],
+                   help="output head: linear (clamped) or the authors' InstanceNorm + ReLU")
+    p.add_argument("--working-scale", type=float_between(0.05, 4.0), default=1.0,
+                   help="resample frames by this factor before training (e.g. 0.5 for coarse B-mode speckle)")
+    p.add_argument("--augment-prob", type=float_between(0.0, 1.0), default=0.3,
+                   help="share of samples rotated after the views are made (default 0.3, as the authors)")
+    p.add_argument("--rotate-degrees", type=float_between(0.0, 180.0), default=10.0, help="largest rotation of augmented samples")
+    p.add_argument("--reconstruction", default="mse", choices=["mse", "l1"])
+    p.add_argument("--consistency", default="l1", choices=["l1", "mse", "none"])
+    p.add_argument("--device", default="auto", help="auto (CUDA > MPS > CPU), cpu, cuda, mps")
+    p.add_argument("--no-amp", action="store_true",
+                   help="disable mixed precision (CUDA fp16/bf16; CPU bf16 where the CPU has it natively)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", help="checkpoint (.ckpt) to continue from")
+    p.add_argument("--init", help="fine-tune this model (file, bundled name, or 'default'); its architecture "
+                                  "replaces --width/--scales/--interpolation/--upsample")
+    p.add_argument("--checkpoint-every", type=int_at_least(1), default=200, help="steps between checkpoints")
+    p.add_argument("--preview-every", type=int_at_least(0), default=500, help="steps between preview PNGs (0: never)")
+    p.add_argument("--name", default=None, help="model name stored in the metadata (default: file stem)")
+    p.add_argument("--threads", type=int_between(1, 1024), help="CPU threads for torch")
+    p.set_defaults(func=_run_train)
+
+
+def _run_train(args) -> int:
+    from .models import resolve_model_path
+    from .safeio import check_input_path, check_output_path
+    from .training import TrainConfig, config_from_model, load_checkpoint_config, train
+
+    # 1. Everything that can be checked without reading the data: options, inputs, outputs.
+    for path in args.inputs:
+        check_input_path(path)
+    if args.resume:
+        check_input_path(args.resume, "--resume checkpoint")
+    out = check_output_path(args.out, args.inputs + [p for p in (args.init,) if p and Path(p).exists()],
+                            suffixes=MODEL_SUFFIXES, what="--out")
+    for beside in (out.with_suffix(".ckpt"), out.with_suffix(".preview.png")):
+        check_output_path(beside, args.inputs + ([args.init] if args.init and Path(args.init).exists() else []),
+                          what=f"--out (the {beside.name} written beside it)")
+    if args.resume and args.init:
+        raise ValueError("give --resume or --init, not both")
+    _set_threads(args.threads)
+    init = None
+    if args.resume:
+        cfg = load_checkpoint_config(args.resume)
+        # Stopping rules and device may change on resume; the architecture may not.
+        for key in ("minutes", "epochs", "steps", "device"):
+            if getattr(args, key) is not None:
+                setattr(cfg, key, getattr(args, key))
+    else:
+        if args.minutes is None and args.epochs is None and args.steps is None:
+            raise ValueError("give a stopping rule: --minutes, --epochs or --steps")
+        settings = dict(crop=args.crop, batch=args.batch, lr=args.lr, steps=args.steps, epochs=args.epochs,
+                        minutes=args.minutes, reconstruction=args.reconstruction,
+                        consistency=args.consistency, seed=args.seed, device=args.device,
+                        amp=not args.no_amp, checkpoint_every=args.checkpoint_every,
+                        preview_every=args.preview_every, name=args.name or Path(args.out).stem,
+                        lr_schedule=args.lr_schedule, augment_prob=args.augment_prob, rotate_degrees=args.rotate_degrees)
+        if args.init:
+            init = resolve_model_path(None if args.init == "default" else args.init)
+            cfg = config_from_model(init, **settings)
+        else:
+            cfg = TrainConfig(width=args.width, scales=list(args.scales),
+                              interpolation=args.interpolation, upsample=args.upsample,
+                              shared_encoder=args.shared_encoder, depth=args.depth, head=args.head,
+                              working_scale=args.working_scale, **settings)
+    if cfg.crop % 2 ** int(cfg.depth):
+        raise ValueError(f"--crop {cfg.crop} is not a multiple of 2^depth = {2 ** int(cfg.depth)}")
+    # 2. Read the data (a bad file is named and skipped), then check the memory before training.
+    pool = _training_pool(args.inputs)
+    _check_training_memory(cfg, pool)
+    print(f"training on {pool.summary['frames']} frames from {pool.summary['files']} files", file=sys.stderr)
+    _, state = train(cfg, pool, args.out, resume=args.resume, init_model=init)
+    print(f"wrote {args.out} after {state.step} steps ({state.elapsed_s / 60:.1f} min)")
+    return 0
+
+
+def _training_pool(inputs: List[str]):
+    """Frames of every readable input file; unreadable files are named on stderr and skipped."""
+    from .imageio import iter_inputs
+    from .safeio import name_file, one_line
+    from .training import FramePool
+
+    frames, files, skipped, failed = [], [], [], []
+    for path in iter_inputs(list(inputs)):
+        try:
+            part = FramePool.from_paths([str(path)])
+        except (ValueError, OSError, MemoryError) as err:
+            message = one_line(err)
+            if "no training frames" in message:
+                skipped.append(path.name)
+                print(f"warning: {path}: no usable frame (all smaller than 32 px or flat); skipped",
+                      file=sys.stderr)
+            else:
+                failed.append(path.name)
+                print(f"warning: {name_file(path, message)}; skipped", file=sys.stderr)
+            continue
+        frames += part.frames
+        files.append(path.name)
+    if not frames:
+        raise ValueError(f"no training frames in {', '.join(inputs)}"
+                         + (f" ({len(failed)} unreadable file(s), {len(skipped)} without usable frames)"
+                            if failed or skipped else "") + "; give image, volume, sequence or DICOM files")
+    summary = {"files": len(files), "frames": len(frames), "examples": files[:10], "skipped": (skipped + failed)[:10]}
+    return FramePool(frames, summary)
+
+
+def _check_training_memory(cfg, pool) -> None:
+    """Refuse, before the first step, a run whose estimated peak memory does not fit."""
+    from .inference import pick_device
+    from .resources import (USABLE_SHARE, InsufficientMemory, available_memory, estimate_training,
+                            fitting_settings, gib)
+
+    device = pick_device(cfg.device)
+    available = available_memory(device)
+    if available is None:
+        return
+    estimate = estimate_training(cfg, sum(int(f.size) for f in pool.frames))
+    if estimate.total <= available * USABLE_SHARE:
+        return
+    crop, batch = fitting_settings(estimate, available, cfg.crop, cfg.batch)
+    hint = (f"try --crop {crop} --batch {batch}" if crop else
+            "even one crop of 32 px does not fit; close other programs or use fewer/smaller input frames")
+    raise InsufficientMemory(f"training would need about {gib(estimate.total)} ({gib(estimate.per_sample)} per crop of "
+                      f"{cfg.crop} px, batch {cfg.batch}) but only {gib(available)} is free on {device}; {hint}")
+
+
+def _add_denoise(sub) -> None:
+    p = sub.add_parser("denoise", help="despeckle a file or every readable file of a folder")
+    p.add_argument("input", help="image, volume, sequence, DICOM, or a folder of them")
+    p.add_argument("output", help="output file (same format) or folder (names kept)")
+    p.add_argument("--model", help="model file or bundled model name (default: the bundled default model)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    p.add_argument("--batch", type=int_between(1, 4096), help="frames per batch (default: automatic)")
+    p.add_argument("--gamma", type=float_between(0, 100, low_open=True), help="display gamma applied to the output (the authors use 1.5)")
+    p.add_argument("--blend", type=float_between(0.0, 1.0), default=0.0, help="0..1 share of the input mixed back in")
+    p.add_argument("--working-scale", default="auto", type=_working_scale_arg,
+                   help="auto (default): resample so the speckle grain matches the model's training data; "
+                        "off: the input's own resolution; or a factor in [0.25, 2]")
+    p.add_argument("--threads", type=int_between(1, 1024), help="CPU threads for torch")
+    p.add_argument("--backend", default="auto", choices=["auto", "fp32", "bf16", "openvino", "onnxruntime"],
+                   help="CPU inference path: auto (bf16 where native, else fp32); openvino/onnxruntime: faster, optional")
+    p.add_argument("--skip-existing", action="store_true",
+                   help="leave outputs that already exist (complete files: outputs are written under a "
+                        "temporary name and renamed) and do the rest, e.g. after an interrupted folder run")
+    p.set_defaults(func=_run_denoise)
+
+
+def _run_denoise(args) -> int:
+    from .imageio import WRITABLE_SUFFIXES, iter_inputs
+    from .inference import Despeckler
+    from .safeio import check_input_path, check_output_path
+
+    src, dst = check_input_path(args.input), Path(args.output)
+    folder_run = src.is_dir()
+    if folder_run:
+        check_output_path(dst, [src], folder=True)
+        pairs = [(f, dst / f.relative_to(src)) for f in iter_inputs([str(src)])]
+        if not pairs:
+            raise ValueError(f"{src}: no image, volume, sequence or DICOM file in this folder "
+                             f"(readable extensions: {', '.join(WRITABLE_SUFFIXES)})")
+    else:
+        check_output_path(dst, [src], suffixes=WRITABLE_SUFFIXES)
+        pairs = [(src, dst)]
+    _set_threads(args.threads)
+    options = dict(batch_size=args.batch, gamma=args.gamma, blend=args.blend, working_scale=args.working_scale)
+    if not folder_run:
+        if args.skip_existing and dst.exists():
+            print(f"{src} -> {dst} skipped (exists)")
+            return EXIT_OK
+        data = _read_checked(src, dst)          # a bad input is refused before the model is loaded
+        _denoise_file(Despeckler.from_file(args.model, args.device, args.backend), src, dst, options, data)
+        return EXIT_OK
+    engine = Despeckler.from_file(args.model, args.device, args.backend)
+    return _denoise_folder(engine, pairs, options, args.skip_existing)
+
+
+def _read_checked(src: Path, out: Path):
+    """Check the output path, read the input and check that it can be written there."""
+    from .imageio import WRITABLE_SUFFIXES, check_output_format, read_frames
+    from .inference import check_frames
+    from .safeio import check_output_path
+
+    check_output_path(out, [src], suffixes=WRITABLE_SUFFIXES)
+    data = read_frames(src)
+    check_output_format(out, data)
+    try:
+        check_frames(data.frames)
+    except (ValueError, TypeError) as err:
+        raise type(err)(f"{src}: {err}") from err
+    return data
+
+
+def _denoise_file(engine, src: Path, out: Path, options: dict, data=None) -> None:
+    """Read, check the output format, despeckle, write atomically; errors name the file."""
+    from .imageio import write_like
+
+    data = _read_checked(src, out) if data is None else data
+    result = engine.denoise(data.frames, **options)
+    write_like(out, result, data)
+    print(f"{src} -> {out} ({len(result)} frame{'s' if len(result) != 1 else ''})")
+
+
+def _denoise_folder(engine, pairs, options: dict, skip_existing: bool) -> int:
+    """Every file of a folder run: a bad file is named with its reason and the run goes on."""
+    from .safeio import name_file, one_line
+
+    written, skipped, failed = 0, 0, []
+    for src, out in pairs:
+        if skip_existing and out.exists():
+            skipped += 1
+            continue
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            _denoise_file(engine, src, out, options)
+            written += 1
+        except (Exception, MemoryError) as err:   # noqa: B014 - one bad file must not end the run
+            reason = name_file(src, one_line(err))
+            failed.append(reason)
+            print(f"error: {reason}", file=sys.stderr)
+    summary = f"{len(pairs)} file(s): {written} written, {skipped} skipped (already there), {len(failed)} failed"
+    print(summary, file=sys.stderr if failed else sys.stdout)
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def _add_info(sub) -> None:
+    p = sub.add_parser("info", help="print a model's metadata")
+    p.add_argument("model", nargs="?", help="model file or bundled name (default: the bundled default model)")
+    p.set_defaults(func=_run_info)
+
+
+def _run_info(args) -> int:
+    from .models import load_model, resolve_model_path
+    from .network import count_parameters
+
+    loaded = load_model(resolve_model_path(args.model))
+    info = dict(loaded.metadata)
+    info["file"] = str(loaded.path)
+    info["parameters"] = count_parameters(loaded.module)
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="export a training checkpoint (.ckpt) as a TorchScript model")
+    p.add_argument("checkpoint")
+    p.add_argument("--out", required=True)
+    p.add_argument("--name")
+    p.set_defaults(func=_run_export)
+
+
+def _run_export(args) -> int:
+    from .safeio import check_input_path, check_output_path, one_line
+    from .training import export_checkpoint
+
+    check_input_path(args.checkpoint, "checkpoint")
+    check_output_path(args.out, [args.checkpoint], suffixes=MODEL_SUFFIXES, what="--out")
+    try:
+        import torch
+        ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
+        if not isinstance(ckpt, dict) or not {"config", "model", "step"} <= set(ckpt):
+            raise ValueError("no config/model/step entries")
+        steps = int(ckpt["step"])
+        del ckpt
+    except Exception as err:  # pickle.UnpicklingError, zip errors, EOFError, ... from a foreign or damaged file
+        raise ValueError(f"{args.checkpoint}: not a readable Speckle2Self training checkpoint "
+                         f"({one_line(err, 160)})") from err
+    if steps < 1:
+        raise ValueError(f"{args.checkpoint}: the checkpoint has {steps} training steps; an untrained network "
+                         "is not exported (train with --steps N, N >= 1)")
+    meta = export_checkpoint(args.checkpoint, args.out, args.name)
+    print(f"wrote {args.out} ({meta['training'].get('steps_done')} steps)")
+    return 0
+
+
+def _add_optional(sub, module: str, name: str, help_text: str, load: bool = True) -> None:
+    """Subcommands that live in other Lib modules register themselves through add_*/run_*.
+
+    ``load=False`` (another subcommand was asked for) registers the name only: importing the
+    module (scipy, slicer, ...) would add seconds to every start of the command line.
+    """
+    import importlib
+
+    p = sub.add_parser(name, help=help_text)
+    if not load:
+        return
+    try:
+        mod = importlib.import_module(f".{module}", __package__)
+        getattr(mod, f"add_{name}_arguments")(p)
+        p.set_defaults(func=getattr(mod, f"run_{name}"))
+    except (ImportError, AttributeError) as err:
+        # A missing optional dependency must not take down train/denoise with it.
+        reason = f"'{name}' is unavailable: {err}"
+        p.set_defaults(func=lambda _args: _unavailable(reason))
+
+
+def _unavailable(reason: str) -> int:
+    print(f"error: {reason}", file=sys.stderr)
+    return 2
+
+
+def _set_threads(threads: Optional[int]) -> None:
+    if threads:
+        import torch
+        torch.set_num_threads(threads)
+
+
+def _add_stream(sub) -> None:
+    p = sub.add_parser("stream", help="live OpenIGTLink relay: receive IMAGE messages, send them despeckled")
+    p.add_argument("--listen", default="18945", metavar="[HOST:]PORT",
+                   help="where the relay accepts the image stream (default 127.0.0.1:18945; 0.0.0.0:PORT for "
+                        "every interface; port 0: any free port, printed)")
+    p.add_argument("--send", default="127.0.0.1:18944", metavar="HOST:PORT",
+                   help="where despeckled images go, e.g. 3D Slicer's OpenIGTLinkIF server (default 127.0.0.1:18944)")
+    p.add_argument("--connect", metavar="HOST:PORT",
+                   help="instead of listening, receive by connecting to this OpenIGTLink server (e.g. PlusServer)")
+    p.add_argument("--model", help="model file or bundled model name (default: the bundled default model)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    p.add_argument("--suffix", default="_S2S", help="appended to the device name of despeckled images (default _S2S)")
+    p.add_argument("--max-frames", type=int, help="stop after this many IMAGE messages were received and handled")
+    p.add_argument("--max-seconds", type=float, help="stop after this many seconds")
+    p.add_argument("--no-forward", action="store_true", help="do not pass other messages (TRANSFORM, ...) through")
+    p.add_argument("--threads", type=int, help="CPU threads for torch")
+    p.add_argument("--json", action="store_true", help="print the final statistics as JSON")
+    p.add_argument("--quiet", action="store_true", help="no connection messages on stderr")
+
+    def run(args) -> int:
+        from .stream import run_stream
+        return run_stream(args)
+
+    p.set_defaults(func=run)
+
+
+def _with_debug(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """``--debug`` after the subcommand as well (``speckle2self denoise ... --debug``)."""
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the traceback of a failure")
+    return parser
+
+
+def _command_in(argv: Optional[List[str]]) -> Optional[str]:
+    """The subcommand named in ``argv`` (None when none is, e.g. ``--help``; "" when unknown)."""
+    args = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    for arg in args:
+        if arg.startswith("@"):
+            return ""                   # arguments from a file: load everything
+        if not arg.startswith("-"):
+            return arg
+    return None
+
+
+def build_parser(argv: Optional[List[str]] = None) -> argparse.ArgumentParser:
+    parser = _Parser(prog="speckle2self", description="Self-supervised ultrasound despeckling",
+                     fromfile_prefix_chars="@",
+                     epilog="exit codes: 0 done; 1 the run failed (or some files of a folder run); "
+                            "2 bad input, options or output paths (nothing computed or written); "
+                            "130 interrupted. See docs/reliability.md.")
+    parser.add_argument("--version", action="version", version=f"speckle2self {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of a failure")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _add_train(sub)
+    _add_denoise(sub)
+    _add_info(sub)
+    _add_export(sub)
+    wanted = _command_in(argv)
+    for module, name, help_text in (
+            ("simulation", "simulate", "simulate a B-mode phantom with its clean target"),
+            ("segmentation", "segment", "segment the carotid lumen from a seed point"),
+            ("demo", "demo", "despeckle a simulated phantom and a real DICOM with the bundled model")):
+        _add_optional(sub, module, name, help_text, load=wanted in ("", name))
+    _add_stream(sub)
+    for subparser in sub.choices.values():
+        _with_debug(subparser)
+    return parser
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that temporary files are cleaned up on the way out."""
+
+
+#: Errors that mean "bad input, options or paths" (exit 2); anything else is a failed run (exit 1).
+def _is_bad_input(err: BaseException) -> bool:
+    from .resources import InsufficientMemory
+    return isinstance(err, (ValueError, TypeError, KeyError, FileNotFoundError, PermissionError,
+                            IsADirectoryError, NotADirectoryError, InsufficientMemory)) \
+        and not isinstance(err, (FloatingPointError, MemoryError))
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    if issubclass(category, DeprecationWarning):
+        return
+    print(f"warning: {' '.join(str(message).split())}", file=sys.stderr)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Run the command line; returns the exit code (see the module docstring)."""
+    import signal
+    import threading
+    import warnings
+
+    from .safeio import one_line
+
+    try:
+        args = build_parser(argv).parse_args(argv)
+    except SystemExit as done:      # --help, --version, or a one-line option error (exit 2)
+        return done.code if isinstance(done.code, int) else EXIT_BAD_INPUT
+    debug = bool(getattr(args, "debug", False))
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        def terminate(_signum, _frame):
+            raise _Terminated()
+        previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            warnings.simplefilter("default")
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("error: interrupted; outputs already written are complete, none is partial "
+              "(rerun denoise with --skip-existing to finish)", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except _Terminated:
+        print("error: terminated (SIGTERM); outputs already written are complete, none is partial", file=sys.stderr)
+        return EXIT_TERMINATED
+    except (Exception, MemoryError) as err:  # noqa: B014 - every failure becomes one line
+        if debug:
+            import traceback
+            traceback.print_exc()
+        hint = "" if debug or _is_bad_input(err) else " (run with --debug for the traceback)"
+        print(f"error: {one_line(err)}{hint}", file=sys.stderr)
+        return EXIT_BAD_INPUT if _is_bad_input(err) else EXIT_FAILED
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

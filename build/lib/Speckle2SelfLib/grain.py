@@ -1,0 +1,236 @@
+"""Speckle grain: how many pixels one speckle spot spans, and the scale a model should work at.
+
+Scanner B-mode images come at every pixel spacing: the same transducer gives spots of 2
+pixels in one export and 8 in another. Speckle2Self's views only differ where the speckle is
+finer than the perturbation's downsampling, so a network trained on one grain copies, or
+over-smooths, another. The grain is measured here as the full width at half maximum of the
+speckle's autocorrelation (axial = rows, lateral = columns), on textured tiles of the image
+after removing the anatomy's slow variation; models store the grain they were trained at
+and frames are resampled to it before inference.
+
+Also here: the view-difference statistic (how much the 0.5 and 0.25 MSP views differ from the
+full view, relative to its spread), the direct measure of how much the views disagree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Dict, Iterable, Optional, Sequence
+
+import numpy as np
+
+TILE = 64                 # autocorrelation tile (pixels)
+HIGHPASS_SIGMA = 12.0     # anatomy removal: larger than any speckle spot we expect to see
+MAX_FRAMES = 8            # frames of a stack sampled for the estimate
+#: Working scales are kept within these limits: beyond them resampling would either
+#: throw away real resolution or cost more than the result is worth.
+SCALE_LIMITS = (0.25, 2.0)
+#: A scale within this relative distance of 1 is treated as 1 (no resampling, no blur).
+SCALE_TOLERANCE = 0.2
+#: View differences within this relative distance of the model's count as a match.
+MATCH_TOLERANCE = 0.1
+
+
+@dataclass(frozen=True)
+class Grain:
+    axial_px: float
+    lateral_px: float
+    tiles: int
+
+    @property
+    def px(self) -> float:
+        """One number: the geometric mean of the axial and lateral widths."""
+        return float(np.sqrt(self.axial_px * self.lateral_px))
+
+    def as_dict(self) -> Dict[str, float]:
+        return {**asdict(self), "px": round(self.px, 3)}
+
+
+def _highpass(frame: np.ndarray, sigma) -> np.ndarray:
+    from scipy import ndimage
+    f = frame.astype(np.float64)
+    return f - ndimage.gaussian_filter(f, sigma, mode="reflect")
+
+
+def _textured_tiles(frame: np.ndarray, residual: np.ndarray, tile: int):
+    """Tiles inside the image (margins hold scanner annotations) that carry speckle: not
+    near-black (outside the sector, anechoic lumen) and not saturated."""
+    h, w = frame.shape
+    margin_r, margin_c = h // 10, w // 10
+    lo, hi = np.percentile(frame, [1, 99])
+    span = max(hi - lo, 1e-12)
+    out = []
+    for r in range(margin_r, h - margin_r - tile + 1, tile):
+        for c in range(margin_c, w - margin_c - tile + 1, tile):
+            patch = frame[r:r + tile, c:c + tile]
+            level = (np.median(patch) - lo) / span
+            if 0.1 < level < 0.9 and residual[r:r + tile, c:c + tile].std() > 1e-9:
+                out.append(residual[r:r + tile, c:c + tile])
+    return out
+
+
+def _mean_autocorrelation(tiles) -> np.ndarray:
+    acc = None
+    for t in tiles:
+        t = (t - t.mean()) / t.std()
+        n0, n1 = t.shape
+        spec = np.fft.rfft2(t, s=(2 * n0, 2 * n1))       # zero-padded: linear, not circular
+        ac = np.fft.irfft2(np.abs(spec) ** 2, s=(2 * n0, 2 * n1))
+        acc = ac if acc is None else acc + ac
+    return acc / acc[0, 0]
+
+
+def _half_width(profile: np.ndarray) -> float:
+    """Lag where a decreasing profile (profile[0] == 1) first falls to 0.5, interpolated."""
+    below = np.nonzero(profile < 0.5)[0]
+    if len(below) == 0:
+        return float(len(profile))
+    k = int(below[0])
+    a, b = profile[k - 1], profile[k]
+    return float(k - 1 + (a - 0.5) / (a - b))
+
+
+def estimate_grain(frames, tile: int = TILE, iterations: int = 3) -> Optional[Grain]:
+    """Speckle grain of an (H, W) image or (N, H, W) stack; None where there is too little
+    speckle to tell (tiny, flat or almost black images).
+
+    The anatomy filter and the tile grow with the grain found (a few rounds), so that the
+    estimate scales with the image: the same scan at twice the pixels gives twice the grain.
+    """
+    arr = np.asarray(frames)
+    stack = arr[None] if arr.ndim == 2 else arr
+    if stack.ndim != 3 or min(stack.shape[1:]) < 2 * tile:
+        return None
+    pick = np.unique(np.linspace(0, len(stack) - 1, min(MAX_FRAMES, len(stack))).round().astype(int))
+    sigma, grain = (HIGHPASS_SIGMA, HIGHPASS_SIGMA), None
+    for _ in range(iterations):
+        tiles = []
+        for k in pick:
+            frame = stack[k].astype(np.float64)
+            if not np.isfinite(frame).all() or frame.max() <= frame.min():
+                continue
+            tiles += _textured_tiles(frame, _highpass(frame, sigma), tile)
+        if len(tiles) < 4:
+            return grain
+        ac = _mean_autocorrelation(tiles)
+        axial = 2.0 * _half_width(ac[:tile, 0])
+        lateral = 2.0 * _half_width(ac[0, :tile])
+        grain = Grain(round(axial, 3), round(lateral, 3), len(tiles))
+        new_sigma = (float(np.clip(3.0 * axial, 3, 64)), float(np.clip(3.0 * lateral, 3, 64)))
+        new_tile = int(np.clip(2 ** np.ceil(np.log2(4.0 * max(axial, lateral))), 32, 256))
+        new_tile = min(new_tile, int(2 ** np.floor(np.log2(min(stack.shape[1:]) / 2))))
+        if np.allclose(new_sigma, sigma, rtol=0.1) and new_tile == tile:
+            break
+        sigma, tile = new_sigma, new_tile
+    return grain
+
+
+def view_difference_at(frames, scale: float, region: int = 384, view_scale: float = 0.5) -> Optional[float]:
+    """The view difference at ``view_scale`` after resampling the frames by ``scale``.
+
+    The same central region of each sampled frame (``region`` pixels square, or the whole
+    frame where smaller) is used at every scale, so that only the speckle's size changes.
+    """
+    import torch
+    from .perturbation import resample_to_working_scale
+
+    arr = np.asarray(frames, dtype=np.float32)
+    stack = arr[None] if arr.ndim == 2 else arr
+    pick = np.unique(np.linspace(0, len(stack) - 1, min(MAX_FRAMES, len(stack))).round().astype(int))
+    h, w = stack.shape[1:]
+    size_r, size_c = min(h, region), min(w, region)
+    r, c = (h - size_r) // 2, (w - size_c) // 2
+    part = torch.from_numpy(np.ascontiguousarray(stack[pick, r:r + size_r, c:c + size_c]))[:, None]
+    part = resample_to_working_scale(part, scale)
+    values = view_difference(part[:, 0].numpy(), (view_scale,), crop=max(part.shape[-2:]))
+    return values.get(view_scale)
+
+
+#: Candidate working scales searched when matching a model's view difference.
+CANDIDATE_SCALES = tuple(float(x) for x in np.geomspace(SCALE_LIMITS[0], SCALE_LIMITS[1], 13))
+
+
+def match_working_scale(frames, target: Optional[float]) -> float:
+    """The resampling factor at which the frames' view difference (0.5 view) equals the one
+    the model was trained at; 1 when the target is unknown or the frames carry no speckle.
+
+    The view difference grows as an image is shrunk (its speckle gets finer per pixel), so
+    the match is interpolated between neighbouring candidates on a log scale.
+    """
+    if not target:
+        return 1.0
+    arr = np.asarray(frames)
+    stack = arr[None] if arr.ndim == 2 else arr
+    if stack.ndim != 3 or min(stack.shape[1:]) < 32 or not np.isfinite(stack[:1]).all():
+        return 1.0
+    scales, diffs = [], []
+    for scale in CANDIDATE_SCALES:
+        if min(stack.shape[1:]) * scale < 32:
+            continue
+        d = view_difference_at(stack, scale)
+        if d is not None:
+            scales.append(scale)
+            diffs.append(d)
+    if len(diffs) < 2:
+        return 1.0
+    order = np.argsort(scales)
+    log_s = np.log(np.array(scales)[order])
+    # The statistic of one region is noisy from one candidate to the next: smooth it along the
+    # log-scale axis, then keep its monotone envelope (a larger scale means coarser speckle per
+    # pixel, so a smaller difference).
+    raw = np.array(diffs)[order]
+    smooth = np.convolve(np.pad(raw, 1, mode="edge"), np.ones(3) / 3, mode="valid")
+    d = np.minimum.accumulate(smooth)
+    # Where several factors come close to the model's difference (fine speckle saturates:
+    # shrinking sub-pixel speckle changes nothing), take the one nearest 1, so that data like
+    # the training data run at their own resolution.
+    close = np.abs(d - target) <= MATCH_TOLERANCE * target
+    if close.any():
+        chosen = float(np.exp(log_s[close][np.argmin(np.abs(log_s[close]))]))
+    elif target >= d[0]:
+        # Not even the smallest scale makes the views differ as much: the speckle is already
+        # at the pixel limit (shrinking changes nothing), so run at the frames' own resolution.
+        chosen = 1.0
+    elif target <= d[-1]:
+        chosen = float(np.exp(log_s[-1]))
+    else:
+        chosen = float(np.exp(np.interp(-target, -d, log_s)))
+    return 1.0 if abs(chosen - 1.0) <= SCALE_TOLERANCE else round(chosen, 3)
+
+
+def view_difference(frames, scales: Sequence[float] = (0.5, 0.25), crop: int = 256) -> Dict[float, float]:
+    """For each MSP scale s: std(view_s - full view) / std(full view), on central crops.
+
+    Near 0 means the view is a copy of the full view (coarse speckle): the self-supervised
+    loss then rewards copying the input.
+    """
+    import torch
+    from .perturbation import multiscale_views
+
+    arr = np.asarray(frames, dtype=np.float32)
+    stack = arr[None] if arr.ndim == 2 else arr
+    pick = np.unique(np.linspace(0, len(stack) - 1, min(MAX_FRAMES, len(stack))).round().astype(int))
+    ratios: Dict[float, list] = {s: [] for s in scales}
+    for k in pick:
+        f = stack[k]
+        h, w = f.shape
+        size = min(crop, h, w)
+        r, c = (h - size) // 2, (w - size) // 2
+        x = torch.from_numpy(np.ascontiguousarray(f[r:r + size, c:c + size]))[None, None]
+        views = multiscale_views(x, (1.0, *scales))
+        full = views[0]
+        spread = float(full.std())
+        if spread <= 0:
+            continue
+        for s, v in zip(scales, views[1:]):
+            ratios[s].append(float((v - full).std()) / spread)
+    return {s: round(float(np.mean(v)), 4) for s, v in ratios.items() if v}
+
+
+def summarise(frames_iter: Iterable[np.ndarray]) -> Dict[str, object]:
+    """Grain and view differences of a data set (for model cards and `speckle2self info`)."""
+    frames = [np.asarray(f, np.float32) for f in frames_iter]
+    same = [f for f in frames if f.shape == frames[0].shape] if frames else []
+    grain = estimate_grain(np.stack(same)) if same else None
+    return {"grain": grain.as_dict() if grain else None,
+            "view_difference": view_difference(np.stack(same)) if same else {}}

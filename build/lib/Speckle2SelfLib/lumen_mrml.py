@@ -1,0 +1,375 @@
+"""Seed point -> "Carotid lumen" segmentation node and measurement table in an MRML scene.
+
+:func:`segment_lumen` takes a volume node (one 2D frame, or a multi-slice volume whose slices
+are frames, e.g. a PLUS cine loop loaded as a volume) or a sequence node of 2D volume frames,
+and a seed in RAS (as a markup point gives it) or IJK. It runs
+:mod:`Speckle2SelfLib.segmentation` on the frame(s) and writes the result into the scene:
+
+* a ``vtkMRMLSegmentationNode`` whose reference geometry is the volume's and whose segment
+  "Carotid lumen" is imported from a labelmap in the volume's exact IJK-to-RAS geometry
+  (for a sequence: one segmentation per frame in a ``vtkMRMLSequenceNode``, and the seed
+  frame's one in the scene);
+* a ``vtkMRMLTableNode`` with one row per segmented frame: frame, area_mm2, diameter_mm
+  (equivalent), major_diameter_mm / minor_diameter_mm (moment ellipse), flagged, note (why a
+  frame was flagged: do not trust it);
+* for several frames, a diameter-over-frames plot (``vtkMRMLPlotSeriesNode`` + chart).
+
+Needs slicer-core's MRML classes only (``import slicer``, ``vtk``); never Qt or slicer.app.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .mrml import grey_frames
+from .segmentation import (DEFAULT_METHOD, DEFAULT_TOLERANCE, MAX_AREA_CHANGE, Measurement, SequenceResult,
+                           segment_sequence)
+
+LUMEN_SEGMENT_NAME = "Carotid lumen"
+LUMEN_COLOR = (0.85, 0.15, 0.15)
+TABLE_COLUMNS = ("frame", "area_mm2", "diameter_mm", "major_diameter_mm", "minor_diameter_mm", "flagged", "note")
+
+
+@dataclass
+class LumenResult:
+    """What :func:`segment_lumen` added to (or updated in) the scene, and the numbers."""
+
+    segmentation_node: object                 # vtkMRMLSegmentationNode (the seed frame's, for a sequence)
+    table_node: object                        # vtkMRMLTableNode, one row per segmented frame
+    segment_id: str                           # id of the "Carotid lumen" segment
+    seed_ijk: Tuple[int, int, int]            # (i=column, j=row, k=frame) the seed fell on
+    frames: List[int]                         # frames segmented, in table order
+    sequence: SequenceResult                  # masks (N, rows, cols), measurements, flags for all frames
+    segmentation_sequence_node: Optional[object] = None   # vtkMRMLSequenceNode of segmentations
+    plot_chart_node: Optional[object] = None
+    plot_series_node: Optional[object] = None
+
+    @property
+    def measurements(self) -> List[Measurement]:
+        return [self.sequence.measurements[k] for k in self.frames]
+
+
+@dataclass
+class _Frames:
+    """Grey frames of the input and the volume node giving each frame's geometry."""
+
+    pixels: np.ndarray                        # (N, rows, cols)
+    geometry_nodes: list                      # a volume node per frame (same node for slices of a volume)
+    slice_frames: bool                        # frames are the k slices of one volume
+    sequence_node: Optional[object] = None
+    index_values: List[str] = field(default_factory=list)
+
+    def geometry(self, k: int):
+        """The volume node whose IJKToRAS places frame k."""
+        return self.geometry_nodes[0] if self.slice_frames else self.geometry_nodes[k]
+
+
+def segment_lumen(volume_node, seed_ras: Optional[Sequence[float]] = None, *,
+                  seed_ijk: Optional[Sequence[float]] = None, method: str = DEFAULT_METHOD,
+                  tolerance: float = DEFAULT_TOLERANCE, frame: Optional[int] = None,
+                  all_frames: bool = True, segmentation_node=None, table_node=None,
+                  max_area_change: float = MAX_AREA_CHANGE, plot: bool = True, **options) -> LumenResult:
+    """Segment the carotid lumen around a seed and put the result into the volume's scene.
+
+    ``volume_node``: a scalar (or RGB, used as luminance) volume node, or a
+    ``vtkMRMLSequenceNode`` of 2D volume nodes (it must be in a scene). Give ``seed_ras``
+    (world RAS, mapped through the volume's RASToIJK and any parent transform) or ``seed_ijk``
+    (i=column, j=row, k=slice). ``frame``: the frame the seed is in (default: the seed's k
+    slice for a volume, item 0 for a sequence). With ``all_frames`` every frame is segmented,
+    the seed following the lumen (see :func:`~Speckle2SelfLib.segmentation.segment_sequence`),
+    else only ``frame``. ``segmentation_node`` / ``table_node`` are reused when given (the
+    "Carotid lumen" segment and the table rows are replaced). ``method``: "radial" (default,
+    robust to wall gaps), "flood" or "growcut" (Slicer's effects, with ``tolerance``);
+    ``options`` go to the segmentation method (e.g. ``neighborhood_radius_px`` for flood).
+    Implausible frames are kept but flagged (table columns ``flagged`` and ``note``); a radial
+    seed on bright tissue raises :class:`~Speckle2SelfLib.segmentation.SeedNotInLumenError`.
+    """
+    scene = volume_node.GetScene() if volume_node is not None else None
+    if scene is None:
+        raise ValueError("volume_node must be a volume or sequence node that is in an MRML scene")
+    frames = _read_frames(volume_node)
+    start = _start_frame(frames, frame, seed_ras, seed_ijk)
+    i, j, _ = _seed_ijk(frames.geometry(start), seed_ras, seed_ijk)
+    seed = (i, j, start)
+    spacing_mm = _frame_spacing_rc(frames.geometry(start))
+    wanted = range(len(frames.pixels)) if all_frames else [start]
+    result = segment_sequence(frames.pixels, (seed[1], seed[0]), method, tolerance, spacing_mm,
+                              start_frame=start, max_area_change=max_area_change,
+                              frames_to_segment=wanted, **options)
+    segmented = sorted(wanted)
+    table_node = _fill_table(scene, table_node, _table_name(volume_node), result, segmented)
+    lumen = LumenResult(None, table_node, "", tuple(int(v) for v in seed), segmented, result)
+    if frames.slice_frames:
+        lumen.segmentation_node, lumen.segment_id = _write_segmentation(
+            scene, segmentation_node, volume_node, result.masks)
+    else:
+        _write_sequence_segmentations(scene, lumen, frames, segmentation_node, start)
+    if plot and len(segmented) > 1:
+        lumen.plot_series_node, lumen.plot_chart_node = _add_plot(scene, table_node, _table_name(volume_node))
+    return lumen
+
+
+# ----------------------------------------------------------------------------- reading
+
+def _read_frames(node) -> _Frames:
+    import slicer
+
+    if isinstance(node, slicer.vtkMRMLSequenceNode):
+        return _read_sequence(node)
+    if not isinstance(node, slicer.vtkMRMLVolumeNode) or node.GetImageData() is None:
+        raise ValueError(f"{_node_name(node)} is not a volume with image data; "
+                         "give a scalar volume node or a sequence node of volumes")
+    return _Frames(grey_frames(node), [node], True)
+
+
+def _read_sequence(sequence_node) -> _Frames:
+    import slicer
+
+    count = sequence_node.GetNumberOfDataNodes()
+    if count == 0:
+        raise ValueError(f"sequence {_node_name(sequence_node)} has no frames")
+    nodes = [sequence_node.GetNthDataNode(i) for i in range(count)]
+    pixels = []
+    for i, node in enumerate(nodes):
+        if not isinstance(node, slicer.vtkMRMLVolumeNode) or node.GetImageData() is None:
+            raise ValueError(f"sequence {_node_name(sequence_node)} item {i} is not a volume; "
+                             "give a sequence of 2D volume frames")
+        frame = grey_frames(node)
+        if frame.shape[0] != 1:
+            raise ValueError(f"sequence item {i} has {frame.shape[0]} slices; each item must be one 2D frame")
+        if pixels and frame.shape != pixels[0].shape:
+            raise ValueError(f"sequence item {i} is {frame.shape[1:]} pixels, item 0 is {pixels[0].shape[1:]}; "
+                             "all frames must have the same size")
+        pixels.append(frame)
+    values = [sequence_node.GetNthIndexValue(i) for i in range(count)]
+    return _Frames(np.concatenate(pixels), nodes, False, sequence_node, values)
+
+
+def _start_frame(frames: _Frames, frame: Optional[int], seed_ras, seed_ijk) -> int:
+    n = len(frames.pixels)
+    if frame is None:
+        if not frames.slice_frames:
+            frame = 0
+        else:
+            frame = _seed_ijk(frames.geometry(0), seed_ras, seed_ijk)[2]
+    if not 0 <= int(frame) < n:
+        raise ValueError(f"frame {frame} is outside the input's {n} frames (0..{n - 1})")
+    return int(frame)
+
+
+def _seed_ijk(volume_node, seed_ras, seed_ijk) -> Tuple[int, int, int]:
+    """Seed as integer (i, j, k): seed_ijk rounded, or seed_ras through the volume's RASToIJK
+    (after undoing any parent transform, so a point picked in a view lands on the voxel shown)."""
+    import vtk
+
+    if (seed_ras is None) == (seed_ijk is None):
+        raise ValueError("give exactly one of seed_ras (R, A, S) and seed_ijk (i, j, k)")
+    if seed_ijk is not None:
+        ijk = _three_floats(seed_ijk, "seed_ijk")
+    else:
+        ras = _three_floats(seed_ras, "seed_ras")
+        ras = _world_to_local(volume_node, ras)
+        ras_to_ijk = vtk.vtkMatrix4x4()
+        volume_node.GetRASToIJKMatrix(ras_to_ijk)
+        ijk = ras_to_ijk.MultiplyPoint((*ras, 1.0))[:3]
+    dims = volume_node.GetImageData().GetDimensions()
+    rounded = tuple(int(round(v)) for v in ijk)
+    if not all(0 <= v < d for v, d in zip(rounded, dims)):
+        where = f"RAS {tuple(seed_ras)}" if seed_ras is not None else "IJK"
+        raise ValueError(f"seed {where} -> IJK {tuple(round(v, 2) for v in ijk)} is outside the volume "
+                         f"{_node_name(volume_node)} of {dims[0]}x{dims[1]}x{dims[2]} voxels; "
+                         "place the seed inside the image")
+    return rounded
+
+
+def _world_to_local(volume_node, ras: Tuple[float, float, float]) -> Tuple[float, float, float]:
+    import slicer
+    import vtk
+
+    parent = volume_node.GetParentTransformNode() if hasattr(volume_node, "GetParentTransformNode") else None
+    if parent is None:
+        return ras
+    world_to_local = vtk.vtkGeneralTransform()
+    slicer.vtkMRMLTransformNode.GetTransformBetweenNodes(None, parent, world_to_local)
+    return tuple(world_to_local.TransformPoint(ras))
+
+
+def _three_floats(values, name: str) -> Tuple[float, float, float]:
+    try:
+        out = tuple(float(v) for v in values)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{name} must be three numbers, got {values!r}") from err
+    if len(out) != 3 or not all(np.isfinite(out)):
+        raise ValueError(f"{name} must be three finite numbers, got {values!r}")
+    return out
+
+
+def _frame_spacing_rc(volume_node) -> Tuple[float, float]:
+    """(row, column) spacing in mm: IJK j is the row axis, i the column axis."""
+    spacing = volume_node.GetSpacing()
+    return float(spacing[1]), float(spacing[0])
+
+
+# ----------------------------------------------------------------------------- writing
+
+def _write_segmentation(scene, segmentation_node, volume_node, masks: np.ndarray):
+    """Put (k, j, i) masks as the "Carotid lumen" segment of a segmentation in the volume's geometry."""
+    import slicer
+
+    if segmentation_node is None:
+        segmentation_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode",
+                                                    f"{volume_node.GetName() or 'Volume'} lumen")
+        segmentation_node.CreateDefaultDisplayNodes()
+    if not isinstance(segmentation_node, slicer.vtkMRMLSegmentationNode):
+        raise ValueError(f"segmentation_node {_node_name(segmentation_node)} is not a vtkMRMLSegmentationNode")
+    segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
+    if volume_node.GetParentTransformNode() is not None:
+        segmentation_node.SetAndObserveTransformNodeID(volume_node.GetParentTransformNode().GetID())
+    segment_id = _import_lumen(segmentation_node, _oriented_labelmap(masks, volume_node))
+    return segmentation_node, segment_id
+
+
+def _import_lumen(segmentation_node, labelmap) -> str:
+    """Replace the "Carotid lumen" segment by the labelmap's label 1 (import of a labelmap, as
+    Segmentations' "Import labelmap" does); an empty mask gives an empty segment."""
+    import slicer
+
+    segmentation = segmentation_node.GetSegmentation()
+    old_id = segmentation.GetSegmentIdBySegmentName(LUMEN_SEGMENT_NAME)
+    if old_id:
+        segmentation.RemoveSegment(old_id)
+    before = set(_segment_ids(segmentation))
+    ok = slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(
+        labelmap, segmentation_node, LUMEN_SEGMENT_NAME)
+    if not ok:
+        raise RuntimeError(f"importing the lumen labelmap into {_node_name(segmentation_node)} failed")
+    new_ids = [sid for sid in _segment_ids(segmentation) if sid not in before]
+    if new_ids:
+        segment_id = new_ids[0]
+    else:   # an all-zero labelmap imports no segment: keep an empty one so the name is there
+        segment_id = segmentation.AddEmptySegment("", LUMEN_SEGMENT_NAME)
+    segment = segmentation.GetSegment(segment_id)
+    segment.SetName(LUMEN_SEGMENT_NAME)     # the import appends the label value to the name
+    segment.SetColor(*LUMEN_COLOR)
+    return segment_id
+
+
+def _segment_ids(segmentation) -> List[str]:
+    return [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())]
+
+
+def _oriented_labelmap(masks: np.ndarray, volume_node):
+    """(k, j, i) bool -> vtkOrientedImageData with the volume's IJKToRAS (label 1 = lumen)."""
+    import slicer
+    import vtk
+    from vtk.util import numpy_support
+
+    labels = np.ascontiguousarray(masks.astype(np.uint8))
+    image = slicer.vtkOrientedImageData()
+    image.SetDimensions(labels.shape[2], labels.shape[1], labels.shape[0])
+    image.GetPointData().SetScalars(numpy_support.numpy_to_vtk(labels.ravel(), deep=True))
+    ijk_to_ras = vtk.vtkMatrix4x4()
+    volume_node.GetIJKToRASMatrix(ijk_to_ras)
+    image.SetImageToWorldMatrix(ijk_to_ras)
+    return image
+
+
+def _write_sequence_segmentations(scene, lumen: LumenResult, frames: _Frames, segmentation_node,
+                                  start: int) -> None:
+    """One segmentation per frame into a new sequence node; the seed frame's into the scene."""
+    source = frames.sequence_node
+    sequence = scene.AddNewNodeByClass("vtkMRMLSequenceNode", f"{source.GetName() or 'Sequence'} lumen")
+    sequence.SetIndexName(source.GetIndexName())
+    sequence.SetIndexUnit(source.GetIndexUnit())
+    sequence.SetIndexType(source.GetIndexType())
+    # Each frame's segmentation is built in the scene (the import makes display nodes there),
+    # copied into the sequence, then removed: the usual way to record sequence items.
+    frame_segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "__lumen frame__")
+    for k in lumen.frames:
+        frame_segmentation.SetReferenceImageGeometryParameterFromVolumeNode(frames.geometry(k))
+        _import_lumen(frame_segmentation, _oriented_labelmap(lumen.sequence.masks[k][None], frames.geometry(k)))
+        frame_segmentation.SetName(f"{source.GetName() or 'Sequence'} lumen {k}")
+        sequence.SetDataNodeAtValue(frame_segmentation, frames.index_values[k])
+    scene.RemoveNode(frame_segmentation)
+    lumen.segmentation_sequence_node = sequence
+    lumen.segmentation_node, lumen.segment_id = _write_segmentation(
+        scene, segmentation_node, frames.geometry(start), lumen.sequence.masks[start][None])
+    _synchronise_browsers(scene, source, sequence)
+
+
+def _synchronise_browsers(scene, source_sequence, new_sequence) -> None:
+    """Let sequence browsers that play the input also play the segmentations."""
+    browsers = scene.GetNodesByClass("vtkMRMLSequenceBrowserNode")
+    for i in range(browsers.GetNumberOfItems()):
+        browser = browsers.GetItemAsObject(i)
+        if browser.IsSynchronizedSequenceNode(source_sequence, True):
+            browser.AddSynchronizedSequenceNode(new_sequence)
+
+
+def _fill_table(scene, table_node, name: str, result: SequenceResult, frames: List[int]):
+    """(Re)fill a table: the :data:`TABLE_COLUMNS`, one row per frame."""
+    import slicer
+    import vtk
+
+    if table_node is None:
+        table_node = scene.AddNewNodeByClass("vtkMRMLTableNode", f"{name} lumen measurements")
+    if not isinstance(table_node, slicer.vtkMRMLTableNode):
+        raise ValueError(f"table_node {_node_name(table_node)} is not a vtkMRMLTableNode")
+    columns = (vtk.vtkIntArray(), vtk.vtkDoubleArray(), vtk.vtkDoubleArray(), vtk.vtkDoubleArray(),
+               vtk.vtkDoubleArray(), vtk.vtkIntArray(), vtk.vtkStringArray())
+    for column, column_name in zip(columns, TABLE_COLUMNS):
+        column.SetName(column_name)
+    for k in frames:
+        m = result.measurements[k]
+        columns[0].InsertNextValue(k)
+        columns[1].InsertNextValue(m.area_mm2)
+        columns[2].InsertNextValue(m.equivalent_diameter_mm)
+        columns[3].InsertNextValue(m.major_diameter_mm)
+        columns[4].InsertNextValue(m.minor_diameter_mm)
+        columns[5].InsertNextValue(int(result.flagged[k]))
+        columns[6].InsertNextValue(result.flag_reasons[k])
+    table = vtk.vtkTable()
+    for column in columns:
+        table.AddColumn(column)
+    table_node.SetAndObserveTable(table)
+    table_node.SetColumnUnitLabel("area_mm2", "mm2")
+    table_node.SetColumnUnitLabel("diameter_mm", "mm")
+    table_node.SetColumnDescription("diameter_mm", "equivalent diameter 2*sqrt(area/pi)")
+    for axis in ("major", "minor"):
+        table_node.SetColumnUnitLabel(f"{axis}_diameter_mm", "mm")
+        table_node.SetColumnDescription(f"{axis}_diameter_mm",
+                                        f"{axis} axis of the ellipse with the lumen's area moments")
+    table_node.SetColumnDescription("flagged", "1: implausible (leak, weak boundary, not a dark lumen, area jump, "
+                                               "empty); do not trust, see note")
+    return table_node
+
+
+def _add_plot(scene, table_node, name: str):
+    """Equivalent diameter over frames, as a plot series and chart (shown by Slicer's Plots)."""
+    import slicer
+
+    series = scene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", f"{name} lumen diameter")
+    series.SetAndObserveTableNodeID(table_node.GetID())
+    series.SetXColumnName("frame")
+    series.SetYColumnName("diameter_mm")
+    series.SetPlotType(slicer.vtkMRMLPlotSeriesNode.PlotTypeScatter)
+    chart = scene.AddNewNodeByClass("vtkMRMLPlotChartNode", f"{name} lumen diameter chart")
+    chart.AddAndObservePlotSeriesNodeID(series.GetID())
+    chart.SetTitle("Carotid lumen diameter")
+    chart.SetXAxisTitle("frame")
+    chart.SetYAxisTitle("equivalent diameter (mm)")
+    return series, chart
+
+
+def _table_name(node) -> str:
+    return node.GetName() or "Volume"
+
+
+def _node_name(node) -> str:
+    if node is None:
+        return "None"
+    get_name = getattr(node, "GetName", None)
+    return f"'{get_name()}'" if get_name and get_name() else type(node).__name__

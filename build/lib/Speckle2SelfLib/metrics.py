@@ -1,0 +1,181 @@
+"""Image-quality metrics for despeckling: PSNR, SSIM, GLCM homogeneity, ENL, SNR, CNR and
+singular-value decay.
+
+Full-reference metrics (PSNR, SSIM) compare an image with a reference of the same shape; the
+others are no-reference statistics of one image or of regions of it (boolean masks).
+
+LPIPS is not provided: it needs pretrained network weights that cannot be downloaded in the
+project's build environment, and torchvision (which the usual implementation imports) is not
+importable beside the CPU torch build used here.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Sequence
+
+import numpy as np
+from skimage.feature import graycomatrix, graycoprops
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+GLCM_DISTANCES = (1,)
+GLCM_ANGLES_DEG = (0.0, 45.0, 90.0, 135.0)
+GLCM_LEVELS = 256
+
+
+def _as_image(img: np.ndarray, name: str = "image") -> np.ndarray:
+    arr = np.asarray(img)
+    if arr.ndim != 2:
+        raise ValueError(f"{name} must be a 2D (H, W) array, got shape {arr.shape}")
+    if arr.size == 0:
+        raise ValueError(f"{name} is empty")
+    if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
+        raise TypeError(f"{name} must have an integer or float dtype, got {arr.dtype}")
+    if np.issubdtype(arr.dtype, np.floating) and not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name} contains NaN or infinite values")
+    return arr
+
+
+def _default_data_range(*images: np.ndarray) -> float:
+    """255 / 65535 for uint8 / uint16, 1.0 for float images inside [0, 1]; otherwise ask."""
+    dtypes = {img.dtype for img in images}
+    if dtypes == {np.dtype(np.uint8)}:
+        return 255.0
+    if dtypes == {np.dtype(np.uint16)}:
+        return 65535.0
+    if all(np.issubdtype(d, np.floating) for d in dtypes) and all(
+            img.min() >= 0.0 and img.max() <= 1.0 for img in images):
+        return 1.0
+    raise ValueError("cannot infer data_range for these dtypes/values; pass data_range "
+                     "(e.g. 255 for 8-bit images, 1.0 for images scaled to [0, 1])")
+
+
+def _pair(reference: np.ndarray, image: np.ndarray):
+    ref = _as_image(reference, "reference")
+    img = _as_image(image, "image")
+    if ref.shape != img.shape:
+        raise ValueError(f"reference shape {ref.shape} differs from image shape {img.shape}")
+    return ref, img
+
+
+def psnr(reference: np.ndarray, image: np.ndarray, data_range: Optional[float] = None) -> float:
+    """Peak signal-to-noise ratio in dB: 10 log10(data_range^2 / MSE) (inf when identical).
+
+    data_range: peak-to-peak range of the pixel values; None infers 255 (uint8), 65535 (uint16)
+    or 1.0 (floats inside [0, 1]).
+    """
+    ref, img = _pair(reference, image)
+    rng = _default_data_range(ref, img) if data_range is None else float(data_range)
+    mse = float(np.mean((ref.astype(np.float64) - img.astype(np.float64)) ** 2))
+    if mse == 0.0:
+        return float("inf")
+    return float(peak_signal_noise_ratio(ref.astype(np.float64), img.astype(np.float64), data_range=rng))
+
+
+def ssim(reference: np.ndarray, image: np.ndarray, data_range: Optional[float] = None) -> float:
+    """Mean structural similarity (scikit-image) with Wang et al. (2004) settings: 11x11 Gaussian
+    window of sigma 1.5, population covariance, K1 = 0.01, K2 = 0.03.
+
+    data_range as in :func:`psnr`.
+    """
+    ref, img = _pair(reference, image)
+    if min(ref.shape) < 11:
+        raise ValueError(f"SSIM needs images of at least 11 x 11 pixels, got {ref.shape}")
+    rng = _default_data_range(ref, img) if data_range is None else float(data_range)
+    return float(structural_similarity(ref.astype(np.float64), img.astype(np.float64), data_range=rng,
+                                       gaussian_weights=True, sigma=1.5, use_sample_covariance=False))
+
+
+def _quantise(img: np.ndarray, levels: int, data_range: Optional[float]) -> np.ndarray:
+    """Grey levels 0..levels-1 over [0, data_range] (uint8 images with 256 levels stay as they are)."""
+    rng = _default_data_range(img) if data_range is None else float(data_range)
+    scaled = np.clip(img.astype(np.float64) / rng, 0.0, 1.0)
+    return np.minimum(np.floor(scaled * levels), levels - 1).astype(np.uint16 if levels > 256 else np.uint8)
+
+
+def glcm_homogeneity(image: np.ndarray, data_range: Optional[float] = None,
+                     levels: int = GLCM_LEVELS, distances: Sequence[int] = GLCM_DISTANCES,
+                     angles_deg: Sequence[float] = GLCM_ANGLES_DEG) -> float:
+    """Grey-level co-occurrence homogeneity sum_ij p(i, j) / (1 + (i - j)^2), in (0, 1].
+
+    Defaults: the image is quantised to ``levels`` = 256 grey levels over [0, data_range]
+    (8-bit display levels: a uint8 image is used as is), pixel distance 1, angles 0, 45, 90 and
+    135 degrees, symmetric and normalised matrices (scikit-image ``graycomatrix``), the property
+    averaged over distances and angles. Smoother images score higher; a constant image scores 1.
+    """
+    img = _as_image(image)
+    if levels < 2:
+        raise ValueError(f"levels must be >= 2, got {levels}")
+    quantised = _quantise(img, levels, data_range)
+    glcm = graycomatrix(quantised, distances=list(distances), angles=list(np.deg2rad(angles_deg)),
+                        levels=levels, symmetric=True, normed=True)
+    return float(graycoprops(glcm, "homogeneity").mean())
+
+
+def _region(image: np.ndarray, mask: Optional[np.ndarray], name: str = "mask") -> np.ndarray:
+    img = _as_image(image)
+    if mask is None:
+        values = img.ravel()
+    else:
+        m = np.asarray(mask)
+        if m.dtype != bool:
+            raise TypeError(f"{name} must be a boolean array, got dtype {m.dtype}")
+        if m.shape != img.shape:
+            raise ValueError(f"{name} shape {m.shape} differs from image shape {img.shape}")
+        values = img[m]
+    if values.size < 2:
+        raise ValueError(f"{name} selects {values.size} pixel(s); a region needs at least 2")
+    return values.astype(np.float64)
+
+
+def enl(image: np.ndarray, mask: Optional[np.ndarray] = None) -> float:
+    """Equivalent number of looks mean^2 / var over ``mask`` (whole image when None).
+
+    For a Rayleigh amplitude it is 1 / (4 / pi - 1) = 3.66; for intensity (exponential) it is 1.
+    """
+    values = _region(image, mask)
+    var = values.var()
+    return float("inf") if var == 0.0 else float(values.mean() ** 2 / var)
+
+
+def speckle_snr(image: np.ndarray, mask: Optional[np.ndarray] = None) -> float:
+    """Speckle signal-to-noise ratio mean / std over ``mask`` (1.91 for a Rayleigh amplitude)."""
+    values = _region(image, mask)
+    std = values.std()
+    return float("inf") if std == 0.0 else float(values.mean() / std)
+
+
+def cnr(image: np.ndarray, roi_a: np.ndarray, roi_b: np.ndarray) -> float:
+    """Contrast-to-noise ratio |mean_a - mean_b| / sqrt(var_a + var_b) of two boolean regions."""
+    a = _region(image, roi_a, "roi_a")
+    b = _region(image, roi_b, "roi_b")
+    spread = np.sqrt(a.var() + b.var())
+    difference = abs(a.mean() - b.mean())
+    if spread == 0.0:
+        return 0.0 if difference == 0.0 else float("inf")
+    return float(difference / spread)
+
+
+class SingularValueDecay(NamedTuple):
+    """Singular values of a patch normalised by the largest, and the share of energy
+    (sum of squared singular values) held by the first ``top_k``."""
+
+    values: np.ndarray
+    top_k_energy: float
+    top_k: int
+
+
+def singular_value_decay(patch: np.ndarray, top_k: int = 10) -> SingularValueDecay:
+    """Singular-value spectrum of a 2D patch: the clean image is low rank, speckle is not, so a
+    despeckled patch concentrates more energy in its first singular values (Speckle2Self's
+    low-rank + sparse argument).
+    """
+    arr = _as_image(patch, "patch").astype(np.float64)
+    if top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    values = np.linalg.svd(arr, compute_uv=False)
+    energy = values ** 2
+    if values[0] == 0.0:
+        raise ValueError("patch is all zeros; its singular values cannot be normalised")
+    k = min(top_k, values.size)
+    return SingularValueDecay(values=values / values[0], top_k_energy=float(energy[:k].sum() / energy.sum()),
+                              top_k=k)

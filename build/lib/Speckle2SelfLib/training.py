@@ -1,0 +1,529 @@
+"""Self-supervised training: random crops of unlabeled frames, multi-scale views, Adam.
+
+No clean images are needed: every frame of every input file is a training sample.
+Runs stop by steps, epochs or a wall-clock budget, checkpoint regularly and resume
+exactly where they stopped, so long CPU runs can live in the background.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+
+from .imageio import iter_inputs, read_frames
+from .losses import LossConfig, speckle2self_loss
+from .perturbation import DEFAULT_SCALES, minmax_normalise, multiscale_views, resample_to_working_scale
+
+
+@dataclass
+class TrainConfig:
+    width: int = 32
+    scales: Sequence[float] = DEFAULT_SCALES
+    interpolation: str = "bilinear"
+    upsample: str = "transposed"
+    shared_encoder: bool = False
+    depth: int = 4                    # stride-2 stages; the paper's bottleneck is 1/16 (4)
+    head: str = "linear"              # "norm_relu": the authors' InstanceNorm + ReLU output head
+    crop: int = 128
+    batch: int = 16
+    lr: float = 1e-3
+    betas: Sequence[float] = (0.5, 0.999)
+    lr_schedule: str = "constant"     # "cosine": warm-up, then cosine decay over the budget
+    warmup_steps: int = 200
+    steps: Optional[int] = None
+    epochs: Optional[float] = None
+    minutes: Optional[float] = None
+    # Augmentation is applied AFTER the views are made, identically to every view: a
+    # resampling step before the views would blur the full-resolution view towards the
+    # coarser ones and teach the net to copy its input.
+    augment_prob: float = 0.3         # share of samples rotated (the authors augment 30%)
+    rotate_degrees: float = 10.0
+    working_scale: float = 1.0        # frames are resampled by this before the views (grain matching)
+    reconstruction: str = "mse"
+    consistency: str = "l1"
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True                  # CUDA: fp16/bf16; CPU: bf16 where the CPU has native bf16
+    checkpoint_every: int = 200       # steps
+    preview_every: int = 500          # steps (0: never)
+    name: str = "speckle2self"
+
+    def __post_init__(self):
+        if self.crop % 16 or self.crop < 32:
+            raise ValueError(f"crop must be a multiple of 16 and at least 32, got {self.crop}")
+        if self.batch < 1:
+            raise ValueError("batch must be at least 1")
+        if self.steps is None and self.epochs is None and self.minutes is None:
+            raise ValueError("give a stopping rule: steps, epochs or minutes")
+        if not 0.0 <= self.augment_prob <= 1.0:
+            raise ValueError(f"augment_prob must lie in [0, 1], got {self.augment_prob}")
+        if not 0.05 <= self.working_scale <= 4.0:
+            raise ValueError(f"working_scale must lie in [0.05, 4], got {self.working_scale}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
+        LossConfig(self.reconstruction, self.consistency)   # validates the names
+        self._check_numbers()   # issue #16: no NaN/zero/negative settings reach a run
+
+    def _check_numbers(self) -> None:
+        import math
+
+        def finite_positive(name, value):
+            if value is not None and (isinstance(value, bool) or not math.isfinite(float(value)) or value <= 0):
+                raise ValueError(f"{name} must be a finite positive number, got {value!r}")
+
+        if self.steps is not None and int(self.steps) < 1:
+            raise ValueError(f"steps must be at least 1 (0 steps would write an untrained model), got {self.steps}")
+        finite_positive("epochs", self.epochs)
+        finite_positive("minutes", self.minutes)
+        finite_positive("lr", self.lr)
+        if int(self.width) < 1:
+            raise ValueError(f"width must be at least 1, got {self.width}")
+        if self.crop % 2 ** int(self.depth):
+            raise ValueError(f"crop {self.crop} must be a multiple of 2^depth = {2 ** int(self.depth)}")
+        if not self.scales or any(not (math.isfinite(float(v)) and 0 < float(v) <= 1) for v in self.scales):
+            raise ValueError(f"scales must be numbers in (0, 1], got {list(self.scales)}")
+        if not math.isfinite(float(self.rotate_degrees)):
+            raise ValueError(f"rotate_degrees must be finite, got {self.rotate_degrees}")
+        if int(self.checkpoint_every) < 1 or int(self.preview_every) < 0:
+            raise ValueError("checkpoint_every must be at least 1 and preview_every at least 0")
+
+
+# ----------------------------------------------------------------------------- data
+
+#: Crops whose full view spans less of the frame's [0, 1] range than this are redrawn.
+MIN_CROP_CONTRAST = 0.25
+
+
+class FramePool:
+    """All training frames as float32 [0, 1] arrays; views made per whole frame; random crops.
+
+    The views of each frame are computed once, on the whole frame (after resampling it to the
+    working scale), so a crop's views are exactly the whole frame's views there; crops then
+    get the same augmentation in every view, and each view is stretched to [0, 1].
+    """
+
+    def __init__(self, frames: List[np.ndarray], summary: Dict):
+        if not frames:
+            raise ValueError("no training frames; give image, volume, sequence or DICOM files or folders")
+        self.frames = frames
+        self.summary = summary
+        self._views: Optional[List[np.ndarray]] = None
+        self._views_key = None
+
+    @classmethod
+    def from_paths(cls, inputs: Sequence[str], min_side: int = 32) -> "FramePool":
+        frames, files, skipped = [], [], []
+        for path in iter_inputs(list(inputs)):
+            data = read_frames(path)
+            usable = [f for f in data.frames if min(f.shape) >= min_side and f.max() > f.min()]
+            if not usable:
+                skipped.append(path.name)
+                continue
+            frames += [_to_unit(f) for f in usable]
+            files.append(path.name)
+        summary = {"files": len(files), "frames": len(frames), "examples": files[:10],
+                   "skipped": skipped[:10]}
+        return cls(frames, summary)
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+    def prepare_views(self, scales: Sequence[float], interpolation: str = "bilinear",
+                      working_scale: float = 1.0) -> None:
+        """Compute and keep (S, H, W) float16 views of every frame (idempotent)."""
+        import torch
+
+        key = (tuple(scales), interpolation, float(working_scale))
+        if self._views_key == key:
+            return
+        views = []
+        for frame in self.frames:
+            x = torch.from_numpy(np.ascontiguousarray(frame))[None, None]
+            x = resample_to_working_scale(x, working_scale)
+            stack = torch.cat(multiscale_views(x, scales, interpolation), dim=1)[0]
+            views.append(stack.to(torch.float16).numpy())
+        self._views, self._views_key = views, key
+
+    def sample(self, rng: np.random.Generator, batch: int, crop: int, augment_prob: float = 0.3,
+               rotate_degrees: float = 10.0):
+        """One (B, 1, crop, crop) torch batch per view: the same crop and augmentation in every view."""
+        import torch
+
+        if self._views is None:
+            raise RuntimeError("call prepare_views() before sampling")
+        rotate = rng.random(batch) < augment_prob if rotate_degrees else np.zeros(batch, bool)
+        # Rotated samples need a margin so no corner samples outside the patch.
+        margin = math.ceil(crop * (abs(math.cos(math.radians(rotate_degrees))) +
+                                   abs(math.sin(math.radians(rotate_degrees))))) + 2
+        patches = []
+        for rot in rotate:
+            patch = torch.from_numpy(self._contrasted_crop(rng, margin if rot else crop).astype(np.float32))
+            if rot:
+                angle = rng.uniform(-rotate_degrees, rotate_degrees)
+                patch = _rotate_center_crop(patch[None], np.array([angle]), crop)[0]
+            patches.append(patch)
+        x = torch.stack(patches)                                  # (B, S, crop, crop)
+        # Horizontal flips only: a vertical flip would put depth (attenuation) upside down.
+        flip = torch.from_numpy(rng.random(batch) < 0.5)
+        x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+        # Each view of each crop is stretched to [0, 1], as the paper normalises each view: with
+        # whole-frame ranges, dark crops have so little contrast that the L1 consistency term
+        # outweighs the MSE reconstruction and the net collapses to a flat output.
+        return [minmax_normalise(x[:, k:k + 1].contiguous()) for k in range(x.shape[1])]
+
+    def _contrasted_crop(self, rng: np.random.Generator, size: int, tries: int = 20) -> np.ndarray:
+        """A random crop whose full view spans at least MIN_CROP_CONTRAST of the frame's range:
+        stretching a near-flat crop to [0, 1] would only teach the net quantisation noise."""
+        for _ in range(tries):
+            views = self._crop(rng, size)
+            full = views[0]
+            if float(full.max()) - float(full.min()) >= MIN_CROP_CONTRAST:
+                return views
+        return views
+
+    def view_difference(self, working_scale: float = 1.0, max_frames: int = 16) -> Optional[float]:
+        """Mean view difference (0.5 view vs full view, Speckle2SelfLib.grain) of up to
+        ``max_frames`` frames at the working scale: what the model learns to work at."""
+        from .grain import view_difference_at
+
+        pick = np.unique(np.linspace(0, len(self.frames) - 1, min(max_frames, len(self.frames))).round().astype(int))
+        values = [view_difference_at(self.frames[k], working_scale) for k in pick]
+        values = [v for v in values if v is not None]
+        return round(float(np.mean(values)), 4) if values else None
+
+    def _crop(self, rng: np.random.Generator, size: int) -> np.ndarray:
+        views = self._views[rng.integers(len(self._views))]
+        _, h, w = views.shape
+        if h < size or w < size:
+            views = np.pad(views, ((0, 0), (0, max(0, size - h)), (0, max(0, size - w))), mode="reflect")
+            _, h, w = views.shape
+        r, c = rng.integers(h - size + 1), rng.integers(w - size + 1)
+        return views[:, r:r + size, c:c + size]
+
+
+def _to_unit(frame: np.ndarray) -> np.ndarray:
+    f = frame.astype(np.float32)
+    lo, hi = float(f.min()), float(f.max())
+    return (f - lo) / (hi - lo)
+
+
+def _rotate_center_crop(x, angles_deg: np.ndarray, crop: int):
+    import torch
+    import torch.nn.functional as F
+
+    size = x.shape[-1]
+    theta = torch.zeros(len(angles_deg), 2, 3)
+    a = torch.from_numpy(np.radians(angles_deg)).float()
+    scale = crop / size
+    theta[:, 0, 0], theta[:, 0, 1] = torch.cos(a) * scale, -torch.sin(a) * scale
+    theta[:, 1, 0], theta[:, 1, 1] = torch.sin(a) * scale, torch.cos(a) * scale
+    grid = F.affine_grid(theta, [len(angles_deg), x.shape[1], crop, crop], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+# ----------------------------------------------------------------------------- training
+
+@dataclass
+class TrainState:
+    step: int = 0
+    elapsed_s: float = 0.0
+    last_loss: Dict[str, float] = field(default_factory=dict)
+
+
+def build_net(cfg: TrainConfig):
+    from .network import Speckle2SelfNet
+    return Speckle2SelfNet(cfg.width, len(cfg.scales), cfg.upsample, cfg.shared_encoder, cfg.depth, cfg.head)
+
+
+def _amp_dtype(device: str):
+    import torch
+    from .inference import cpu_has_native_bf16
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    # On CPUs without native bf16 (AVX2 only) autocast emulates it and is slower than fp32.
+    return torch.bfloat16 if cpu_has_native_bf16() else None
+
+
+def config_from_model(model_path, **overrides) -> TrainConfig:
+    """A TrainConfig whose architecture matches an exported model (for fine-tuning it)."""
+    from .models import load_model
+
+    meta = load_model(model_path).metadata
+    arch = dict(width=int(meta["width"]), scales=list(meta["scales"]), interpolation=meta["interpolation"],
+                upsample=meta.get("upsample", "transposed"), shared_encoder=bool(meta.get("shared_encoder", False)),
+                depth=int(meta.get("depth", 4)), head=meta.get("head", "linear"),
+                working_scale=float(meta.get("working_scale", 1.0)))
+    return TrainConfig(**{**overrides, **arch})
+
+
+def init_from_model(net, model_path) -> None:
+    """Start every encoder and the decoder from an exported model's weights.
+
+    An exported model holds only the full-resolution encoder; the other scales' encoders
+    start as copies of it, which is far closer to their optimum than random weights.
+    """
+    from .models import load_model
+
+    state = load_model(model_path).module.state_dict()
+    enc = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
+    dec = {k[len("decoder."):]: v for k, v in state.items() if k.startswith("decoder.")}
+    for encoder in net.encoders:
+        encoder.load_state_dict(enc)
+    net.decoder.load_state_dict(dec)
+
+
+def train(cfg: TrainConfig, pool: FramePool, out_path, resume: Optional[str] = None,
+          progress: bool = True, on_step: Optional[Callable[[TrainState], None]] = None,
+          init_model: Optional[str] = None, should_stop: Optional[Callable[[], bool]] = None,
+          keep_best: bool = False):
+    """Train, checkpoint next to ``out_path`` and export a TorchScript model there.
+
+    ``init_model`` fine-tunes an exported model (its architecture must match ``cfg``:
+    use :func:`config_from_model`). Returns (net, state). The checkpoint ``<out>.ckpt``
+    can be passed back as ``resume``. ``should_stop`` is asked after each step; when it
+    returns True the run ends there (checkpoint and export as at the end). ``keep_best``
+    exports the weights of the step with the lowest smoothed loss (:class:`BestWeights`)
+    instead of the last ones; the checkpoint keeps the last ones, for resuming.
+    """
+    import torch
+    from .inference import pick_device
+    from .models import export_model
+
+    out_path = Path(out_path)
+    device = pick_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    net = build_net(cfg).to(device)
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
+    state = TrainState()
+    if init_model and not resume:
+        init_from_model(net, init_model)
+    if resume:
+        rng = _load_checkpoint(resume, net, opt, state, device)
+    amp = _amp_dtype(device) if cfg.amp else None
+    if amp is not None:
+        net = net.to(memory_format=torch.channels_last)
+    pool.prepare_views(cfg.scales, cfg.interpolation, cfg.working_scale)
+    pool.summary.setdefault("view_difference", pool.view_difference(cfg.working_scale))
+    scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
+    loss_cfg = LossConfig(cfg.reconstruction, cfg.consistency)
+    total_steps = _total_steps(cfg, len(pool))
+    bar = _progress_bar(progress, total_steps, state.step)
+    ckpt_path = out_path.with_suffix(".ckpt")
+    t0 = time.monotonic() - state.elapsed_s
+    best = BestWeights() if keep_best else None
+    stopped = False
+    net.train()
+    while not _done(cfg, state, total_steps):
+        for group in opt.param_groups:
+            group["lr"] = learning_rate(cfg, state, total_steps)
+        views = [v.to(device) for v in pool.sample(rng, cfg.batch, cfg.crop, cfg.augment_prob, cfg.rotate_degrees)]
+        if amp is not None:
+            views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+        with torch.autocast(device.split(":")[0], dtype=amp, enabled=amp is not None):
+            outputs = net(views)
+            losses = speckle2self_loss([o.float() for o in outputs], views, loss_cfg)
+        opt.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(losses["total"]).backward()
+            scaler.step(opt)
+            scaler.update()
+        else:
+            losses["total"].backward()
+            opt.step()
+        state.step += 1
+        state.elapsed_s = time.monotonic() - t0
+        state.last_loss = {k: float(v.detach()) for k, v in losses.items()}
+        if not math.isfinite(state.last_loss["total"]):
+            raise FloatingPointError(f"loss became {state.last_loss['total']} at step {state.step}; "
+                                     "lower the learning rate or disable AMP (--no-amp)")
+        if best is not None:
+            best.update(net, state)
+        _update_bar(bar, state)
+        if state.step % cfg.checkpoint_every == 0:
+            save_checkpoint(ckpt_path, net, opt, state, cfg, pool.summary)
+        if cfg.preview_every and state.step % cfg.preview_every == 0:
+            write_preview(net, pool, out_path.with_suffix(".preview.png"))
+        if on_step is not None:
+            on_step(state)
+        if should_stop is not None and should_stop():
+            stopped = True
+            break
+    if bar is not None:
+        bar.close()
+    save_checkpoint(ckpt_path, net, opt, state, cfg, pool.summary)
+    summary = training_summary(cfg, pool, state, device)
+    if stopped:
+        summary["stopped_early"] = True
+    if best is not None:
+        summary.update(best.restore(net))
+    export_model(net, out_path, scales=cfg.scales, interpolation=cfg.interpolation, name=cfg.name,
+                 training=summary, extra=_grain_metadata(cfg, pool.summary))
+    return net, state
+
+
+class BestWeights:
+    """The weights of the step with the lowest smoothed total loss seen so far.
+
+    Single-batch losses of random crops are noisy, so the loss is smoothed (exponential
+    moving average over about ``1 / alpha`` steps) before steps are compared.
+    """
+
+    def __init__(self, alpha: float = 0.1):
+        self.alpha = alpha
+        self.smoothed: Optional[float] = None
+        self.best_loss = math.inf
+        self.best_step = 0
+        self.weights: Optional[Dict] = None
+
+    def update(self, net, state: TrainState) -> None:
+        loss = state.last_loss["total"]
+        self.smoothed = loss if self.smoothed is None else (1 - self.alpha) * self.smoothed + self.alpha * loss
+        if self.smoothed < self.best_loss:
+            self.best_loss, self.best_step = self.smoothed, state.step
+            self.weights = {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+    def restore(self, net) -> Dict:
+        """Load the best weights into ``net``; returns what the model metadata records."""
+        if self.weights is None:
+            return {}
+        net.load_state_dict(self.weights)
+        return {"best_step": self.best_step, "best_smoothed_loss": round(self.best_loss, 6)}
+
+
+def _grain_metadata(cfg: TrainConfig, data: Dict) -> Dict:
+    """What inference needs to give new frames the training data's grain."""
+    return {"working_scale": cfg.working_scale, "working_view_difference": data.get("view_difference")}
+
+
+def learning_rate(cfg: TrainConfig, state: TrainState, total_steps: Optional[int]) -> float:
+    """The paper's constant rate, or linear warm-up then cosine decay to 5% over the budget
+    (steps, or wall-clock minutes when the run is timed)."""
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    if state.step < cfg.warmup_steps:
+        return cfg.lr * (state.step + 1) / cfg.warmup_steps
+    if total_steps is not None:
+        progress = state.step / max(1, total_steps)
+    else:
+        progress = state.elapsed_s / (60.0 * cfg.minutes)
+    progress = min(1.0, max(0.0, progress))
+    return cfg.lr * (0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def _total_steps(cfg: TrainConfig, n_frames: int) -> Optional[int]:
+    if cfg.steps is not None:
+        return cfg.steps
+    if cfg.epochs is not None:
+        # One epoch = as many crops as there are frames.
+        return max(1, math.ceil(cfg.epochs * n_frames / cfg.batch))
+    return None
+
+
+def _done(cfg: TrainConfig, state: TrainState, total_steps: Optional[int]) -> bool:
+    if total_steps is not None and state.step >= total_steps:
+        return True
+    return cfg.minutes is not None and state.elapsed_s >= cfg.minutes * 60
+
+
+def _progress_bar(enabled: bool, total: Optional[int], initial: int):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+
+
+def _update_bar(bar, state: TrainState) -> None:
+    if bar is None:
+        return
+    bar.update(1)
+    if state.step % 10 == 0:
+        bar.set_postfix(loss=f"{state.last_loss['total']:.4f}",
+                        rec=f"{state.last_loss['reconstruction']:.4f}",
+                        cons=f"{state.last_loss['consistency']:.4f}", refresh=False)
+
+
+def training_summary(cfg: TrainConfig, pool: FramePool, state: TrainState, device: str) -> Dict:
+    summary = {k: v for k, v in asdict(cfg).items() if k not in ("checkpoint_every", "preview_every")}
+    summary.update(steps_done=state.step, minutes_done=round(state.elapsed_s / 60, 2), device_used=device,
+                   final_loss=state.last_loss, data=pool.summary)
+    summary["scales"], summary["betas"] = list(cfg.scales), list(cfg.betas)
+    return summary
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def save_checkpoint(path, net, opt, state: TrainState, cfg: TrainConfig, data: Optional[Dict] = None) -> None:
+    import torch
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".part")
+    torch.save({"model": net.state_dict(), "optimizer": opt.state_dict(), "step": state.step,
+                "elapsed_s": state.elapsed_s, "config": _plain(asdict(cfg)), "data": data or {}}, tmp)
+    tmp.replace(path)   # an interrupted save never clobbers the last good checkpoint
+
+
+def _plain(cfg: Dict) -> Dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}
+
+
+def load_checkpoint_config(path) -> TrainConfig:
+    import torch
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    return TrainConfig(**ckpt["config"])
+
+
+def _load_checkpoint(path, net, opt, state: TrainState, device: str) -> np.random.Generator:
+    import torch
+
+    # weights_only: a checkpoint holds tensors and plain values; nothing is unpickled as code.
+    ckpt = torch.load(path, map_location=device, weights_only=True)
+    net.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["optimizer"])
+    state.step, state.elapsed_s = int(ckpt["step"]), float(ckpt["elapsed_s"])
+    # Continue the crop sequence instead of replaying the first crops again.
+    return np.random.default_rng([int(ckpt["config"]["seed"]), state.step])
+
+
+def export_checkpoint(ckpt_path, out_path, name: Optional[str] = None, extra: Optional[Dict] = None) -> Dict:
+    """Export a checkpoint (e.g. from an interrupted run) as a TorchScript model."""
+    import torch
+    from .models import export_model
+
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    cfg = TrainConfig(**ckpt["config"])
+    net = build_net(cfg)
+    net.load_state_dict(ckpt["model"])
+    summary = _plain(asdict(cfg))
+    summary.update(steps_done=int(ckpt["step"]), minutes_done=round(float(ckpt["elapsed_s"]) / 60, 2),
+                   data=ckpt.get("data", {}))
+    return export_model(net, out_path, scales=cfg.scales, interpolation=cfg.interpolation,
+                        name=name or cfg.name, training=summary,
+                        extra={**_grain_metadata(cfg, ckpt.get("data", {})), **(extra or {})})
+
+
+# ----------------------------------------------------------------------------- preview
+
+def write_preview(net, pool: FramePool, path, size: int = 512) -> None:
+    """Save "input | output" for the first frame (centre crop) so progress can be seen."""
+    import torch
+    from PIL import Image
+
+    frame = pool.frames[0]
+    h, w = frame.shape
+    r, c = max(0, (h - size) // 2), max(0, (w - size) // 2)
+    patch = frame[r:r + size, c:c + size]
+    was_training = net.training
+    net.eval()
+    device = next(net.parameters()).device
+    with torch.inference_mode():
+        x = minmax_normalise(torch.from_numpy(np.ascontiguousarray(patch))[None, None].to(device))
+        y = net.inference_module()(x)[0, 0].float().cpu().numpy()
+    net.train(was_training)
+    side = np.concatenate([patch, np.ones((patch.shape[0], 4), np.float32), y], axis=1)
+    Image.fromarray(np.round(np.clip(side, 0, 1) * 255).astype(np.uint8)).save(path)
