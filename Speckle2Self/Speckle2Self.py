@@ -109,6 +109,8 @@ class Speckle2SelfWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._running = False
         self._cancelRequested = False
         self._updatingModelCombo = False
+        self._job = None                  # the running Speckle2SelfLib.mrml.DespeckleJob
+        self._jobTimer = None
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -143,6 +145,8 @@ class Speckle2SelfWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def cleanup(self) -> None:
         self._cancelRequested = True
+        if getattr(self, "_job", None) is not None:
+            self._job.cancel()
         self.stopLive()
         self.stopAdapt()
         self.removeObservers()
@@ -158,6 +162,8 @@ class Speckle2SelfWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onSceneStartClose(self, caller, event) -> None:
         self._cancelRequested = True      # a run in progress stops; its nodes would go with the scene
+        if getattr(self, "_job", None) is not None:
+            self._job.cancel()
         self.stopLive()
         self.setParameterNode(None)
 
@@ -310,39 +316,75 @@ class Speckle2SelfWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.stopLive()                   # Apply and Live would write into the same output volume
         if self._running:
             self._cancelRequested = True
+            if getattr(self, "_job", None) is not None:
+                self._job.cancel()        # the worker stops after its current batch (under a second)
             self.ui.applyButton.enabled = False
             self.ui.statusLabel.text = _("Cancelling after the current batch...")
             return
-        if not self.logic.ensurePythonDependencies():
+        if not self.torchReady():
             self.ui.statusLabel.text = _("PyTorch is needed to despeckle; it was not installed.")
             return
-        from Speckle2SelfLib.inference import Cancelled
-
         p = self._parameterNode
-        self.setRunning(True)
-        try:
-            result = self.logic.process(
+        try:   # frames are read here (main thread); the model loads and runs in a worker thread
+            self._job = self.logic.startProcess(
                 p.inputVolume, p.outputVolume, allFrames=p.allFrames, model=p.model or None,
                 device=p.device.lower(), backend=BACKENDS[p.backend], batchSize=p.batchSize or None, gamma=p.gamma,
-                blend=p.blend, keepColour=p.keepColour, progress=self.onProgress, cancel=lambda: self._cancelRequested)
-        except Cancelled:
-            self.ui.statusLabel.text = _("Cancelled; nothing was added to the scene.")
+                blend=p.blend, keepColour=p.keepColour)
         except Exception as err:  # shown to the user with the details; the scene is left as it was
-            logging.error(traceback.format_exc())
-            self.ui.statusLabel.text = _("Failed: {error}").format(error=err)
-            slicer.util.errorDisplay(_("Despeckling failed:\n{error}").format(error=err),
-                                     detailedText=traceback.format_exc())
+            self._showDespeckleError(err)
+            return
+        self.setRunning(True)
+        self._jobTimer = qt.QTimer()
+        self._jobTimer.setInterval(self.JOB_POLL_MS)
+        self._jobTimer.connect("timeout()", self.onJobTick)
+        self._jobTimer.start()
+
+    JOB_POLL_MS = 100                     # GUI timer: progress, and the result written on the main thread
+
+    def onJobTick(self) -> None:
+        """QTimer on the main thread: show the worker's progress; when it has ended, the job
+        writes its result into the scene here (MRML is never used from the worker thread)."""
+        job = getattr(self, "_job", None)
+        if job is None:
+            return
+        if self._cancelRequested:
+            job.cancel()
+        state = job.poll()
+        if state.running:
+            self.onProgress(state.done, state.total)
+            return
+        self._jobTimer.stop()
+        self._job = None
+        if state.cancelled:
+            self.ui.statusLabel.text = _("Cancelled; nothing was added to the scene.")
+        elif state.error is not None:
+            self._showDespeckleError(state.error)
         else:
-            self.showResult(result)
-        finally:
-            self.setRunning(False)
+            self.showResult(DespeckleRun.fromJobResult(state.result, self.logic.despeckleLogic.last_seconds))
+        self.setRunning(False)
+
+    def _showDespeckleError(self, err) -> None:
+        details = "".join(traceback.format_exception(type(err), err, err.__traceback__))
+        logging.error(details)
+        self.ui.statusLabel.text = _("Failed: {error}").format(error=err)
+        slicer.util.errorDisplay(_("Despeckling failed:\n{error}").format(error=err), detailedText=details)
+
+    def torchReady(self) -> bool:
+        """ensurePythonDependencies inside error handling: a failed install (no network, pip
+        error) is shown to the user and reported as 'not installed', never raised into Qt."""
+        try:
+            return self.logic.ensurePythonDependencies()
+        except Exception as err:
+            logging.error(traceback.format_exc())
+            slicer.util.errorDisplay(_("Installing PyTorch failed:\n{error}").format(error=err),
+                                     detailedText=traceback.format_exc())
+            return False
 
     def onProgress(self, done: int, total: int) -> None:
-        """Called between batches: update the bar and let Qt process events (GUI stays responsive)."""
+        """Called from the job timer: update the bar (the worker thread keeps the GUI free)."""
         self.ui.progressBar.maximum = max(total, 1)
         self.ui.progressBar.value = done
         self.ui.statusLabel.text = _("Despeckling... {done}/{total}").format(done=done, total=total)
-        slicer.app.processEvents()
 
     def setRunning(self, running: bool) -> None:
         """While running, Apply becomes Cancel and the inputs are locked."""
@@ -401,7 +443,7 @@ class Speckle2SelfWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._setLiveChecked(False)
             self.ui.liveStatusLabel.text = _("Select an input volume to despeckle live.")
             return
-        if not self.logic.ensurePythonDependencies():
+        if not self.torchReady():
             self._setLiveChecked(False)
             self.ui.liveStatusLabel.text = _("PyTorch is needed to despeckle; it was not installed.")
             return
@@ -557,7 +599,7 @@ class Speckle2SelfWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.adaptStartButton.enabled = False
             self.ui.adaptStartButton.text = _("Stopping after the current step...")
             return
-        if not self.logic.ensurePythonDependencies():
+        if not self.torchReady():
             self.ui.adaptStatusLabel.text = _("PyTorch is needed to adapt a model; it was not installed.")
             return
         minutes = self.ui.adaptMinutesSpinBox.value or None
@@ -680,6 +722,8 @@ class Speckle2SelfWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                              segmentationNode=p.lumenSegmentation, tableNode=p.lumenTable)
             p.lumenSegmentation = result.segmentation_node
             p.lumenTable = result.table_node
+            if result.plot_chart_node is not None:     # diameter over frames, in the layout's plot view
+                slicer.modules.plots.logic().ShowChartInLayout(result.plot_chart_node)
             slicer.util.setSliceViewerLayers(background=p.lumenVolume)
             self.ui.lumenTableView.setMRMLTableNode(result.table_node)
             flaggedRows = [row for row, k in enumerate(result.frames) if result.sequence.flagged[k]]
@@ -727,6 +771,15 @@ class Speckle2SelfWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         setSource(p.lumenVolume)
 
 
+def torchDownloadNote() -> str:
+    """What pip's default torch wheel is on this platform: PyPI's Linux wheels bundle CUDA."""
+    import sys
+
+    if sys.platform.startswith("linux"):
+        return _("from PyPI; on Linux this build includes the CUDA libraries, a download of several GB")
+    return _("CPU build from PyPI, a download of a few hundred MB")
+
+
 def isRgb(volumeNode) -> bool:
     image = volumeNode.GetImageData() if volumeNode else None
     return bool(image is not None and image.GetNumberOfScalarComponents() == 3)
@@ -744,6 +797,13 @@ class DespeckleRun:
         self.frames = frames
         self.seconds = seconds
         self.sequence = sequence
+
+    @classmethod
+    def fromJobResult(cls, result, seconds: Optional[float] = None):
+        """From a finished DespeckleJob's result: an output volume, or a SequenceOutput."""
+        if hasattr(result, "sequence_node"):
+            return cls(result.proxy_node, result.frames, result.seconds, result.sequence_node)
+        return cls(result, result.GetImageData().GetDimensions()[2], seconds or 0.0)
 
 
 class Speckle2SelfLogic(ScriptedLoadableModuleLogic):
@@ -842,9 +902,9 @@ class Speckle2SelfLogic(ScriptedLoadableModuleLogic):
             return torch is not None
         message = _(
             "Speckle2Self needs PyTorch, which is not installed. This will be installed with pip:\n\n"
-            "    torch{requirement}  (CPU build from PyPI, several hundred MB)\n\n"
-            "For a GPU build, cancel and install the 'PyTorch' extension from the Extensions Manager "
-            "instead. Install now?").format(requirement=TORCH_REQUIREMENT)
+            "    torch{requirement}  ({build})\n\n"
+            "For a specific CUDA build, cancel and install the 'PyTorch' extension from the Extensions "
+            "Manager instead. Install now?").format(requirement=TORCH_REQUIREMENT, build=torchDownloadNote())
         if not slicer.util.confirmOkCancelDisplay(message, _("Install PyTorch")):
             return False
         with slicer.util.WaitCursor():
@@ -875,6 +935,23 @@ class Speckle2SelfLogic(ScriptedLoadableModuleLogic):
         frames = output.GetImageData().GetDimensions()[2]
         return DespeckleRun(output, frames, logic.last_seconds)
 
+    def startProcess(self, inputVolume, outputVolume=None, *, allFrames: bool = True, model=None,
+                     device: str = "auto", backend: str = "auto", batchSize=None, gamma: Optional[float] = None,
+                     blend: float = 0.0, keepColour: bool = False):
+        """Like process(), in the background: reads the frames now and returns the started
+        Speckle2SelfLib.mrml.DespeckleJob; poll() it from the main thread (e.g. a QTimer) to
+        get progress and, at the end, the result written into the scene; cancel() stops it."""
+        if inputVolume is None:
+            raise ValueError(_("Select an input volume."))
+        logic = self.despeckleLogic
+        logic.backend = backend
+        gamma = None if gamma is None or abs(gamma - 1.0) < 1e-6 else gamma
+        outputVolume = self._usableOutput(outputVolume, keepColour and isRgb(inputVolume))
+        job = logic.prepare_job(inputVolume, outputVolume, all_frames=allFrames, model=model, device=device,
+                                batch_size=batchSize, gamma=gamma, blend=blend, keep_colour=keepColour)
+        job.start()
+        return job
+
     @staticmethod
     def _usableOutput(outputVolume, colour: bool):
         """A remembered output of the other kind (grey vs RGB) is not overwritten: a new one is made."""
@@ -887,20 +964,20 @@ class Speckle2SelfLogic(ScriptedLoadableModuleLogic):
 
     def segmentLumen(self, volumeNode, seedNode, *, method: str = "radial", tolerance: float = 1.0,
                      allFrames: bool = True, segmentationNode=None, tableNode=None):
-        """Seed = first point of ``seedNode`` (world RAS). For a sequence proxy with ``allFrames``,
-        every frame of the sequence is segmented starting at the browser's current frame."""
-        from Speckle2SelfLib.lumen_mrml import segment_lumen
-        from Speckle2SelfLib.mrml import find_sequence
+        """Seed = the last placed point of ``seedNode`` (world RAS). For a sequence proxy with
+        ``allFrames``, every frame of the sequence is segmented starting at the frame the browser
+        shows (matched by index value), under the proxy's parent transform."""
+        from Speckle2SelfLib.lumen_mrml import last_seed_ras, segment_lumen
+        from Speckle2SelfLib.mrml import browser_item_number, find_sequence
 
-        if seedNode is None or seedNode.GetNumberOfControlPoints() == 0:
+        seed = last_seed_ras(seedNode)
+        if seed is None:
             raise ValueError(_("Place a seed point inside the lumen first."))
-        seed = [0.0, 0.0, 0.0]
-        seedNode.GetNthControlPointPositionWorld(0, seed)
         target, frame = volumeNode, None
         found = find_sequence(volumeNode)
         if allFrames and found is not None:
             target, browser = found
-            frame = browser.GetSelectedItemNumber()
+            frame = browser_item_number(browser, target)
         return segment_lumen(target, seed, method=method, tolerance=tolerance, frame=frame, all_frames=allFrames,
                              segmentation_node=segmentationNode, table_node=tableNode)
 
@@ -908,6 +985,19 @@ class Speckle2SelfLogic(ScriptedLoadableModuleLogic):
 #
 # Test
 #
+
+def requiresTorch(testMethod):
+    """Skip a test cleanly when PyTorch is not installed (never install it from a test): CTest's
+    slicer_add_python_unittest calls each test_* method directly, without runTest's check."""
+    import functools
+
+    @functools.wraps(testMethod)
+    def wrapper(self, *args, **kwargs):
+        if importlib.util.find_spec("torch") is None:
+            self.skipTest("PyTorch is not installed; Speckle2Self's despeckling tests need it")
+        return testMethod(self, *args, **kwargs)
+    return wrapper
+
 
 class Speckle2SelfTest(ScriptedLoadableModuleTest):
     """Self-test on simulated speckle (no downloads): volume, sequence, cancel and the widget."""
@@ -972,6 +1062,7 @@ class Speckle2SelfTest(ScriptedLoadableModuleTest):
         return volume
 
     # ------------------------------------------------------------------ tests
+    @requiresTorch
     def test_volume_is_despeckled_with_its_geometry(self):
         import numpy as np
         from Speckle2SelfLib.mrml import DespeckleLogic
@@ -992,6 +1083,7 @@ class Speckle2SelfTest(ScriptedLoadableModuleTest):
         if model is None:     # a trained model must reduce speckle in the homogeneous region
             self.assertLess(speckle_contrast(result[0], masks[0]), 0.8 * speckle_contrast(frames[0], masks[0]))
 
+    @requiresTorch
     def test_sequence_is_despeckled_and_browsed_together(self):
         import numpy as np
         from Speckle2SelfLib.mrml import DespeckleLogic
@@ -1003,7 +1095,10 @@ class Speckle2SelfTest(ScriptedLoadableModuleTest):
         for k in range(3):
             item = slicer.util.addVolumeFromArray(frames[k:k + 1], name=f"frame{k}")
             sequence.SetDataNodeAtValue(item, f"{0.05 * k:.2f}")
+            displayNodes = [item.GetNthDisplayNode(i) for i in range(item.GetNumberOfDisplayNodes())]
             slicer.mrmlScene.RemoveNode(item)
+            for displayNode in displayNodes:     # a removed node leaves its display nodes behind
+                slicer.mrmlScene.RemoveNode(displayNode)
         browser = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSequenceBrowserNode", "CineBrowser")
         browser.SetAndObserveMasterSequenceNodeID(sequence.GetID())
         slicer.modules.sequences.logic().UpdateProxyNodesFromSequences(browser)
@@ -1018,6 +1113,7 @@ class Speckle2SelfTest(ScriptedLoadableModuleTest):
             np.testing.assert_array_equal(slicer.util.arrayFromVolume(result.proxy_node),
                                           slicer.util.arrayFromVolume(result.sequence_node.GetNthDataNode(k)))
 
+    @requiresTorch
     def test_cancel_leaves_the_scene_unchanged(self):
         from Speckle2SelfLib.inference import Cancelled
         from Speckle2SelfLib.mrml import DespeckleLogic
@@ -1029,7 +1125,10 @@ class Speckle2SelfTest(ScriptedLoadableModuleTest):
             DespeckleLogic(self.model()).despeckle_volume(volume, batch_size=1, cancel=lambda: True)
         self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), count)
 
+    @requiresTorch
     def test_widget_apply(self):
+        import time
+
         frames, _masks = self.speckledFrames(1)
         volume = self.addVolume(frames)
         widget = slicer.modules.speckle2self.widgetRepresentation().self()
@@ -1038,7 +1137,12 @@ class Speckle2SelfTest(ScriptedLoadableModuleTest):
         parameterNode.inputVolume = volume
         parameterNode.outputVolume = None
         parameterNode.model = self.model() or ""
-        widget.onApplyButton()
+        widget.onApplyButton()            # despeckles in a worker thread; the GUI timer stores the result
+        deadline = time.monotonic() + 120
+        while widget._running and time.monotonic() < deadline:
+            slicer.app.processEvents()
+            time.sleep(0.02)
+        self.assertFalse(widget._running, "the despeckling job did not end")
         output = parameterNode.outputVolume
         self.assertIsNotNone(output)
         self.assertEqual(output.GetName(), "US despeckled")

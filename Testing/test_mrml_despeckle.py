@@ -444,3 +444,148 @@ def test_real_rgb_doppler_dicom_keeps_its_colour_overlay(scene, fast):
     grey = result[~coloured]
     assert (grey[:, 0] == grey[:, 1]).all() and (grey[:, 1] == grey[:, 2]).all()
     assert not np.array_equal(grey, rgb[~coloured])
+
+
+# ----------------------------------------------------------------------------- tracked sequences (issue #11)
+
+def test_sequence_output_proxy_is_under_the_input_proxys_transform(scene, fast, phantoms):
+    """Sequence items carry no parent transform (they are copies): the output proxy takes the
+    input proxy's (ImageToReference of tracked ultrasound), also after browsing."""
+    frames, _ = phantoms
+    sequence, browser, proxy = make_sequence(scene, frames[:3])
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "ImageToReference")
+    shift = vtk.vtkMatrix4x4()
+    shift.SetElement(1, 3, -40.0)
+    transform.SetMatrixTransformToParent(shift)
+    proxy.SetAndObserveTransformNodeID(transform.GetID())
+    browser.SetSelectedItemNumber(1)
+
+    result = mrml.DespeckleLogic(fast, sequences_logic=scene.sequences_logic).despeckle_sequence(proxy)
+
+    assert result.proxy_node.GetParentTransformNode() is transform
+    np.testing.assert_array_equal(mrml.volume_to_array(result.proxy_node),
+                                  mrml.volume_to_array(result.sequence_node.GetNthDataNode(1)))
+    browser.SetSelectedItemNumber(2)
+    assert result.proxy_node.GetParentTransformNode() is transform
+    np.testing.assert_array_equal(mrml.volume_to_array(result.proxy_node),
+                                  mrml.volume_to_array(result.sequence_node.GetNthDataNode(2)))
+
+
+def test_browser_item_number_matches_by_index_value_not_item_number(scene, phantoms):
+    frames, _ = phantoms
+    clock, browser, _ = make_sequence(scene, frames[:1].repeat(5, axis=0), name="Clock",
+                                      values=[f"{0.025 * k:.3f}" for k in range(5)])
+    image, _, _ = make_sequence(scene, frames[:3], name="Image", values=[f"{0.05 * k:.3f}" for k in range(3)],
+                                browser=False)
+    text, _, _ = make_sequence(scene, frames[:2], name="Text", values=["a", "b"], browser=False,
+                               index_type="TextIndex")
+    browser.AddSynchronizedSequenceNode(image)
+    browser.SetSelectedItemNumber(2)                       # 0.050 s
+    assert mrml.browser_item_number(browser, clock) == 2
+    assert mrml.browser_item_number(browser, image) == 1
+    browser.SetSelectedItemNumber(3)                       # 0.075 s: the image item shown is the one before
+    assert mrml.browser_item_number(browser, image) == 1
+    browser.SetSelectedItemNumber(4)
+    assert mrml.browser_item_number(browser, image) == 2
+    assert mrml.browser_item_number(browser, text) is None  # no item at that index value
+    assert mrml.browser_item_number(None, image) is None
+
+
+# ----------------------------------------------------------------------------- background job (issue #11)
+
+def run_job(job, timeout=60.0):
+    """Poll as the GUI's QTimer does, until the job has ended; returns the states seen."""
+    import time
+
+    states, deadline = [], time.monotonic() + timeout
+    job.start()
+    while time.monotonic() < deadline:
+        states.append(job.poll())
+        if not states[-1].running:
+            return states
+        time.sleep(0.01)
+    raise AssertionError("the job did not end")
+
+
+def slowed(despeckler, seconds_per_frame):
+    """The same model, taking ``seconds_per_frame`` longer per frame (a big model on a slow device)."""
+    import copy
+    import time
+
+    slow = copy.copy(despeckler)
+
+    def denoise(frames, *args, **kwargs):
+        time.sleep(seconds_per_frame * len(frames))
+        return Despeckler.denoise(slow, frames, *args, **kwargs)
+
+    slow.denoise = denoise
+    return slow
+
+
+def test_job_despeckles_in_a_thread_and_writes_only_when_polled(scene, fast, phantoms):
+    frames, _ = phantoms
+    volume = make_volume(scene, frames[:3])
+    logic = mrml.DespeckleLogic(fast)
+    expected = mrml.volume_to_array(logic.despeckle_volume(volume, batch_size=1))
+    ids = node_ids(scene)
+
+    job = logic.prepare_job(volume)
+    job.start()
+    assert job.wait(30) and node_ids(scene) == ids, "the worker thread added nothing to the scene"
+    state = job.poll()
+    assert state.finished and not state.running and state.error is None and (state.done, state.total) == (3, 3)
+    out = state.result
+    assert out.GetName() == "US despeckled_1" and len(node_ids(scene)) == len(ids) + 2   # volume + display
+    # batches of other sizes than the reference run: float rounding may move a voxel by one grey level
+    np.testing.assert_allclose(mrml.volume_to_array(out).astype(int), expected.astype(int), atol=1)
+    assert np.mean(mrml.volume_to_array(out) == expected) > 0.99
+    np.testing.assert_allclose(matrix_of(out), matrix_of(volume))
+    assert job.poll() is state and len(node_ids(scene)) == len(ids) + 2     # stored once
+
+
+def test_job_on_a_tracked_sequence_proxy_gives_a_browsed_sequence(scene, fast, phantoms):
+    frames, _ = phantoms
+    sequence, browser, proxy = make_sequence(scene, frames[:3])
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "ImageToReference")
+    proxy.SetAndObserveTransformNodeID(transform.GetID())
+    states = run_job(mrml.DespeckleLogic(fast, sequences_logic=scene.sequences_logic).prepare_job(proxy))
+    done = [s.done for s in states]
+    assert done == sorted(done) and states[-1].finished, "progress only grows"
+    result = states[-1].result
+    assert result.frames == 3 and browser.GetProxyNode(result.sequence_node) is result.proxy_node
+    assert result.proxy_node.GetParentTransformNode() is transform
+    np.testing.assert_allclose(mrml.volume_to_array(result.sequence_node.GetNthDataNode(2))[0].astype(int),
+                               fast.denoise(frames[:3])[2].astype(int), atol=1)
+
+
+def test_job_batches_are_about_half_a_second_and_cancel_takes_effect_within_a_second(scene, fast, phantoms):
+    import time
+
+    frames, _ = phantoms
+    volume = make_volume(scene, np.concatenate([frames] * 10))          # 40 frames, 50 ms each: 2 s of work
+    ids = node_ids(scene)
+    job = mrml.DespeckleLogic(slowed(fast, 0.05)).prepare_job(volume)
+    job.start()
+    while job.poll().done < 12:            # past the timing frame and a first full-size batch
+        time.sleep(0.01)
+    assert job.batches[0] == 1 and all(b * 0.05 <= 0.75 for b in job.batches), job.batches
+    asked = time.monotonic()
+    job.cancel()
+    assert job.wait(5)
+    assert time.monotonic() - asked < 1.0, "cancel took effect after the current batch"
+    state = job.poll()
+    assert state.cancelled and not state.finished and state.error is None and state.done < 40
+    assert node_ids(scene) == ids
+
+
+def test_job_whose_input_left_the_scene_reports_an_error_and_adds_nothing(scene, fast, phantoms):
+    frames, _ = phantoms
+    volume = make_volume(scene, frames[:2])
+    job = mrml.DespeckleLogic(fast).prepare_job(volume)
+    job.start()
+    assert job.wait(30)
+    scene.RemoveNode(volume)
+    ids = node_ids(scene)
+    state = job.poll()
+    assert isinstance(state.error, ValueError) and "removed from the scene" in str(state.error)
+    assert node_ids(scene) == ids

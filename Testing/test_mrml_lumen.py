@@ -242,3 +242,97 @@ def test_sequence_node_gets_a_segmentation_per_frame(scene):
         assert iou(mask, truths[k]) > 0.8
     assert table_column(result.table_node, "flagged") == [0, 0, 0]
     assert result.segmentation_node.GetScene() is scene
+
+
+# ----------------------------------------------------------------------------- sequences in a browser (issue #11)
+
+def nodes_of_class(scene, class_name):
+    collection = scene.GetNodesByClass(class_name)
+    collection.UnRegister(None)
+    return [collection.GetItemAsObject(i) for i in range(collection.GetNumberOfItems())]
+
+
+def tracked_loop(scene, frames, shift_r=25.0):
+    """A PLUS-like recording: image frames (every 0.05 s) browsed with a denser primary clock
+    sequence (every 0.025 s), the image proxy under an ImageToReference transform."""
+    image = scene.AddNewNodeByClass("vtkMRMLSequenceNode", "Image")
+    clock = scene.AddNewNodeByClass("vtkMRMLSequenceNode", "Clock")
+    for sequence in (image, clock):
+        sequence.SetIndexName("time")
+        sequence.SetIndexUnit("s")
+    for k, frame in enumerate(frames):
+        item = make_volume(scene, frame[None], f"frame {k}")
+        image.SetDataNodeAtValue(item, f"{0.05 * k:.3f}")
+        scene.RemoveNode(item)
+    tick = make_volume(scene, frames[0][None, :4, :4], "tick")
+    for k in range(2 * len(frames) - 1):
+        clock.SetDataNodeAtValue(tick, f"{0.025 * k:.3f}")
+    scene.RemoveNode(tick)
+    browser = scene.AddNewNodeByClass("vtkMRMLSequenceBrowserNode", "Recording")
+    browser.SetAndObserveMasterSequenceNodeID(clock.GetID())
+    browser.AddSynchronizedSequenceNode(image)
+    scene.sequences_logic.UpdateProxyNodesFromSequences(browser)
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "ImageToReference")
+    shift = vtk.vtkMatrix4x4()
+    shift.SetElement(0, 3, shift_r)
+    transform.SetMatrixTransformToParent(shift)
+    proxy = browser.GetProxyNode(image)
+    proxy.SetAndObserveTransformNodeID(transform.GetID())
+    return image, browser, proxy, transform
+
+
+def test_tracked_sequence_seed_frame_transform_and_proxy_segmentation(scene):
+    frames, truths = moving_frames(3)
+    image, browser, proxy, transform = tracked_loop(scene, frames)
+    browser.SetSelectedItemNumber(2)      # clock 0.050 s = image item 1 (not image item 2)
+    local = ijk_to_ras(image.GetNthDataNode(1), (49, 38, 0))     # frame 1's lumen centre
+    seed_world = (local[0] + 25.0, local[1], local[2])
+
+    result = lumen_mrml.segment_lumen(image, seed_world, tolerance=TOLERANCE)
+
+    assert result.seed_ijk == (49, 38, 1), "seed frame by index value, seed through the proxy's transform"
+    assert result.segmentation_node.GetParentTransformNode() is transform
+    segmentations = result.segmentation_sequence_node
+    assert browser.GetProxyNode(segmentations) is result.segmentation_node
+    assert browser.GetSequenceNode(result.segmentation_node) is segmentations
+    assert len(nodes_of_class(scene, "vtkMRMLSegmentationNode")) == 1, "no proxy copy beside the result"
+    for k in range(3):
+        node = segmentations.GetNthDataNode(k)
+        segment_id = node.GetSegmentation().GetSegmentIdBySegmentName("Carotid lumen")
+        assert iou(segment_array(node, segment_id, (1, ROWS, COLS))[0], truths[k]) > 0.8
+    browser.SetSelectedItemNumber(4)      # clock 0.100 s: the proxy shows image item 2's lumen
+    shown = result.segmentation_node
+    mask = segment_array(shown, shown.GetSegmentation().GetSegmentIdBySegmentName("Carotid lumen"), (1, ROWS, COLS))
+    np.testing.assert_array_equal(mask[0], result.sequence.masks[2])
+    assert shown.GetParentTransformNode() is transform
+
+    counts = {c: len(nodes_of_class(scene, c)) for c in
+              ("vtkMRMLSequenceNode", "vtkMRMLSegmentationNode", "vtkMRMLPlotSeriesNode", "vtkMRMLPlotChartNode",
+               "vtkMRMLTableNode", "vtkMRMLSegmentationDisplayNode")}
+    browser.SetSelectedItemNumber(0)
+    local = ijk_to_ras(image.GetNthDataNode(0), (45, 35, 0))
+    again = lumen_mrml.segment_lumen(image, (local[0] + 25.0, local[1], local[2]), tolerance=TOLERANCE,
+                                     segmentation_node=result.segmentation_node, table_node=result.table_node)
+    assert again.seed_ijk == (45, 35, 0)
+    assert again.segmentation_sequence_node is segmentations and again.segmentation_node is result.segmentation_node
+    assert again.plot_series_node is result.plot_series_node and again.plot_chart_node is result.plot_chart_node
+    assert result.plot_chart_node.GetNumberOfPlotSeriesNodes() == 1
+    assert segmentations.GetNumberOfDataNodes() == 3
+    assert {c: len(nodes_of_class(scene, c)) for c in counts} == counts, "a rerun adds no nodes"
+    assert browser.GetNumberOfSynchronizedSequenceNodes() == 2      # image + lumen (the clock is primary)
+
+
+def test_seed_is_the_last_placed_point_of_the_list(scene):
+    points = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "Seed")
+    assert lumen_mrml.last_seed_ras(points) is None and lumen_mrml.last_seed_ras(None) is None
+    points.AddControlPointWorld(vtk.vtkVector3d(1.0, 2.0, 3.0))
+    points.AddControlPointWorld(vtk.vtkVector3d(4.0, 5.0, 6.0))      # re-placed seed
+    assert lumen_mrml.last_seed_ras(points) == (4.0, 5.0, 6.0)
+    points.UnsetNthControlPointPosition(1)         # being placed again: not yet a seed
+    assert lumen_mrml.last_seed_ras(points) == (1.0, 2.0, 3.0)
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    shift = vtk.vtkMatrix4x4()
+    shift.SetElement(2, 3, 10.0)
+    transform.SetMatrixTransformToParent(shift)
+    points.SetAndObserveTransformNodeID(transform.GetID())
+    assert lumen_mrml.last_seed_ras(points) == (1.0, 2.0, 13.0)            # world coordinates
