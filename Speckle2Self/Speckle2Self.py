@@ -97,8 +97,9 @@ class Speckle2SelfParameterNode:
 #
 
 class Speckle2SelfWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    """Despeckle and Segment-lumen panels. Long runs keep the GUI alive: the progress callback
-    processes events and Cancel (the Apply button while running) sets a flag checked between batches."""
+    """Despeckle and Segment-lumen panels. Apply despeckles in a background job (a worker thread
+    that never touches MRML) polled by a QTimer; Cancel (the Apply button while running) stops it
+    after the current batch (under a second)."""
 
     def __init__(self, parent=None, logic=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)

@@ -363,3 +363,10 @@ def test_apply_despeckles_in_a_background_job_polled_by_a_qtimer(module_source):
     assert "self._job.cancel()" in methods["cleanup"] and "self._job.cancel()" in methods["onSceneStartClose"]
     logic = {f.name: ast.unparse(f) for f in classes["Speckle2SelfLogic"].body if isinstance(f, ast.FunctionDef)}
     assert "prepare_job(" in logic["startProcess"] and "job.start()" in logic["startProcess"]
+
+
+def test_icon_and_screenshot_urls_point_at_files_in_this_repository():
+    values = top_cmake_values()
+    for url in [values["EXTENSION_ICONURL"], *values["EXTENSION_SCREENSHOTURLS"].split()]:
+        relative = url.split("/main/", 1)[1]
+        assert (REPO / relative).is_file(), f"{url} names {relative}, which is not in the repository"

@@ -15,8 +15,9 @@ output compared with the TorchScript module's on a probe frame; that network (en
 decoder, without padding) is converted and cached in the user's cache folder (never inside the
 installed package), keyed by the weights' checksum. A cached runtime network is compared with
 the TorchScript module again at every load and rebuilt when it differs. Padding to the size
-multiple, cropping and clamping stay in torch. Int8 is not offered: measured on the carotid
-images it changed outputs by up to 0.3 (mean 0.01) for 1.3x, see docs/benchmarks.md.
+multiple, cropping and clamping stay in torch. Int8 is not offered: static int8 (ONNX Runtime
+quantisation, run by ONNX Runtime or OpenVINO) changed outputs on carotid images by up to 0.3
+(mean 0.01, on [0, 1]) for only 1.3-1.4x over the fp32 runtimes on an AVX2 CPU (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -85,7 +86,11 @@ def select_backend(backend: Optional[str], device: str, loaded) -> Tuple[str, Op
     name = resolve_backend(backend, device)
     if device != "cpu":
         return name, None
-    return name, build_runner(name, loaded)
+    try:
+        return name, build_runner(name, loaded)
+    except Exception as err:   # noqa: BLE001 - a runtime's own conversion errors, in one sentence
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        raise RuntimeError(f"backend {name!r} could not be set up for this model: {first}") from err
 
 
 def cpu_batch(backend: str, hw, width: int) -> int:

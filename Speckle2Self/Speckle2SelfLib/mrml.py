@@ -27,8 +27,10 @@ For repeated calls keep one :class:`DespeckleLogic` (it keeps the loaded model):
 The input node is never modified. When the work is cancelled or fails, every node the call
 created is removed again, so the scene is left as it was. This module needs slicer-core's
 MRML classes (``import slicer``, ``vtk``) only; it never imports Qt or ``slicer.app``, so it
-runs headless. Keeping the GUI responsive is the caller's business: the Slicer module passes
-a progress callback that calls ``slicer.app.processEvents()``.
+runs headless. To keep a GUI responsive, :meth:`DespeckleLogic.prepare_job` reads the frames
+on the main thread and gives a :class:`DespeckleJob` that despeckles them in a worker thread
+(numpy/torch only) in batches of about half a second; the Slicer module polls it from a
+QTimer, which writes the result into the scene on the main thread.
 """
 
 from __future__ import annotations

@@ -35,9 +35,6 @@ RUNTIMES = ("openvino", "onnxruntime")
 #: Largest |difference| to the TorchScript fp32 output on the probe frame that a derived
 #: network may have (output range [0, 1]); a wrong weight or layer differs by far more.
 PROBE_TOLERANCE = 2e-3
-#: Frames per batch on the CPU for each backend (ms/frame is flat from 2-4 frames on; small
-#: batches keep Cancel responsive). Measured with benchmarks/inference_speed.py.
-CPU_BATCH = {"fp32": 4, "bf16": 4, "openvino": 4, "onnxruntime": 4}
 INSTALL_HINT = {"openvino": "pip install openvino", "onnxruntime": "pip install onnxruntime onnx"}
 
 Runner = Callable[["torch.Tensor"], "torch.Tensor"]  # noqa: F821
@@ -89,6 +86,17 @@ def select_backend(backend: Optional[str], device: str, loaded) -> Tuple[str, Op
     if device != "cpu":
         return name, None
     return name, build_runner(name, loaded)
+
+
+def cpu_batch(backend: str, hw, width: int) -> int:
+    """Frames per batch on the CPU: inference.CPU_BATCH; for the runtimes no more frames than
+    run without strip tiling (tiled batches run through torch fp32, see Despeckler._needs_tiling)."""
+    from .inference import CPU_BATCH, TILE_ABOVE_BYTES, UNTILED_BYTES_PER_PIXEL_CHANNEL
+
+    if backend not in RUNTIMES:
+        return CPU_BATCH
+    per_frame = int(hw[0]) * int(hw[1]) * int(width) * UNTILED_BYTES_PER_PIXEL_CHANNEL
+    return int(max(1, min(CPU_BATCH, TILE_ABOVE_BYTES // max(1, per_frame))))
 
 
 def cache_dir() -> Path:

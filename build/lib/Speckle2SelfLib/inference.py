@@ -272,7 +272,8 @@ class Despeckler:
                 raise ValueError(f"batch size must be at least 1, got {requested}")
             return int(requested)
         if not self.device.startswith("cuda"):
-            return CPU_BATCH
+            from .backends import cpu_batch
+            return cpu_batch(getattr(self, "backend", "fp32"), hw, int(self.metadata.get("width", 32)))
         import torch
         free, _total = torch.cuda.mem_get_info(torch.device(self.device))
         # Peak activation memory is dominated by the width-channel maps at 1/2 resolution,

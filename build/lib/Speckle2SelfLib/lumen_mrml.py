@@ -24,12 +24,16 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .mrml import grey_frames
+from .mrml import browser_item_number, grey_frames, resolve_sequence
 from .segmentation import (DEFAULT_METHOD, DEFAULT_TOLERANCE, MAX_AREA_CHANGE, Measurement, SequenceResult,
                            segment_sequence)
 
 LUMEN_SEGMENT_NAME = "Carotid lumen"
 LUMEN_COLOR = (0.85, 0.15, 0.15)
+#: Attribute marking the diameter plot series made here (reused by a rerun).
+PLOT_ATTRIBUTE = "Speckle2Self.LumenPlot"
+#: Attribute of a lumen segmentation sequence naming the input sequence's node ID (a rerun refills it).
+LUMEN_SOURCE_ATTRIBUTE = "Speckle2Self.LumenSource"
 TABLE_COLUMNS = ("frame", "area_mm2", "diameter_mm", "major_diameter_mm", "minor_diameter_mm", "flagged", "note")
 
 
@@ -61,6 +65,8 @@ class _Frames:
     slice_frames: bool                        # frames are the k slices of one volume
     sequence_node: Optional[object] = None
     index_values: List[str] = field(default_factory=list)
+    transform_node: Optional[object] = None   # parent transform of the volume (of the proxy, for a sequence)
+    browser_node: Optional[object] = None     # browser playing the sequence (its proxy gives the transform)
 
     def geometry(self, k: int):
         """The volume node whose IJKToRAS places frame k."""
@@ -78,7 +84,11 @@ def segment_lumen(volume_node, seed_ras: Optional[Sequence[float]] = None, *,
     ``vtkMRMLSequenceNode`` of 2D volume nodes (it must be in a scene). Give ``seed_ras``
     (world RAS, mapped through the volume's RASToIJK and any parent transform) or ``seed_ijk``
     (i=column, j=row, k=slice). ``frame``: the frame the seed is in (default: the seed's k
-    slice for a volume, item 0 for a sequence). With ``all_frames`` every frame is segmented,
+    slice for a volume; for a sequence the item its browser shows, matched by index value,
+    else item 0). A sequence's items carry no parent transform (they are copies), so the
+    transform of the browser's proxy volume is used for the seed and given to the output
+    segmentation; the per-frame segmentations go into one sequence that the browser plays with
+    ``segmentation_node`` as its proxy (reused on the next call). With ``all_frames`` every frame is segmented,
     the seed following the lumen (see :func:`~Speckle2SelfLib.segmentation.segment_sequence`),
     else only ``frame``. ``segmentation_node`` / ``table_node`` are reused when given (the
     "Carotid lumen" segment and the table rows are replaced). ``method``: "radial" (default,
@@ -92,7 +102,7 @@ def segment_lumen(volume_node, seed_ras: Optional[Sequence[float]] = None, *,
         raise ValueError("volume_node must be a volume or sequence node that is in an MRML scene")
     frames = _read_frames(volume_node)
     start = _start_frame(frames, frame, seed_ras, seed_ijk)
-    i, j, _ = _seed_ijk(frames.geometry(start), seed_ras, seed_ijk)
+    i, j, _ = _seed_ijk(frames.geometry(start), seed_ras, seed_ijk, frames.transform_node)
     seed = (i, j, start)
     spacing_mm = _frame_spacing_rc(frames.geometry(start))
     wanted = range(len(frames.pixels)) if all_frames else [start]
@@ -104,12 +114,27 @@ def segment_lumen(volume_node, seed_ras: Optional[Sequence[float]] = None, *,
     lumen = LumenResult(None, table_node, "", tuple(int(v) for v in seed), segmented, result)
     if frames.slice_frames:
         lumen.segmentation_node, lumen.segment_id = _write_segmentation(
-            scene, segmentation_node, volume_node, result.masks)
+            scene, segmentation_node, volume_node, result.masks, frames.transform_node)
     else:
         _write_sequence_segmentations(scene, lumen, frames, segmentation_node, start)
     if plot and len(segmented) > 1:
         lumen.plot_series_node, lumen.plot_chart_node = _add_plot(scene, table_node, _table_name(volume_node))
     return lumen
+
+
+def last_seed_ras(markups_node) -> Optional[Tuple[float, float, float]]:
+    """World RAS of the last placed point of a point list (the seed the user placed most
+    recently; earlier points are ignored), None when no point is placed."""
+    if markups_node is None:
+        return None
+    defined = getattr(markups_node, "PositionDefined", None)
+    for n in reversed(range(markups_node.GetNumberOfControlPoints())):
+        if defined is not None and markups_node.GetNthControlPointPositionStatus(n) != defined:
+            continue     # a point being placed, or a preview without a position
+        position = [0.0, 0.0, 0.0]
+        markups_node.GetNthControlPointPositionWorld(n, position)
+        return tuple(position)
+    return None
 
 
 # ----------------------------------------------------------------------------- reading
@@ -122,7 +147,7 @@ def _read_frames(node) -> _Frames:
     if not isinstance(node, slicer.vtkMRMLVolumeNode) or node.GetImageData() is None:
         raise ValueError(f"{_node_name(node)} is not a volume with image data; "
                          "give a scalar volume node or a sequence node of volumes")
-    return _Frames(grey_frames(node), [node], True)
+    return _Frames(grey_frames(node), [node], True, transform_node=node.GetParentTransformNode())
 
 
 def _read_sequence(sequence_node) -> _Frames:
@@ -145,24 +170,28 @@ def _read_sequence(sequence_node) -> _Frames:
                              "all frames must have the same size")
         pixels.append(frame)
     values = [sequence_node.GetNthIndexValue(i) for i in range(count)]
-    return _Frames(np.concatenate(pixels), nodes, False, sequence_node, values)
+    _sequence, browser, proxy = resolve_sequence(sequence_node)
+    transform = proxy.GetParentTransformNode() if proxy is not None else None
+    return _Frames(np.concatenate(pixels), nodes, False, sequence_node, values, transform, browser)
 
 
 def _start_frame(frames: _Frames, frame: Optional[int], seed_ras, seed_ijk) -> int:
     n = len(frames.pixels)
     if frame is None:
         if not frames.slice_frames:
-            frame = 0
+            shown = browser_item_number(frames.browser_node, frames.sequence_node)
+            frame = 0 if shown is None else shown
         else:
-            frame = _seed_ijk(frames.geometry(0), seed_ras, seed_ijk)[2]
+            frame = _seed_ijk(frames.geometry(0), seed_ras, seed_ijk, frames.transform_node)[2]
     if not 0 <= int(frame) < n:
         raise ValueError(f"frame {frame} is outside the input's {n} frames (0..{n - 1})")
     return int(frame)
 
 
-def _seed_ijk(volume_node, seed_ras, seed_ijk) -> Tuple[int, int, int]:
+def _seed_ijk(volume_node, seed_ras, seed_ijk, transform_node=None) -> Tuple[int, int, int]:
     """Seed as integer (i, j, k): seed_ijk rounded, or seed_ras through the volume's RASToIJK
-    (after undoing any parent transform, so a point picked in a view lands on the voxel shown)."""
+    (after undoing ``transform_node``, the parent transform the volume is shown under, so a
+    point picked in a view lands on the voxel shown)."""
     import vtk
 
     if (seed_ras is None) == (seed_ijk is None):
@@ -171,7 +200,7 @@ def _seed_ijk(volume_node, seed_ras, seed_ijk) -> Tuple[int, int, int]:
         ijk = _three_floats(seed_ijk, "seed_ijk")
     else:
         ras = _three_floats(seed_ras, "seed_ras")
-        ras = _world_to_local(volume_node, ras)
+        ras = _world_to_local(transform_node, ras)
         ras_to_ijk = vtk.vtkMatrix4x4()
         volume_node.GetRASToIJKMatrix(ras_to_ijk)
         ijk = ras_to_ijk.MultiplyPoint((*ras, 1.0))[:3]
@@ -185,11 +214,10 @@ def _seed_ijk(volume_node, seed_ras, seed_ijk) -> Tuple[int, int, int]:
     return rounded
 
 
-def _world_to_local(volume_node, ras: Tuple[float, float, float]) -> Tuple[float, float, float]:
+def _world_to_local(parent, ras: Tuple[float, float, float]) -> Tuple[float, float, float]:
     import slicer
     import vtk
 
-    parent = volume_node.GetParentTransformNode() if hasattr(volume_node, "GetParentTransformNode") else None
     if parent is None:
         return ras
     world_to_local = vtk.vtkGeneralTransform()
@@ -215,8 +243,9 @@ def _frame_spacing_rc(volume_node) -> Tuple[float, float]:
 
 # ----------------------------------------------------------------------------- writing
 
-def _write_segmentation(scene, segmentation_node, volume_node, masks: np.ndarray):
-    """Put (k, j, i) masks as the "Carotid lumen" segment of a segmentation in the volume's geometry."""
+def _write_segmentation(scene, segmentation_node, volume_node, masks: np.ndarray, transform_node=None):
+    """Put (k, j, i) masks as the "Carotid lumen" segment of a segmentation in the volume's
+    geometry, under ``transform_node`` (the volume's parent transform)."""
     import slicer
 
     if segmentation_node is None:
@@ -226,8 +255,7 @@ def _write_segmentation(scene, segmentation_node, volume_node, masks: np.ndarray
     if not isinstance(segmentation_node, slicer.vtkMRMLSegmentationNode):
         raise ValueError(f"segmentation_node {_node_name(segmentation_node)} is not a vtkMRMLSegmentationNode")
     segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
-    if volume_node.GetParentTransformNode() is not None:
-        segmentation_node.SetAndObserveTransformNodeID(volume_node.GetParentTransformNode().GetID())
+    segmentation_node.SetAndObserveTransformNodeID(transform_node.GetID() if transform_node is not None else None)
     segment_id = _import_lumen(segmentation_node, _oriented_labelmap(masks, volume_node))
     return segmentation_node, segment_id
 
@@ -279,34 +307,84 @@ def _oriented_labelmap(masks: np.ndarray, volume_node):
 
 def _write_sequence_segmentations(scene, lumen: LumenResult, frames: _Frames, segmentation_node,
                                   start: int) -> None:
-    """One segmentation per frame into a new sequence node; the seed frame's into the scene."""
-    source = frames.sequence_node
-    sequence = scene.AddNewNodeByClass("vtkMRMLSequenceNode", f"{source.GetName() or 'Sequence'} lumen")
+    """One segmentation per frame into the sequence of an earlier run (else a new one); the
+    browser playing the input plays it with the scene's segmentation node as its proxy."""
+    source, browser = frames.sequence_node, frames.browser_node
+    sequence, segmentation_node = _earlier_lumen_sequence(browser, segmentation_node, source)
+    if sequence is None:
+        sequence = scene.AddNewNodeByClass("vtkMRMLSequenceNode", f"{source.GetName() or 'Sequence'} lumen")
+    else:
+        sequence.RemoveAllDataNodes()
     sequence.SetIndexName(source.GetIndexName())
     sequence.SetIndexUnit(source.GetIndexUnit())
     sequence.SetIndexType(source.GetIndexType())
+    sequence.SetAttribute(LUMEN_SOURCE_ATTRIBUTE, source.GetID() or "")
     # Each frame's segmentation is built in the scene (the import makes display nodes there),
-    # copied into the sequence, then removed: the usual way to record sequence items.
+    # copied into the sequence, then removed with its display nodes: the usual way to record items.
     frame_segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "__lumen frame__")
-    for k in lumen.frames:
-        frame_segmentation.SetReferenceImageGeometryParameterFromVolumeNode(frames.geometry(k))
-        _import_lumen(frame_segmentation, _oriented_labelmap(lumen.sequence.masks[k][None], frames.geometry(k)))
-        frame_segmentation.SetName(f"{source.GetName() or 'Sequence'} lumen {k}")
-        sequence.SetDataNodeAtValue(frame_segmentation, frames.index_values[k])
-    scene.RemoveNode(frame_segmentation)
+    try:
+        for k in lumen.frames:
+            frame_segmentation.SetReferenceImageGeometryParameterFromVolumeNode(frames.geometry(k))
+            _import_lumen(frame_segmentation, _oriented_labelmap(lumen.sequence.masks[k][None], frames.geometry(k)))
+            frame_segmentation.SetName(f"{source.GetName() or 'Sequence'} lumen {k}")
+            sequence.SetDataNodeAtValue(frame_segmentation, frames.index_values[k])
+    finally:
+        _remove_with_display_nodes(scene, frame_segmentation)
     lumen.segmentation_sequence_node = sequence
     lumen.segmentation_node, lumen.segment_id = _write_segmentation(
-        scene, segmentation_node, frames.geometry(start), lumen.sequence.masks[start][None])
-    _synchronise_browsers(scene, source, sequence)
+        scene, segmentation_node, frames.geometry(start), lumen.sequence.masks[start][None], frames.transform_node)
+    if browser is not None:
+        _play_as_proxy(browser, sequence, lumen.segmentation_node)
+        lumen.segment_id = lumen.segmentation_node.GetSegmentation().GetSegmentIdBySegmentName(
+            LUMEN_SEGMENT_NAME) or lumen.segment_id
 
 
-def _synchronise_browsers(scene, source_sequence, new_sequence) -> None:
-    """Let sequence browsers that play the input also play the segmentations."""
-    browsers = scene.GetNodesByClass("vtkMRMLSequenceBrowserNode")
-    for i in range(browsers.GetNumberOfItems()):
-        browser = browsers.GetItemAsObject(i)
-        if browser.IsSynchronizedSequenceNode(source_sequence, True):
-            browser.AddSynchronizedSequenceNode(new_sequence)
+def _earlier_lumen_sequence(browser, segmentation_node, source):
+    """(lumen sequence of an earlier run on ``source`` played by ``browser``, the segmentation
+    node to use as its proxy). A given segmentation node that is the proxy of another sequence
+    is not taken over: a new one is made (None)."""
+    import vtk
+
+    if browser is None:
+        return None, segmentation_node
+    if segmentation_node is not None:
+        shown = browser.GetSequenceNode(segmentation_node)
+        if shown is None:
+            return None, segmentation_node
+        if shown.GetAttribute(LUMEN_SOURCE_ATTRIBUTE) == source.GetID():
+            return shown, segmentation_node
+        return None, None
+    synchronised = vtk.vtkCollection()
+    browser.GetSynchronizedSequenceNodes(synchronised, True)
+    for i in range(synchronised.GetNumberOfItems()):
+        sequence = synchronised.GetItemAsObject(i)
+        proxy = browser.GetProxyNode(sequence)
+        if sequence.GetAttribute(LUMEN_SOURCE_ATTRIBUTE) == source.GetID() and proxy is not None and \
+                proxy.IsA("vtkMRMLSegmentationNode"):
+            return sequence, proxy
+    return None, None
+
+
+def _play_as_proxy(browser, sequence, proxy) -> None:
+    """Browse ``sequence`` with ``browser``, shown by ``proxy`` (registered in one modification,
+    so that the Sequences logic does not make a proxy copy of its own)."""
+    modifying = browser.StartModify()
+    try:
+        if not browser.IsSynchronizedSequenceNode(sequence, True):
+            browser.AddSynchronizedSequenceNode(sequence)
+        if browser.GetProxyNode(sequence) is not proxy:
+            browser.AddProxyNode(proxy, sequence, False)
+        browser.SetSaveChanges(sequence, False)   # edits of the shown frame do not rewrite the results
+    finally:
+        browser.EndModify(modifying)
+
+
+def _remove_with_display_nodes(scene, node) -> None:
+    displays = [node.GetNthDisplayNode(i) for i in range(node.GetNumberOfDisplayNodes())]
+    scene.RemoveNode(node)
+    for display in displays:
+        if display is not None and display.GetScene() is scene:
+            scene.RemoveNode(display)
 
 
 def _fill_table(scene, table_node, name: str, result: SequenceResult, frames: List[int]):
@@ -351,17 +429,40 @@ def _add_plot(scene, table_node, name: str):
     """Equivalent diameter over frames, as a plot series and chart (shown by Slicer's Plots)."""
     import slicer
 
-    series = scene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", f"{name} lumen diameter")
+    series = _plot_series_of(scene, table_node)      # reused: a rerun must not add series and charts
+    if series is None:
+        series = scene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", f"{name} lumen diameter")
+        series.SetAttribute(PLOT_ATTRIBUTE, "diameter")
     series.SetAndObserveTableNodeID(table_node.GetID())
     series.SetXColumnName("frame")
     series.SetYColumnName("diameter_mm")
     series.SetPlotType(slicer.vtkMRMLPlotSeriesNode.PlotTypeScatter)
-    chart = scene.AddNewNodeByClass("vtkMRMLPlotChartNode", f"{name} lumen diameter chart")
-    chart.AddAndObservePlotSeriesNodeID(series.GetID())
+    chart = _nodes_of_class(scene, "vtkMRMLPlotChartNode",
+                            lambda c: c.HasPlotSeriesNodeID(series.GetID()))
+    chart = chart[0] if chart else scene.AddNewNodeByClass("vtkMRMLPlotChartNode", f"{name} lumen diameter chart")
+    if not chart.HasPlotSeriesNodeID(series.GetID()):
+        chart.AddAndObservePlotSeriesNodeID(series.GetID())
     chart.SetTitle("Carotid lumen diameter")
     chart.SetXAxisTitle("frame")
     chart.SetYAxisTitle("equivalent diameter (mm)")
     return series, chart
+
+
+def _plot_series_of(scene, table_node):
+    """The diameter series an earlier run made for ``table_node``, None when there is none."""
+    found = _nodes_of_class(scene, "vtkMRMLPlotSeriesNode", lambda n: n.GetAttribute(PLOT_ATTRIBUTE) == "diameter"
+                            and n.GetTableNodeID() == table_node.GetID())
+    return found[0] if found else None
+
+
+def _nodes_of_class(scene, class_name: str, accept) -> list:
+    """Nodes of a class that ``accept``; the collection GetNodesByClass hands over is released."""
+    collection = scene.GetNodesByClass(class_name)
+    try:
+        nodes = [collection.GetItemAsObject(i) for i in range(collection.GetNumberOfItems())]
+    finally:
+        collection.UnRegister(None)
+    return [node for node in nodes if accept(node)]
 
 
 def _table_name(node) -> str:

@@ -14,8 +14,9 @@ from __future__ import annotations
 from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
-from skimage.feature import graycomatrix, graycoprops
-from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+# scikit-image is imported inside the functions that use it: Slicer loads this package with
+# the module, and Slicer's Python does not ship scikit-image.
 
 GLCM_DISTANCES = (1,)
 GLCM_ANGLES_DEG = (0.0, 45.0, 90.0, 135.0)
@@ -68,6 +69,7 @@ def psnr(reference: np.ndarray, image: np.ndarray, data_range: Optional[float] =
     mse = float(np.mean((ref.astype(np.float64) - img.astype(np.float64)) ** 2))
     if mse == 0.0:
         return float("inf")
+    from skimage.metrics import peak_signal_noise_ratio
     return float(peak_signal_noise_ratio(ref.astype(np.float64), img.astype(np.float64), data_range=rng))
 
 
@@ -81,6 +83,7 @@ def ssim(reference: np.ndarray, image: np.ndarray, data_range: Optional[float] =
     if min(ref.shape) < 11:
         raise ValueError(f"SSIM needs images of at least 11 x 11 pixels, got {ref.shape}")
     rng = _default_data_range(ref, img) if data_range is None else float(data_range)
+    from skimage.metrics import structural_similarity
     return float(structural_similarity(ref.astype(np.float64), img.astype(np.float64), data_range=rng,
                                        gaussian_weights=True, sigma=1.5, use_sample_covariance=False))
 
@@ -106,6 +109,7 @@ def glcm_homogeneity(image: np.ndarray, data_range: Optional[float] = None,
     if levels < 2:
         raise ValueError(f"levels must be >= 2, got {levels}")
     quantised = _quantise(img, levels, data_range)
+    from skimage.feature import graycomatrix, graycoprops
     glcm = graycomatrix(quantised, distances=list(distances), angles=list(np.deg2rad(angles_deg)),
                         levels=levels, symmetric=True, normed=True)
     return float(graycoprops(glcm, "homogeneity").mean())

@@ -27,8 +27,10 @@ For repeated calls keep one :class:`DespeckleLogic` (it keeps the loaded model):
 The input node is never modified. When the work is cancelled or fails, every node the call
 created is removed again, so the scene is left as it was. This module needs slicer-core's
 MRML classes (``import slicer``, ``vtk``) only; it never imports Qt or ``slicer.app``, so it
-runs headless. Keeping the GUI responsive is the caller's business: the Slicer module passes
-a progress callback that calls ``slicer.app.processEvents()``.
+runs headless. To keep a GUI responsive, :meth:`DespeckleLogic.prepare_job` reads the frames
+on the main thread and gives a :class:`DespeckleJob` that despeckles them in a worker thread
+(numpy/torch only) in batches of about half a second; the Slicer module polls it from a
+QTimer, which writes the result into the scene on the main thread.
 """
 
 from __future__ import annotations
@@ -292,6 +294,13 @@ class DespeckleLogic:
         started = time.monotonic()
         result = self._despeckle_pixels(despeckler, pixels, colour_out, colour_threshold, batch_size, gamma, blend,
                                         progress, cancel)
+        output_node = self._store_volume(scene, input_node, output_node, result, colour_out)
+        self.last_seconds = time.monotonic() - started
+        return output_node
+
+    @staticmethod
+    def _store_volume(scene, input_node, output_node, result: np.ndarray, colour_out: bool):
+        """Write despeckled voxels into ``output_node`` (new when None) like ``input_node``."""
         check_still_in_scene(scene, input=input_node, output=output_node)
         with _CreatedNodes(scene) as created:
             if output_node is None:
@@ -300,7 +309,6 @@ class DespeckleLogic:
             _copy_geometry(input_node, output_node)
             _copy_display(input_node, output_node)
             created.track_display(output_node)
-        self.last_seconds = time.monotonic() - started
         return output_node
 
     @staticmethod
@@ -312,6 +320,14 @@ class DespeckleLogic:
         if colour_out:
             return _keep_colour(pixels.rgb, grey, colour_threshold)
         return grey
+
+    def prepare_job(self, source, output_node=None, **options) -> "DespeckleJob":
+        """Read ``source`` (a volume; with ``all_frames`` (default) a sequence proxy's whole
+        sequence, or a sequence / browser node) now, on the main thread, for a
+        :class:`DespeckleJob` that despeckles it in a worker thread. ``options``: all_frames,
+        model, device, batch_size (the most frames per batch), gamma, blend, keep_colour,
+        colour_threshold."""
+        return _prepare_job(self, source, output_node, **options)
 
     # ------------------------------------------------------------------ sequences
     def despeckle_sequence(self, source, output_node=None, *, model=None, device: Optional[str] = None,
@@ -339,17 +355,23 @@ class DespeckleLogic:
                           None if items[0].rgb is None else np.concatenate([p.rgb for p in items]), items[0].dtype)
         result = self._despeckle_pixels(despeckler, stacked, colour_out, colour_threshold, batch_size, gamma, blend,
                                         _scaled_progress(progress, 2 * n, stacked.grey.shape[0], n), cancel)
-        per_item = np.split(result, n)
+        output_node, out_sequence, browser, made_browser = self._store_checked_sequence(
+            scene, sequence, browser, input_proxy, output_node, replaced, np.split(result, n), colour_out,
+            progress, cancel)
+        seconds = time.monotonic() - started
+        self.last_seconds = seconds
+        return SequenceOutput(out_sequence, output_node, browser, n, seconds, made_browser)
+
+    def _store_checked_sequence(self, scene, sequence, browser, input_proxy, output_node, replaced,
+                                per_item: List[np.ndarray], colour_out: bool, progress: ProgressFn, cancel: CancelFn):
+        n = len(per_item)
         check_still_in_scene(scene, sequence=sequence, browser=browser, proxy=input_proxy, output=output_node)
         if sequence.GetNumberOfDataNodes() != n:
             raise ValueError(f"sequence {_name(sequence)} changed from {n} to {sequence.GetNumberOfDataNodes()} "
                              "frames while it was despeckled; nothing was added, run it again")
         with _CreatedNodes(scene) as created:
-            output_node, out_sequence, browser, made_browser = self._store_sequence(
-                created, sequence, browser, input_proxy, output_node, replaced, per_item, colour_out, progress, cancel)
-        seconds = time.monotonic() - started
-        self.last_seconds = seconds
-        return SequenceOutput(out_sequence, output_node, browser, n, seconds, made_browser)
+            return self._store_sequence(created, sequence, browser, input_proxy, output_node, replaced, per_item,
+                                        colour_out, progress, cancel)
 
     def _store_sequence(self, created: "_CreatedNodes", sequence, browser, input_proxy, output_node, replaced,
                         per_item: List[np.ndarray], colour_out: bool, progress: ProgressFn, cancel: CancelFn):
@@ -360,9 +382,15 @@ class DespeckleLogic:
             output_node = created.add(_volume_class(colour_out), _output_name(named_after))
         out_sequence = created.add("vtkMRMLSequenceNode", _output_name(sequence) + SEQUENCE_SUFFIX)
         _fill_sequence(out_sequence, sequence, per_item, colour_out, progress, cancel, n)
-        current = min(max(browser.GetSelectedItemNumber() if browser is not None else 0, 0), n - 1)
+        current = browser_item_number(browser, sequence) if browser is not None else None
+        current = min(max(current or 0, 0), n - 1)
         _write_voxels(output_node, per_item[current])
         _copy_geometry(sequence.GetNthDataNode(current), output_node)
+        # Sequence items are copies without scene references (vtkMRMLSequenceNode::CopyContent):
+        # the parent transform (e.g. ImageToReference of tracked ultrasound) is the input proxy's.
+        transform = input_proxy.GetParentTransformNode() if input_proxy is not None else None
+        if transform is not None:
+            output_node.SetAndObserveTransformNodeID(transform.GetID())
         _copy_display(input_proxy if input_proxy is not None else sequence.GetNthDataNode(0), output_node)
         created.track_display(output_node)
         made_browser = browser is None
@@ -378,6 +406,177 @@ class DespeckleLogic:
         if self.sequences_logic is not None:
             self.sequences_logic.UpdateProxyNodesFromSequences(browser)
         return output_node, out_sequence, browser, made_browser
+
+
+# ----------------------------------------------------------------------------- background job
+
+@dataclass
+class JobState:
+    """What :meth:`DespeckleJob.poll` reports: frames done of total, and how the job ended."""
+
+    done: int
+    total: int
+    running: bool                      # the worker thread is still computing
+    finished: bool = False             # results were written into the scene (``result``)
+    cancelled: bool = False            # cancelled: nothing was added to the scene
+    error: Optional[BaseException] = None
+    result: Any = None                 # output volume node, or SequenceOutput for a sequence
+
+
+class DespeckleJob:
+    """Despeckle in a worker thread that never touches MRML (GUI: poll from a QTimer).
+
+    Made by :meth:`DespeckleLogic.prepare_job` on the main thread, which reads the voxels to
+    numpy. :meth:`start` runs the model (loading included) in a Python thread, in batches of
+    about :attr:`seconds_per_batch` of work each (the first is a single frame that times the
+    model), so progress moves and :meth:`cancel` takes effect within about that time.
+    :meth:`poll`, called on the main thread, reports progress and, once the thread is done,
+    writes the result into the scene (so MRML is only ever used on the caller's thread)::
+
+        job = logic.prepare_job(volume_node)     # main thread: read frames
+        job.start()                              # worker thread: despeckle
+        state = job.poll()                       # main thread, e.g. every 100 ms
+    """
+
+    seconds_per_batch = 0.5
+
+    def __init__(self, logic: "DespeckleLogic", pixels: _Pixels, store: Callable[[np.ndarray], Any], *,
+                 colour_out: bool, colour_threshold: float, model, device, batch_size, gamma, blend):
+        import threading
+
+        self._logic, self._pixels, self._store = logic, pixels, store
+        self._colour_out, self._colour_threshold = colour_out, colour_threshold
+        self._model, self._device, self._batch_size = model, device, batch_size
+        self._gamma, self._blend = gamma, blend
+        self._cancel = threading.Event()
+        self._thread = None
+        self._done, self._total = 0, int(pixels.grey.shape[0])
+        self._output: Optional[np.ndarray] = None
+        self._error: Optional[BaseException] = None
+        self._state: Optional[JobState] = None      # the final state, once reported
+        self.batches: List[int] = []                # frames per batch, in order (for tests and logs)
+        self.started = 0.0
+
+    @property
+    def total(self) -> int:
+        return self._total
+
+    def start(self):
+        """Start the worker thread (once); returns it."""
+        import threading
+
+        if self._thread is not None:
+            raise RuntimeError("this despeckling job was started already")
+        self.started = time.monotonic()
+        self._thread = threading.Thread(target=self._work, name="Speckle2Self despeckling", daemon=True)
+        self._thread.start()
+        return self._thread
+
+    def cancel(self) -> None:
+        """Stop after the current batch; the scene is left as it was."""
+        self._cancel.set()
+
+    @property
+    def cancel_requested(self) -> bool:
+        return self._cancel.is_set()
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        """Wait for the worker thread (tests, scripts); True when it has ended."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+        return self._thread is not None and not self._thread.is_alive()
+
+    def poll(self) -> JobState:
+        """Progress now; once the worker is done, store the result in the scene (call this on the
+        thread that owns the scene). The final state is reported again on later calls."""
+        from .inference import Cancelled
+
+        if self._state is not None:
+            return self._state
+        if self._thread is None or self._thread.is_alive():
+            return JobState(self._done, self._total, self._thread is not None)
+        if self._error is None and self._cancel.is_set():
+            self._error = Cancelled("despeckling cancelled")
+        if self._error is not None:
+            self._state = JobState(self._done, self._total, False, cancelled=isinstance(self._error, Cancelled),
+                                   error=None if isinstance(self._error, Cancelled) else self._error)
+            return self._state
+        try:
+            result = self._store(self._output)
+        except Exception as err:       # e.g. the input was deleted meanwhile: nothing was added
+            self._state = JobState(self._done, self._total, False, error=err)
+            return self._state
+        self._logic.last_seconds = time.monotonic() - self.started
+        self._state = JobState(self._total, self._total, False, finished=True, result=result)
+        return self._state
+
+    def _work(self) -> None:
+        """Worker thread: numpy and torch only."""
+        from .inference import Cancelled
+
+        try:
+            despeckler = self._logic.despeckler(self._model, self._device)
+            grey = self._pixels.grey
+            scale = despeckler.resolve_working_scale(grey, "auto")   # one factor for all frames, as one call
+            limit = self._batch_size or len(grey)
+            out, size = None, 1
+            while self._done < len(grey):
+                if self._cancel.is_set():
+                    raise Cancelled("despeckling cancelled")
+                chunk = grey[self._done:self._done + size]
+                tic = time.monotonic()
+                denoised = despeckler.denoise(chunk, batch_size=len(chunk), gamma=self._gamma, blend=self._blend,
+                                              working_scale=scale)
+                if out is None:
+                    out = np.empty(grey.shape, dtype=denoised.dtype)
+                out[self._done:self._done + len(chunk)] = denoised
+                per_frame = max(time.monotonic() - tic, 1e-4) / len(chunk)
+                self.batches.append(len(chunk))
+                self._done += len(chunk)
+                size = int(max(1, min(limit, self.seconds_per_batch / per_frame)))
+            result = _cast_like(out, self._pixels.dtype)
+            if self._colour_out:
+                result = _keep_colour(self._pixels.rgb, result, self._colour_threshold)
+            self._output = result
+        except BaseException as err:      # reported by poll() on the main thread
+            self._error = err
+
+
+def _prepare_job(logic: "DespeckleLogic", source, output_node=None, *, all_frames: bool = True, model=None,
+                 device: Optional[str] = None, batch_size: Optional[int] = None, gamma: Optional[float] = None,
+                 blend: float = 0.0, keep_colour: bool = False,
+                 colour_threshold: float = COLOUR_THRESHOLD) -> DespeckleJob:
+    import slicer
+
+    options = dict(model=model, device=device, batch_size=batch_size, gamma=gamma, blend=blend,
+                   colour_threshold=colour_threshold)
+    is_sequence = isinstance(source, (slicer.vtkMRMLSequenceNode, slicer.vtkMRMLSequenceBrowserNode))
+    if is_sequence or (all_frames and find_sequence(source) is not None):
+        sequence, browser, input_proxy = resolve_sequence(source)
+        scene = _scene_of(sequence)
+        items = _read_sequence_items(sequence)
+        colour_out = keep_colour and items[0].rgb is not None
+        _check_output_node(output_node, input_proxy, colour_out)
+        replaced = _earlier_result(output_node, browser, sequence)
+        n = len(items)
+        stacked = _Pixels(np.concatenate([p.grey for p in items]),
+                          None if items[0].rgb is None else np.concatenate([p.rgb for p in items]), items[0].dtype)
+        job: Optional[DespeckleJob] = None
+
+        def store_sequence(result: np.ndarray) -> SequenceOutput:
+            out = logic._store_checked_sequence(scene, sequence, browser, input_proxy, output_node, replaced,
+                                                np.split(result, n), colour_out, None, None)
+            return SequenceOutput(out[1], out[0], out[2], n, time.monotonic() - job.started, out[3])
+
+        job = DespeckleJob(logic, stacked, store_sequence, colour_out=colour_out, **options)
+        return job
+    scene = _scene_of(source)
+    pixels = _read_pixels(source)
+    colour_out = keep_colour and pixels.rgb is not None
+    _check_output_node(output_node, source, colour_out)
+    return DespeckleJob(logic, pixels,
+                        lambda result: logic._store_volume(scene, source, output_node, result, colour_out),
+                        colour_out=colour_out, **options)
 
 
 # ----------------------------------------------------------------------------- sequence helpers
@@ -401,6 +600,24 @@ def resolve_sequence(source) -> Tuple[Any, Any, Any]:
                          "despeckle it as a single volume, or give its sequence node")
     sequence, browser = found
     return sequence, browser, source
+
+
+def browser_item_number(browser, sequence) -> Optional[int]:
+    """Item number of ``sequence`` that ``browser`` shows now: matched by the index value of
+    the browser's primary sequence (the selected item number counts the primary sequence's
+    items, which need not be ``sequence``'s), None when ``sequence`` has no such item."""
+    if browser is None or sequence is None or sequence.GetNumberOfDataNodes() == 0:
+        return None
+    get_primary = getattr(browser, "GetPrimarySequenceNode", None) or browser.GetMasterSequenceNode
+    primary, selected = get_primary(), browser.GetSelectedItemNumber()
+    if primary is None or not 0 <= selected < primary.GetNumberOfDataNodes():
+        return None
+    if primary is sequence:
+        return selected
+    value = primary.GetNthIndexValue(selected)
+    numeric = sequence.GetIndexType() == sequence.NumericIndex and primary.GetIndexType() == primary.NumericIndex
+    item = sequence.GetItemNumberFromIndexValue(value, not numeric)   # numeric: the item at or before it
+    return item if 0 <= item < sequence.GetNumberOfDataNodes() else None
 
 
 def find_sequence(volume_node) -> Optional[Tuple[Any, Any]]:

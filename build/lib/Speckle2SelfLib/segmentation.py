@@ -1078,6 +1078,14 @@ def run_segment(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except ModuleNotFoundError as err:     # vtk is declared, but an environment may still lack it
+        missing = (err.name or "").split(".")[0]
+        if missing not in ("vtk", "slicer", "vtkmodules"):
+            raise
+        package = "slicer-core" if missing == "slicer" else "vtk"
+        print(f"error: segmenting with --method {args.method} needs the '{package}' Python package, which is not "
+              f"installed; install it with: pip install {package}", file=sys.stderr)
+        return 2
 
 
 def _run_segment(args: argparse.Namespace) -> int:
