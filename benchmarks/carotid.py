@@ -15,7 +15,7 @@ One-click lumen segmentation (the product's default "radial" method, no paramete
     results flagged as implausible and of seeds refused (SeedNotInLumenError, scored IoU 0).
 Split (Speckle2SelfLib.carotid): test subjects are 4 of 11 (135 images); tuning the other 7.
 
-    python benchmarks/carotid.py --model Speckle2Self/Resources/Models/<model>.pt \
+    python benchmarks/carotid.py --model Resources/Models/<model>.pt \
         [--methods raw median lee frost srad nlm bm3d obnlm] [--tuning-limit 60] [--test-limit 0] \
         [--cache .bench_cache] [--figure docs/figures/carotid.png]
     python benchmarks/carotid.py --lumen-only [--model A.pt --model B.pt] [--lumen-split tuning] \

@@ -115,10 +115,8 @@ def _dicom_case(engine, out: Path):
 
 def affine_fit(image: np.ndarray, reference: np.ndarray) -> np.ndarray:
     """``gain * image + offset`` fitted to ``reference`` by least squares, clipped to 0..255."""
-    x = image.astype(np.float64).ravel()
-    design = np.stack([x, np.ones_like(x)], axis=1)
-    (gain, offset), *_ = np.linalg.lstsq(design, reference.astype(np.float64).ravel(), rcond=None)
-    return np.clip(gain * image.astype(np.float64) + offset, 0, 255)
+    from .metrics import affine_fit as fit
+    return fit(image, reference, (0.0, 255.0))
 
 
 def tiled_homogeneity(image: np.ndarray, mask: np.ndarray, tile: int = 32) -> float:

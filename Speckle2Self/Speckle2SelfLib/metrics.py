@@ -88,6 +88,19 @@ def ssim(reference: np.ndarray, image: np.ndarray, data_range: Optional[float] =
                                        gaussian_weights=True, sigma=1.5, use_sample_covariance=False))
 
 
+def affine_fit(image: np.ndarray, reference: np.ndarray, clip: Optional[Sequence[float]] = None) -> np.ndarray:
+    """``gain * image + offset`` fitted to ``reference`` by least squares (optionally clipped).
+
+    A despeckler may map grey levels differently from the reference's display scale (e.g. a
+    lifted black level); PSNR/SSIM after this fit score structure, not the grey-scale mapping.
+    """
+    x = image.astype(np.float64).ravel()
+    design = np.stack([x, np.ones_like(x)], axis=1)
+    (gain, offset), *_ = np.linalg.lstsq(design, reference.astype(np.float64).ravel(), rcond=None)
+    fitted = gain * image.astype(np.float64) + offset
+    return np.clip(fitted, *clip) if clip is not None else fitted
+
+
 def _quantise(img: np.ndarray, levels: int, data_range: Optional[float]) -> np.ndarray:
     """Grey levels 0..levels-1 over [0, data_range] (uint8 images with 256 levels stay as they are)."""
     rng = _default_data_range(img) if data_range is None else float(data_range)
