@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     engine = Despeckler.from_file(args.model, "cpu")
     cases = carotid.cases("test", with_mask=True)
     picks, seen = [], set()
-    for case in cases[len(cases) // 3:]:          # one image of each of three subjects
+    for case in cases[len(cases) // 3:] + cases[:len(cases) // 3]:   # one image of each of three subjects
         if case.subject not in seen:
             picks.append(case)
             seen.add(case.subject)
