@@ -13,9 +13,9 @@ from Speckle2SelfLib import backends
 from Speckle2SelfLib.inference import Despeckler
 from Speckle2SelfLib.models import load_model
 
-RUNTIMES = [pytest.param(name, marks=pytest.mark.skipif(not backends.runtime_installed(name),
-                                                        reason=f"{name} is not installed ({backends.INSTALL_HINT[name]})"))
-            for name in backends.RUNTIMES]
+RUNTIMES = [pytest.param(name, marks=pytest.mark.skipif(
+    not backends.runtime_installed(name), reason=f"{name} is not installed ({backends.INSTALL_HINT[name]})"))
+    for name in backends.RUNTIMES]
 
 
 def speckle(n=3, h=45, w=70, seed=0):

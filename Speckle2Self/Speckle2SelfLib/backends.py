@@ -38,7 +38,7 @@ RUNTIMES = ("openvino", "onnxruntime")
 PROBE_TOLERANCE = 2e-3
 INSTALL_HINT = {"openvino": "pip install openvino", "onnxruntime": "pip install onnxruntime onnx"}
 
-Runner = Callable[["torch.Tensor"], "torch.Tensor"]  # noqa: F821
+Runner = Callable    # (N, 1, h, w) float32 CPU tensor in [0, 1] -> the same, float32 on the CPU
 
 
 class BackendUnavailable(RuntimeError):
