@@ -13,9 +13,18 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     pytest.importorskip("setuptools", reason="building the wheel needs setuptools in the environment")
+    import shutil
+
     out = tmp_path_factory.mktemp("wheel")
+    # Build from a copy of what the wheel is made of: an in-tree build would leave build/ behind.
+    src = tmp_path_factory.mktemp("source")
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, src / name)
+    shutil.copytree(REPO / "Speckle2Self" / "Speckle2SelfLib", src / "Speckle2Self" / "Speckle2SelfLib",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO / "Resources" / "Models", src / "Resources" / "Models")
     done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                           "-w", str(out), str(REPO)], capture_output=True, text=True, timeout=300)
+                           "-w", str(out), str(src)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     (path,) = out.glob("speckle2self-*.whl")
     return path
