@@ -19,7 +19,7 @@ import pytest
 from conftest import SHARED, requires_shared, simulated_frames
 
 slicer = pytest.importorskip("slicer", reason="slicer-core (MRML Python bindings) is not installed")
-import vtk  # noqa: E402
+from test_mrml_despeckle import make_image  # noqa: E402
 
 from Speckle2SelfLib import adapt as adapt_module  # noqa: E402
 from Speckle2SelfLib import user_models  # noqa: E402
@@ -32,15 +32,6 @@ SPACING = (0.3, 0.2, 1.0)
 TINY = dict(crop=32, batch=2, device="cpu")
 
 
-def make_image(voxels: np.ndarray):
-    from vtk.util import numpy_support
-
-    voxels = np.ascontiguousarray(voxels)
-    components = voxels.shape[3] if voxels.ndim == 4 else 1
-    image = vtk.vtkImageData()
-    image.SetDimensions(voxels.shape[2], voxels.shape[1], voxels.shape[0])
-    image.GetPointData().SetScalars(numpy_support.numpy_to_vtk(voxels.reshape(-1, components), deep=True))
-    return image
 
 
 def make_volume(scene, voxels, name="US", class_name="vtkMRMLScalarVolumeNode"):

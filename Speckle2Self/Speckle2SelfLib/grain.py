@@ -14,8 +14,8 @@ full view, relative to its spread), the direct measure of how much the views dis
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Dict, Iterable, Optional, Sequence
+from dataclasses import dataclass
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 
@@ -41,9 +41,6 @@ class Grain:
     def px(self) -> float:
         """One number: the geometric mean of the axial and lateral widths."""
         return float(np.sqrt(self.axial_px * self.lateral_px))
-
-    def as_dict(self) -> Dict[str, float]:
-        return {**asdict(self), "px": round(self.px, 3)}
 
 
 def _highpass(frame: np.ndarray, sigma) -> np.ndarray:
@@ -225,12 +222,3 @@ def view_difference(frames, scales: Sequence[float] = (0.5, 0.25), crop: int = 2
         for s, v in zip(scales, views[1:]):
             ratios[s].append(float((v - full).std()) / spread)
     return {s: round(float(np.mean(v)), 4) for s, v in ratios.items() if v}
-
-
-def summarise(frames_iter: Iterable[np.ndarray]) -> Dict[str, object]:
-    """Grain and view differences of a data set (for model cards and `speckle2self info`)."""
-    frames = [np.asarray(f, np.float32) for f in frames_iter]
-    same = [f for f in frames if f.shape == frames[0].shape] if frames else []
-    grain = estimate_grain(np.stack(same)) if same else None
-    return {"grain": grain.as_dict() if grain else None,
-            "view_difference": view_difference(np.stack(same)) if same else {}}

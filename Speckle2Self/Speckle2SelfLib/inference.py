@@ -172,6 +172,7 @@ class Despeckler:
 
         self.loaded = loaded
         self.device = pick_device(device)
+        self.last_working_scale = 1.0     # the factor the latest denoise() call ran at
         self.module = loaded.module.to(self.device)
         if self.device.startswith("cuda"):
             import torch
@@ -319,7 +320,7 @@ class Despeckler:
         from .perturbation import resample_to_working_scale   # imports torch: lazily
 
         h, w = x.shape[-2:]
-        x = resample_to_working_scale(x, getattr(self, "last_working_scale", 1.0))
+        x = resample_to_working_scale(x, self.last_working_scale)
         y = self._run_module_tiled(x) if self._needs_tiling(x) else self._run_module(x)
         if y.shape[-2:] != (h, w):
             y = torch.nn.functional.interpolate(y, size=(h, w), mode="bilinear", align_corners=False)

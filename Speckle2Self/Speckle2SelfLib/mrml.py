@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -342,17 +341,11 @@ class DespeckleLogic:
         new browser when none does), with ``output_node`` (new when None) as its proxy.
         ``progress(done, total)`` counts frames despeckled, then frames stored (total = 2 N).
         """
-        sequence, browser, input_proxy = resolve_sequence(source)
-        scene = _scene_of(sequence)
-        items = _read_sequence_items(sequence)
-        colour_out = keep_colour and items[0].rgb is not None
-        _check_output_node(output_node, input_proxy, colour_out)
-        replaced = _earlier_result(output_node, browser, sequence)
+        src = _SequenceSource.read(source, output_node, keep_colour)
+        scene, sequence, browser, input_proxy = src.scene, src.sequence, src.browser, src.input_proxy
+        colour_out, replaced, n, stacked = src.colour_out, src.replaced, src.frames, src.stacked
         despeckler = self.despeckler(model, device)
         started = time.monotonic()
-        n = len(items)
-        stacked = _Pixels(np.concatenate([p.grey for p in items]),
-                          None if items[0].rgb is None else np.concatenate([p.rgb for p in items]), items[0].dtype)
         result = self._despeckle_pixels(despeckler, stacked, colour_out, colour_threshold, batch_size, gamma, blend,
                                         _scaled_progress(progress, 2 * n, stacked.grey.shape[0], n), cancel)
         output_node, out_sequence, browser, made_browser = self._store_checked_sequence(
@@ -552,23 +545,15 @@ def _prepare_job(logic: "DespeckleLogic", source, output_node=None, *, all_frame
                    colour_threshold=colour_threshold)
     is_sequence = isinstance(source, (slicer.vtkMRMLSequenceNode, slicer.vtkMRMLSequenceBrowserNode))
     if is_sequence or (all_frames and find_sequence(source) is not None):
-        sequence, browser, input_proxy = resolve_sequence(source)
-        scene = _scene_of(sequence)
-        items = _read_sequence_items(sequence)
-        colour_out = keep_colour and items[0].rgb is not None
-        _check_output_node(output_node, input_proxy, colour_out)
-        replaced = _earlier_result(output_node, browser, sequence)
-        n = len(items)
-        stacked = _Pixels(np.concatenate([p.grey for p in items]),
-                          None if items[0].rgb is None else np.concatenate([p.rgb for p in items]), items[0].dtype)
+        src = _SequenceSource.read(source, output_node, keep_colour)
         job: Optional[DespeckleJob] = None
 
         def store_sequence(result: np.ndarray) -> SequenceOutput:
-            out = logic._store_checked_sequence(scene, sequence, browser, input_proxy, output_node, replaced,
-                                                np.split(result, n), colour_out, None, None)
-            return SequenceOutput(out[1], out[0], out[2], n, time.monotonic() - job.started, out[3])
+            out = logic._store_checked_sequence(src.scene, src.sequence, src.browser, src.input_proxy, output_node,
+                                                src.replaced, np.split(result, src.frames), src.colour_out, None, None)
+            return SequenceOutput(out[1], out[0], out[2], src.frames, time.monotonic() - job.started, out[3])
 
-        job = DespeckleJob(logic, stacked, store_sequence, colour_out=colour_out, **options)
+        job = DespeckleJob(logic, src.stacked, store_sequence, colour_out=src.colour_out, **options)
         return job
     scene = _scene_of(source)
     pixels = _read_pixels(source)
@@ -580,6 +565,32 @@ def _prepare_job(logic: "DespeckleLogic", source, output_node=None, *, all_frame
 
 
 # ----------------------------------------------------------------------------- sequence helpers
+
+@dataclass
+class _SequenceSource:
+    """A sequence input read on the main thread and checked against the output node: what both
+    the blocking call and the background job need before any computation."""
+    scene: Any
+    sequence: Any
+    browser: Any
+    input_proxy: Any
+    colour_out: bool
+    replaced: Any
+    frames: int
+    stacked: "_Pixels"
+
+    @classmethod
+    def read(cls, source, output_node, keep_colour: bool) -> "_SequenceSource":
+        sequence, browser, input_proxy = resolve_sequence(source)
+        scene = _scene_of(sequence)
+        items = _read_sequence_items(sequence)
+        colour_out = keep_colour and items[0].rgb is not None
+        _check_output_node(output_node, input_proxy, colour_out)
+        replaced = _earlier_result(output_node, browser, sequence)
+        stacked = _Pixels(np.concatenate([p.grey for p in items]),
+                          None if items[0].rgb is None else np.concatenate([p.rgb for p in items]), items[0].dtype)
+        return cls(scene, sequence, browser, input_proxy, colour_out, replaced, len(items), stacked)
+
 
 def resolve_sequence(source) -> Tuple[Any, Any, Any]:
     """(sequence node, browser node or None, proxy volume or None) for a sequence, browser or proxy."""

@@ -77,6 +77,24 @@ def warm_up(despeckler, runs: int = 3) -> None:
 
 # ----------------------------------------------------------------------------- latest-frame-wins despeckling
 
+
+def _stream_denoiser(despeckler) -> Callable[[np.ndarray], np.ndarray]:
+    """``despeckler.denoise`` with the grain-matched working scale found once per frame size:
+    one stream comes from one probe and setting, and matching the grain resamples each frame at
+    13 candidate scales, work a live stream should not repeat for every frame."""
+    if not hasattr(despeckler, "resolve_working_scale"):
+        return despeckler.denoise
+    scales: Dict[Tuple[int, ...], float] = {}
+
+    def denoise(frames: np.ndarray) -> np.ndarray:
+        key = tuple(np.shape(frames)[-2:])
+        if key not in scales:
+            scales[key] = despeckler.resolve_working_scale(np.asarray(frames), "auto")
+        return despeckler.denoise(frames, working_scale=scales[key])
+
+    return denoise
+
+
 @dataclass
 class StreamResult:
     """One despeckled frame (or stack) and what came with it."""
@@ -126,7 +144,7 @@ class StreamDespeckler:
                  on_error: Optional[Callable[[str, Any, BaseException], None]] = None, max_streams: int = 8):
         if max_streams < 1:
             raise ValueError(f"max_streams must be at least 1, got {max_streams}")
-        self._denoise = despeckler.denoise if hasattr(despeckler, "denoise") else despeckler
+        self._denoise = _stream_denoiser(despeckler) if hasattr(despeckler, "denoise") else despeckler
         if not callable(self._denoise):
             raise TypeError("despeckler must be a Despeckler or a callable array -> array")
         self.on_output = on_output
