@@ -1,8 +1,10 @@
 """Speckle2Self: self-supervised ultrasound despeckling in 3D Slicer (the module's GUI).
 
-All computation lives in Speckle2SelfLib (numpy/torch/MRML, testable without Qt); this file
-only connects widgets to it. torch is imported lazily, so the module loads without it and
-offers to install it (through the PyTorch extension when present) on first use.
+All computation lives in Speckle2SelfLib (numpy/torch/MRML, testable without Qt): the logic is
+Speckle2SelfLib.scene.logic.Speckle2SelfLogic, and this file holds the module description, the
+parameter node, the widget that connects the .ui to the logic, and the self-test. torch is
+imported lazily, so the module loads without it and offers to install it (through the PyTorch
+extension when present) on first use.
 """
 
 import importlib
@@ -20,9 +22,10 @@ from slicer import (vtkMRMLMarkupsFiducialNode, vtkMRMLScalarVolumeNode, vtkMRML
                     vtkMRMLTableNode)
 from slicer.i18n import tr as _
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
-from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
-                                           ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
+from slicer.ScriptedLoadableModule import ScriptedLoadableModule, ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget
 from slicer.util import VTKObservationMixin
+
+from Speckle2SelfLib.scene.logic import DespeckleRun, Speckle2SelfLogic, is_rgb
 
 HOMEPAGE = "https://github.com/speckle2self/SlicerSpeckle2Self"
 LOAD_MODEL_ITEM = "__load_model_file__"
@@ -50,13 +53,13 @@ class Speckle2Self(ScriptedLoadableModule):
             "The 'Adapt model' section fine-tunes a model on the scene's own images (self-supervised) to adapt it "
             "to your scanner and anatomy. "
             f'See the <a href="{HOMEPAGE}">documentation</a>. From the Python console: '
-            "<code>from Speckle2SelfLib.mrml import despeckle_node; despeckle_node(getNode('US'))</code>.")
+            "<code>from Speckle2SelfLib.scene.logic import despeckle_node; despeckle_node(getNode('US'))</code>.")
         self.parent.acknowledgementText = _(
             "Speckle2Self follows the self-supervised despeckling method of the Speckle2Self paper "
             "(multi-scale perturbation). The module layout follows SlicerNNUnet and SlicerMONAIAuto3DSeg; "
             "PyTorch is provided by the SlicerPyTorch extension.")
         try:   # 'Adapt model': user models beside Slicer's settings, for the GUI and the Python console alike
-            Speckle2SelfLogic.userModelsDirectory()
+            userModelsDirectory()
         except Exception as err:  # never keep the module from loading
             logging.warning(f"Speckle2Self: user models folder not set up ({err})")
 
@@ -78,7 +81,7 @@ class Speckle2SelfParameterNode:
     outputVolume: vtkMRMLScalarVolumeNode
     model: str = ""
     device: Annotated[str, Choice(DEVICES)] = "Auto"
-    backend: Annotated[str, Choice(list(BACKENDS))] = "Auto"       # CPU path: Speckle2SelfLib.backends
+    backend: Annotated[str, Choice(list(BACKENDS))] = "Auto"       # CPU path: Speckle2SelfLib.engine.backends
     batchSize: Annotated[int, WithinRange(0, 256)] = 0
     blend: Annotated[float, WithinRange(0.0, 1.0)] = 0.0
     gamma: Annotated[float, WithinRange(0.2, 3.0)] = 1.0
@@ -97,9 +100,9 @@ class Speckle2SelfParameterNode:
 #
 
 class Speckle2SelfWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    """Despeckle and Segment-lumen panels. Apply despeckles in a background job (a worker thread
-    that never touches MRML) polled by a QTimer; Cancel (the Apply button while running) stops it
-    after the current batch (under a second)."""
+    """Despeckle, Live, Segment-lumen and Adapt-model panels over Speckle2SelfLogic. Apply and
+    Segment run in background jobs (a worker thread that never touches MRML) polled by a QTimer;
+    Cancel (the Apply or Segment button while running) stops them within a second."""
 
     def __init__(self, parent=None, logic=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
@@ -110,8 +113,11 @@ class Speckle2SelfWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._running = False
         self._cancelRequested = False
         self._updatingModelCombo = False
-        self._job = None                  # the running Speckle2SelfLib.mrml.DespeckleJob
+        self._job = None                  # the running Speckle2SelfLib.scene.despeckle.DespeckleJob
         self._jobTimer = None
+        self._segmentJob = None           # the running Speckle2SelfLib.scene.lumen.SegmentJob
+        self._segmentTimer = None
+        self._segmentCancelRequested = False
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -121,9 +127,10 @@ class Speckle2SelfWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         if self.logic is None:
-            self.logic = Speckle2SelfLogic()
+            self.logic = Speckle2SelfLogic(sequences_logic=slicer.modules.sequences.logic())
 
         self.ui.progressBar.hide()
+        self.ui.lumenProgressBar.hide()
         self.ui.seedPlaceWidget.placeMultipleMarkups = slicer.qSlicerMarkupsPlaceWidget.ForcePlaceSingleMarkup
         self.ui.lumenTableView.setMRMLScene(slicer.mrmlScene)
 
@@ -148,6 +155,7 @@ class Speckle2SelfWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._cancelRequested = True
         if getattr(self, "_job", None) is not None:
             self._job.cancel()
+        self.stopSegmentation()
         self.stopLive()
         self.stopAdapt()
         self.removeObservers()
@@ -165,6 +173,7 @@ class Speckle2SelfWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._cancelRequested = True      # a run in progress stops; its nodes would go with the scene
         if getattr(self, "_job", None) is not None:
             self._job.cancel()
+        self.stopSegmentation()
         self.stopLive()
         self.setParameterNode(None)
 
@@ -178,16 +187,17 @@ class Speckle2SelfWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.initializeParameterNode()
 
     def onReload(self) -> None:
-        """Reload the Lib modules too, so that edits to them take effect without restarting Slicer."""
+        """Reload the Lib too, so that edits to it take effect without restarting Slicer: its
+        modules are dropped and imported afresh (in dependency order) when the module file reloads."""
         import sys
 
-        for name in sorted(n for n in sys.modules if n == "Speckle2SelfLib" or n.startswith("Speckle2SelfLib.")):
-            importlib.reload(sys.modules[name])
+        for name in [n for n in sys.modules if n == "Speckle2SelfLib" or n.startswith("Speckle2SelfLib.")]:
+            del sys.modules[name]
         ScriptedLoadableModuleWidget.onReload(self)
 
     # ------------------------------------------------------------------ parameter node
     def initializeParameterNode(self) -> None:
-        self.setParameterNode(self.logic.getParameterNode())
+        self.setParameterNode(Speckle2SelfParameterNode(self.logic.parameter_node(slicer.mrmlScene)))
         if not self._parameterNode.inputVolume:
             firstVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
             if firstVolume and not firstVolume.IsA("vtkMRMLLabelMapVolumeNode"):
@@ -213,7 +223,7 @@ class Speckle2SelfWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def updateInputDependentWidgets(self, *args) -> None:
         """'all frames' only for a sequence proxy; 'keep colour' only for RGB input."""
-        from Speckle2SelfLib.mrml import find_sequence
+        from Speckle2SelfLib.scene.nodes import find_sequence
 
         node = self.ui.inputSelector.currentNode()
         found = find_sequence(node) if node else None
@@ -222,7 +232,7 @@ class Speckle2SelfWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             sequence, _browser = found
             self.ui.allFramesCheckBox.text = _("all {count} frames of sequence '{name}'").format(
                 count=sequence.GetNumberOfDataNodes(), name=sequence.GetName())
-        self.ui.keepColourCheckBox.enabled = bool(node and isRgb(node))
+        self.ui.keepColourCheckBox.enabled = bool(node and is_rgb(node))
         lumenNode = self.ui.lumenVolumeSelector.currentNode()
         self.ui.lumenAllFramesCheckBox.visible = bool(lumenNode and find_sequence(lumenNode))
         self.updateButtons()
@@ -234,10 +244,12 @@ class Speckle2SelfWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         problem = None
         if not p or not p.inputVolume:
             problem = _("Select an input volume")
-        elif not self.currentModel() and not self.logic.hasBundledModel():
+        elif not self.currentModel() and not self.logic.has_bundled_model():
             problem = _("No bundled model: choose 'Load model file...'")
         self.ui.applyButton.enabled = problem is None
         self.ui.applyButton.toolTip = problem or _("Despeckle the input (click again to cancel)")
+        if self._segmentJob is not None:
+            return                        # Segment is Cancel while it runs
         canSegment = bool(p and p.lumenVolume and p.seedPoints)
         self.ui.segmentButton.enabled = canSegment
         self.ui.segmentButton.toolTip = _("Segment the lumen around the seed") if canSegment else \
@@ -252,12 +264,12 @@ class Speckle2SelfWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._updatingModelCombo = True
         try:
             combo.clear()
-            for entry in self.logic.bundledModels():
+            for entry in self.logic.bundled_models():
                 label = entry["name"] + (f" ({entry['version']})" if entry.get("version") else "")
                 if entry.get("default"):
                     label += _(" - default")
                 combo.addItem(label, entry["name"])
-            for model in self.logic.userModels():      # "Adapt model" results, selected by file path
+            for model in self.logic.user_models():      # "Adapt model" results, selected by file path
                 combo.addItem(_("{name} (user model)").format(name=model.name), str(model.path))
             combo.addItem(_("Load model file..."), LOAD_MODEL_ITEM)
         finally:
@@ -272,7 +284,7 @@ class Speckle2SelfWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._updatingModelCombo = True
         try:
             if not model:
-                defaults = [i for i, e in enumerate(self.logic.bundledModels()) if e.get("default")]
+                defaults = [i for i, e in enumerate(self.logic.bundled_models()) if e.get("default")]
                 index = defaults[0] if defaults else 0
             else:
                 index = combo.findData(model)
@@ -302,10 +314,10 @@ class Speckle2SelfWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def showModelInfo(self) -> None:
         """Name, width, training steps and data of the selected model (read without torch)."""
-        from Speckle2SelfLib.mrml import describe_model
+        from Speckle2SelfLib.engine.models import describe_model
 
         try:
-            metadata = self.logic.modelMetadata(self.currentModel() or None)
+            metadata = self.logic.model_metadata(self.currentModel() or None)
         except (OSError, ValueError, KeyError) as err:
             self.ui.modelInfoLabel.text = f"<span style='color:#c00'>{err}</span>"
             return
@@ -327,10 +339,10 @@ class Speckle2SelfWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         p = self._parameterNode
         try:   # frames are read here (main thread); the model loads and runs in a worker thread
-            self._job = self.logic.startProcess(
-                p.inputVolume, p.outputVolume, allFrames=p.allFrames, model=p.model or None,
-                device=p.device.lower(), backend=BACKENDS[p.backend], batchSize=p.batchSize or None, gamma=p.gamma,
-                blend=p.blend, keepColour=p.keepColour)
+            self._job = self.logic.start_process(
+                p.inputVolume, p.outputVolume, all_frames=p.allFrames, model=p.model or None,
+                device=p.device.lower(), backend=BACKENDS[p.backend], batch_size=p.batchSize or None, gamma=p.gamma,
+                blend=p.blend, keep_colour=p.keepColour)
         except Exception as err:  # shown to the user with the details; the scene is left as it was
             self._showDespeckleError(err)
             return
@@ -361,25 +373,53 @@ class Speckle2SelfWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         elif state.error is not None:
             self._showDespeckleError(state.error)
         else:
-            self.showResult(DespeckleRun.fromJobResult(state.result, self.logic.despeckleLogic.last_seconds))
+            self.showResult(DespeckleRun.from_result(state.result, self.logic.last_seconds))
         self.setRunning(False)
 
     def _showDespeckleError(self, err) -> None:
+        self.ui.statusLabel.text = _("Failed: {error}").format(error=err)
+        self._showError(_("Despeckling failed:\n{error}").format(error=err), err)
+
+    @staticmethod
+    def _showError(message: str, err) -> None:
         details = "".join(traceback.format_exception(type(err), err, err.__traceback__))
         logging.error(details)
-        self.ui.statusLabel.text = _("Failed: {error}").format(error=err)
-        slicer.util.errorDisplay(_("Despeckling failed:\n{error}").format(error=err), detailedText=details)
+        slicer.util.errorDisplay(message, detailedText=details)
 
     def torchReady(self) -> bool:
         """ensurePythonDependencies inside error handling: a failed install (no network, pip
         error) is shown to the user and reported as 'not installed', never raised into Qt."""
         try:
-            return self.logic.ensurePythonDependencies()
+            return self.ensurePythonDependencies()
         except Exception as err:
             logging.error(traceback.format_exc())
             slicer.util.errorDisplay(_("Installing PyTorch failed:\n{error}").format(error=err),
                                      detailedText=traceback.format_exc())
             return False
+
+    @staticmethod
+    def ensurePythonDependencies() -> bool:
+        """torch is needed for despeckling. Offer PyTorch extension's installer (it picks the CUDA
+        build that matches the driver), else pip after one confirmation. False when not installed."""
+        if importlib.util.find_spec("torch") is not None:
+            return True
+        if hasattr(slicer.modules, "pytorchutils"):
+            import PyTorchUtils
+
+            torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(
+                askConfirmation=True, torchVersionRequirement=TORCH_REQUIREMENT)
+            return torch is not None
+        message = _(
+            "Speckle2Self needs PyTorch, which is not installed. This will be installed with pip:\n\n"
+            "    torch{requirement}  ({build})\n\n"
+            "For a specific CUDA build, cancel and install the 'PyTorch' extension from the Extensions "
+            "Manager instead. Install now?").format(requirement=TORCH_REQUIREMENT, build=torchDownloadNote())
+        if not slicer.util.confirmOkCancelDisplay(message, _("Install PyTorch")):
+            return False
+        with slicer.util.WaitCursor():
+            slicer.util.pip_install(f"torch{TORCH_REQUIREMENT}")
+        importlib.invalidate_caches()
+        return importlib.util.find_spec("torch") is not None
 
     def onProgress(self, done: int, total: int) -> None:
         """Called from the job timer: update the bar (the worker thread keeps the GUI free)."""
@@ -407,7 +447,7 @@ class Speckle2SelfWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def showResult(self, result) -> None:
         p = self._parameterNode
-        output = result.outputVolume
+        output = result.output_node
         p.outputVolume = output
         p.lumenVolume = output
         slicer.util.setSliceViewerLayers(background=output, fit=True)
@@ -448,9 +488,9 @@ class Speckle2SelfWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._setLiveChecked(False)
             self.ui.liveStatusLabel.text = _("PyTorch is needed to despeckle; it was not installed.")
             return
-        from Speckle2SelfLib.inference import Despeckler
-        from Speckle2SelfLib.mrml import find_sequence
-        from Speckle2SelfLib.stream import LiveVolumeDespeckler
+        from Speckle2SelfLib.engine.inference import Despeckler
+        from Speckle2SelfLib.scene.live import LiveVolumeDespeckler
+        from Speckle2SelfLib.scene.nodes import find_sequence
 
         output = p.outputVolume
         if output is not None and (output is p.inputVolume or output.IsA("vtkMRMLVectorVolumeNode")
@@ -538,7 +578,7 @@ class Speckle2SelfWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     ADAPT_PREVIEW_WIDTH = 360
 
     def setupAdapt(self) -> None:
-        """'Adapt model': fine-tune a model on the scene's own images (Speckle2SelfLib.adapt).
+        """'Adapt model': fine-tune a model on the scene's own images (Speckle2SelfLib.engine.adapt).
 
         The frames are read here, on the main thread; training runs in the job's thread and a
         QTimer shows its snapshot (progress, loss terms, loss plot, preview). MRML is never
@@ -581,7 +621,7 @@ class Speckle2SelfWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         selected = combo.findData(source.currentData) if source.currentData != LOAD_MODEL_ITEM else -1
         combo.currentIndex = max(selected, 0)
         self.ui.adaptFolderLabel.text = _("User models folder: {folder}").format(
-            folder=self.logic.userModelsDirectory())
+            folder=self.logic.user_models_directory())
 
     def updateAdaptButtons(self, *args) -> None:
         if not hasattr(self, "_adaptTimer") or self.adaptRunning():
@@ -592,7 +632,7 @@ class Speckle2SelfWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                              "(the best weights so far are kept)") if nodes else \
             _("Check one or more volumes or sequences to adapt on")
         model = self.currentModel()
-        self.ui.adaptRemoveButton.enabled = bool(model) and self.logic.isUserModel(model)
+        self.ui.adaptRemoveButton.enabled = bool(model) and self.logic.is_user_model(model)
 
     def onAdaptStartButton(self) -> None:
         if self.adaptRunning():
@@ -610,7 +650,7 @@ class Speckle2SelfWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         try:
             with slicer.util.WaitCursor():
-                self._adaptJob = self.logic.startAdaptation(
+                self._adaptJob = self.logic.start_adaptation(
                     self.ui.adaptInputSelector.checkedNodes(), init=self.ui.adaptInitComboBox.currentData or None,
                     minutes=minutes, steps=steps, crop=int(self.ui.adaptCropComboBox.currentData),
                     device=self.ui.adaptDeviceComboBox.currentText.lower())
@@ -699,13 +739,13 @@ class Speckle2SelfWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onAdaptRemoveButton(self) -> None:
         model = self.currentModel()
-        if not model or not self.logic.isUserModel(model):
+        if not model or not self.logic.is_user_model(model):
             return
         if not slicer.util.confirmOkCancelDisplay(
                 _("Delete the user model file {path}?").format(path=model), _("Remove model")):
             return
         with slicer.util.tryWithErrorDisplay(_("Removing the model failed."), waitCursor=True):
-            self.logic.removeUserModel(model)
+            self.logic.remove_user_model(model)
             if self._parameterNode and self._parameterNode.model == model:
                 self._parameterNode.model = ""
             self.populateModelCombo()
@@ -715,31 +755,103 @@ class Speckle2SelfWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.updateAdaptButtons()
 
     # ------------------------------------------------------------------ lumen
+    SEGMENT_POLL_MS = 100                 # GUI timer: progress, and the result written on the main thread
+
     def onSegmentButton(self) -> None:
+        """Segment: the frames are read here (main thread) and segmented in a worker thread
+        (Speckle2SelfLib.scene.lumen.SegmentJob) that a QTimer polls; the button cancels while it runs."""
+        if self._segmentJob is not None:
+            self._segmentCancelRequested = True
+            self._segmentJob.cancel()     # the worker stops after the current frame
+            self.ui.segmentButton.enabled = False
+            self.ui.lumenStatusLabel.text = _("Cancelling after the current frame...")
+            return
         p = self._parameterNode
-        with slicer.util.tryWithErrorDisplay(_("Lumen segmentation failed."), waitCursor=True):
-            result = self.logic.segmentLumen(p.lumenVolume, p.seedPoints, method=p.lumenMethod,
-                                             tolerance=p.tolerance, allFrames=p.lumenAllFrames,
-                                             segmentationNode=p.lumenSegmentation, tableNode=p.lumenTable)
-            p.lumenSegmentation = result.segmentation_node
-            p.lumenTable = result.table_node
-            if result.plot_chart_node is not None:     # diameter over frames, in the layout's plot view
-                slicer.modules.plots.logic().ShowChartInLayout(result.plot_chart_node)
-            slicer.util.setSliceViewerLayers(background=p.lumenVolume)
-            self.ui.lumenTableView.setMRMLTableNode(result.table_node)
-            flaggedRows = [row for row, k in enumerate(result.frames) if result.sequence.flagged[k]]
-            self._paintRowsRed(flaggedRows, len(result.frames))
-            first = result.measurements[0] if result.measurements else None
-            if first is not None:
-                text = _("{frames} frame(s) segmented; seed frame: area {area:.1f} mm2, diameter {diameter:.2f} mm").format(
-                    frames=len(result.frames), area=first.area_mm2, diameter=first.equivalent_diameter_mm)
-                if flaggedRows:
-                    k = result.frames[flaggedRows[0]]
-                    text += "\n" + _("{count} frame(s) FLAGGED as implausible (red rows), e.g. frame {frame}: {reason}").format(
-                        count=len(flaggedRows), frame=k, reason=result.sequence.flag_reasons[k])
-                self.ui.lumenStatusLabel.text = text
-                self.ui.lumenStatusLabel.setStyleSheet("color: #c00000" if flaggedRows else "")
+        try:
+            self._segmentJob = self.logic.start_segmentation(
+                p.lumenVolume, p.seedPoints, method=p.lumenMethod, tolerance=p.tolerance,
+                all_frames=p.lumenAllFrames, segmentation_node=p.lumenSegmentation, table_node=p.lumenTable)
+        except Exception as err:  # bad input or seed: shown with the details; nothing was started
+            self.ui.lumenStatusLabel.text = _("Failed: {error}").format(error=err)
+            self._showError(_("Lumen segmentation failed:\n{error}").format(error=err), err)
+            return
+        self.setSegmenting(True)
+        self._segmentTimer = qt.QTimer()
+        self._segmentTimer.setInterval(self.SEGMENT_POLL_MS)
+        self._segmentTimer.connect("timeout()", self.onSegmentTick)
+        self._segmentTimer.start()
+
+    def onSegmentTick(self) -> None:
+        """QTimer on the main thread: show the worker's progress; when it has ended, the job
+        writes all its outputs into the scene here (or none, when cancelled or failed)."""
+        job = self._segmentJob
+        if job is None:
+            return
+        if self._segmentCancelRequested:
+            job.cancel()
+        state = job.poll()
+        if state.running:
+            self.ui.lumenProgressBar.maximum = max(state.total, 1)
+            self.ui.lumenProgressBar.value = state.done
+            self.ui.lumenStatusLabel.text = _("Segmenting... {done}/{total} frame(s)").format(
+                done=state.done, total=state.total)
+            return
+        self._segmentTimer.stop()
+        self._segmentJob = None
+        self.setSegmenting(False)
+        if state.cancelled:
+            self.ui.lumenStatusLabel.text = _("Cancelled; nothing was added to the scene.")
+        elif state.error is not None:
+            self.ui.lumenStatusLabel.text = _("Failed: {error}").format(error=state.error)
+            self._showError(_("Lumen segmentation failed:\n{error}").format(error=state.error), state.error)
+        else:
+            self.showLumenResult(state.result)
+
+    def setSegmenting(self, running: bool) -> None:
+        """While segmenting, Segment becomes Cancel and the lumen inputs are locked."""
+        self._segmentCancelRequested = False
+        for widget in (self.ui.lumenVolumeSelector, self.ui.seedSelector, self.ui.seedPlaceWidget,
+                       self.ui.lumenMethodComboBox, self.ui.toleranceSliderWidget, self.ui.lumenAllFramesCheckBox,
+                       self.ui.openSegmentEditorButton):
+            widget.enabled = not running
+        self.ui.segmentButton.text = _("Cancel") if running else _("Segment")
+        self.ui.segmentButton.enabled = True
+        self.ui.lumenProgressBar.visible = running
+        self.ui.lumenProgressBar.value = 0
+        if running:
+            self.ui.lumenStatusLabel.setStyleSheet("")
+            self.ui.lumenStatusLabel.text = _("Segmenting...")
+        else:
             self.updateButtons()
+
+    def stopSegmentation(self) -> None:
+        job = getattr(self, "_segmentJob", None)
+        if job is not None:
+            job.cancel()
+            self._segmentCancelRequested = True
+
+    def showLumenResult(self, result) -> None:
+        """Select the outputs, show the chart and the table (flagged frames in red) and say so."""
+        p = self._parameterNode
+        p.lumenSegmentation = result.segmentation_node
+        p.lumenTable = result.table_node
+        if result.plot_chart_node is not None:     # diameter over frames, in the layout's plot view
+            slicer.modules.plots.logic().ShowChartInLayout(result.plot_chart_node)
+        slicer.util.setSliceViewerLayers(background=p.lumenVolume)
+        self.ui.lumenTableView.setMRMLTableNode(result.table_node)
+        flaggedRows = [row for row, k in enumerate(result.frames) if result.sequence.flagged[k]]
+        self._paintRowsRed(flaggedRows, len(result.frames))
+        first = result.measurements[0] if result.measurements else None
+        if first is not None:
+            text = _("{frames} frame(s) segmented; seed frame: area {area:.1f} mm2, diameter {diameter:.2f} mm").format(
+                frames=len(result.frames), area=first.area_mm2, diameter=first.equivalent_diameter_mm)
+            if flaggedRows:
+                k = result.frames[flaggedRows[0]]
+                text += "\n" + _("{count} frame(s) FLAGGED as implausible (red rows), e.g. frame {frame}: {reason}").format(
+                    count=len(flaggedRows), frame=k, reason=result.sequence.flag_reasons[k])
+            self.ui.lumenStatusLabel.text = text
+            self.ui.lumenStatusLabel.setStyleSheet("color: #c00000" if flaggedRows else "")
+        self.updateButtons()
 
     def _paintRowsRed(self, rows, rowCount: int) -> None:
         """Show the table rows of flagged frames in red. Display only: the model's signals are
@@ -781,206 +893,14 @@ def torchDownloadNote() -> str:
     return _("CPU build from PyPI, a download of a few hundred MB")
 
 
-def isRgb(volumeNode) -> bool:
-    image = volumeNode.GetImageData() if volumeNode else None
-    return bool(image is not None and image.GetNumberOfScalarComponents() == 3)
+def userModelsDirectory() -> str:
+    """Where "Adapt model" keeps its models: $SPECKLE2SELF_USER_MODELS, else Speckle2Self/models
+    beside Slicer's settings file (set as the Lib's default, for the GUI and the console alike)."""
+    from Speckle2SelfLib.engine import user_models
 
-
-#
-# Logic
-#
-
-class DespeckleRun:
-    """What one Apply produced: the output volume (a sequence proxy for all frames) and timing."""
-
-    def __init__(self, outputVolume, frames: int, seconds: float, sequence=None):
-        self.outputVolume = outputVolume
-        self.frames = frames
-        self.seconds = seconds
-        self.sequence = sequence
-
-    @classmethod
-    def fromJobResult(cls, result, seconds: Optional[float] = None):
-        """From a finished DespeckleJob's result: an output volume, or a SequenceOutput."""
-        if hasattr(result, "sequence_node"):
-            return cls(result.proxy_node, result.frames, result.seconds, result.sequence_node)
-        return cls(result, result.GetImageData().GetDimensions()[2], seconds or 0.0)
-
-
-class Speckle2SelfLogic(ScriptedLoadableModuleLogic):
-    """Parameter node, dependency installation and a thin layer over Speckle2SelfLib.mrml.DespeckleLogic.
-
-    Usable without the widget, e.g. ``Speckle2SelfLogic().process(getNode('US'))``.
-    """
-
-    def __init__(self, despeckleLogic=None) -> None:
-        ScriptedLoadableModuleLogic.__init__(self)
-        self._despeckleLogic = despeckleLogic
-
-    def getParameterNode(self) -> Speckle2SelfParameterNode:
-        return Speckle2SelfParameterNode(super().getParameterNode())
-
-    @property
-    def despeckleLogic(self):
-        if self._despeckleLogic is None:
-            from Speckle2SelfLib.mrml import DespeckleLogic
-
-            self._despeckleLogic = DespeckleLogic(sequences_logic=slicer.modules.sequences.logic())
-        return self._despeckleLogic
-
-    # ------------------------------------------------------------------ models
-    @staticmethod
-    def bundledModels() -> list:
-        from Speckle2SelfLib.models import bundled_models
-
-        return bundled_models()
-
-    def hasBundledModel(self) -> bool:
-        return bool(self.bundledModels())
-
-    # ------------------------------------------------------------------ user models (Adapt model)
-    @staticmethod
-    def userModelsDirectory() -> str:
-        """$SPECKLE2SELF_USER_MODELS, else Speckle2Self/models beside Slicer's settings file."""
-        from Speckle2SelfLib import user_models
-
-        settings = os.path.dirname(slicer.app.slicerUserSettingsFilePath)
-        user_models.set_default_directory(os.path.join(settings, "Speckle2Self", "models"))
-        return str(user_models.user_models_dir())
-
-    def userModels(self) -> list:
-        """Usable user models; skipped (corrupt or altered) files are logged with the reason."""
-        from Speckle2SelfLib import user_models
-
-        models, messages = user_models.list_user_models(self.userModelsDirectory())
-        for message in messages:
-            logging.warning(message)
-        return models
-
-    def isUserModel(self, model: str) -> bool:
-        from Speckle2SelfLib import user_models
-
-        return bool(model) and os.path.isfile(model) and user_models.is_user_model(model, self.userModelsDirectory())
-
-    def removeUserModel(self, model: str) -> None:
-        from Speckle2SelfLib import user_models
-
-        user_models.remove_user_model(model, self.userModelsDirectory())
-
-    def startAdaptation(self, nodes, *, init=None, minutes=None, steps=None, crop: int = 128, device: str = "auto"):
-        """Read ``nodes`` now (main thread) and fine-tune ``init`` on them in the background;
-        returns the running Speckle2SelfLib.adapt.AdaptJob (its model goes to the user models folder)."""
-        from Speckle2SelfLib.adapt import AdaptJob, frames_from_nodes
-
-        data = frames_from_nodes(list(nodes))
-        return AdaptJob(data, init=init, minutes=minutes, steps=steps, crop=crop, device=device,
-                        directory=self.userModelsDirectory()).start()
-
-    def modelMetadata(self, model: Optional[str]) -> dict:
-        """Metadata of a bundled model (None: the default) or model file, {} when there is none."""
-        from Speckle2SelfLib.models import MODELS_DIR
-        from Speckle2SelfLib.mrml import model_card
-
-        if model and os.path.isfile(model):
-            return model_card(model)
-        entries = self.bundledModels()
-        entry = next((e for e in entries if e["name"] == model), None) if model else \
-            next((e for e in entries if e.get("default")), entries[0] if entries else None)
-        return model_card(MODELS_DIR / entry["file"]) if entry else {}
-
-    # ------------------------------------------------------------------ dependencies
-    @staticmethod
-    def ensurePythonDependencies() -> bool:
-        """torch is needed for despeckling. Offer PyTorch extension's installer (it picks the CUDA
-        build that matches the driver), else pip after one confirmation. False when not installed."""
-        if importlib.util.find_spec("torch") is not None:
-            return True
-        if hasattr(slicer.modules, "pytorchutils"):
-            import PyTorchUtils
-
-            torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(
-                askConfirmation=True, torchVersionRequirement=TORCH_REQUIREMENT)
-            return torch is not None
-        message = _(
-            "Speckle2Self needs PyTorch, which is not installed. This will be installed with pip:\n\n"
-            "    torch{requirement}  ({build})\n\n"
-            "For a specific CUDA build, cancel and install the 'PyTorch' extension from the Extensions "
-            "Manager instead. Install now?").format(requirement=TORCH_REQUIREMENT, build=torchDownloadNote())
-        if not slicer.util.confirmOkCancelDisplay(message, _("Install PyTorch")):
-            return False
-        with slicer.util.WaitCursor():
-            slicer.util.pip_install(f"torch{TORCH_REQUIREMENT}")
-        importlib.invalidate_caches()
-        return importlib.util.find_spec("torch") is not None
-
-    # ------------------------------------------------------------------ processing
-    def process(self, inputVolume, outputVolume=None, *, allFrames: bool = True, model=None, device: str = "auto",
-                backend: str = "auto", batchSize=None, gamma: Optional[float] = None, blend: float = 0.0,
-                keepColour: bool = False, progress=None, cancel=None) -> DespeckleRun:
-        """Despeckle ``inputVolume`` (all frames of its sequence when it is a proxy and ``allFrames``)."""
-        from Speckle2SelfLib.mrml import find_sequence
-
-        if inputVolume is None:
-            raise ValueError(_("Select an input volume."))
-        logic = self.despeckleLogic
-        logic.backend = backend
-        gamma = None if gamma is None or abs(gamma - 1.0) < 1e-6 else gamma
-        colour = keepColour and isRgb(inputVolume)
-        outputVolume = self._usableOutput(outputVolume, colour)
-        options = dict(model=model, device=device, batch_size=batchSize, gamma=gamma, blend=blend,
-                       keep_colour=keepColour, progress=progress, cancel=cancel)
-        if allFrames and find_sequence(inputVolume) is not None:
-            result = logic.despeckle_sequence(inputVolume, outputVolume, **options)
-            return DespeckleRun(result.proxy_node, result.frames, result.seconds, result.sequence_node)
-        output = logic.despeckle_volume(inputVolume, outputVolume, **options)
-        frames = output.GetImageData().GetDimensions()[2]
-        return DespeckleRun(output, frames, logic.last_seconds)
-
-    def startProcess(self, inputVolume, outputVolume=None, *, allFrames: bool = True, model=None,
-                     device: str = "auto", backend: str = "auto", batchSize=None, gamma: Optional[float] = None,
-                     blend: float = 0.0, keepColour: bool = False):
-        """Like process(), in the background: reads the frames now and returns the started
-        Speckle2SelfLib.mrml.DespeckleJob; poll() it from the main thread (e.g. a QTimer) to
-        get progress and, at the end, the result written into the scene; cancel() stops it."""
-        if inputVolume is None:
-            raise ValueError(_("Select an input volume."))
-        logic = self.despeckleLogic
-        logic.backend = backend
-        gamma = None if gamma is None or abs(gamma - 1.0) < 1e-6 else gamma
-        outputVolume = self._usableOutput(outputVolume, keepColour and isRgb(inputVolume))
-        job = logic.prepare_job(inputVolume, outputVolume, all_frames=allFrames, model=model, device=device,
-                                batch_size=batchSize, gamma=gamma, blend=blend, keep_colour=keepColour)
-        job.start()
-        return job
-
-    @staticmethod
-    def _usableOutput(outputVolume, colour: bool):
-        """A remembered output of the other kind (grey vs RGB) is not overwritten: a new one is made."""
-        if outputVolume is None:
-            return None
-        if outputVolume.IsA("vtkMRMLVectorVolumeNode") != colour:
-            logging.info(f"'{outputVolume.GetName()}' cannot hold this result type; creating a new output volume")
-            return None
-        return outputVolume
-
-    def segmentLumen(self, volumeNode, seedNode, *, method: str = "radial", tolerance: float = 1.0,
-                     allFrames: bool = True, segmentationNode=None, tableNode=None):
-        """Seed = the last placed point of ``seedNode`` (world RAS). For a sequence proxy with
-        ``allFrames``, every frame of the sequence is segmented starting at the frame the browser
-        shows (matched by index value), under the proxy's parent transform."""
-        from Speckle2SelfLib.lumen_mrml import last_seed_ras, segment_lumen
-        from Speckle2SelfLib.mrml import browser_item_number, find_sequence
-
-        seed = last_seed_ras(seedNode)
-        if seed is None:
-            raise ValueError(_("Place a seed point inside the lumen first."))
-        target, frame = volumeNode, None
-        found = find_sequence(volumeNode)
-        if allFrames and found is not None:
-            target, browser = found
-            frame = browser_item_number(browser, target)
-        return segment_lumen(target, seed, method=method, tolerance=tolerance, frame=frame, all_frames=allFrames,
-                             segmentation_node=segmentationNode, table_node=tableNode)
+    settings = os.path.dirname(slicer.app.slicerUserSettingsFilePath)
+    user_models.set_default_directory(os.path.join(settings, "Speckle2Self", "models"))
+    return str(user_models.user_models_dir())
 
 
 #
@@ -1018,6 +938,8 @@ class Speckle2SelfTest(ScriptedLoadableModuleTest):
         self.test_cancel_leaves_the_scene_unchanged()
         self.setUp()
         self.test_widget_apply()
+        self.setUp()
+        self.test_widget_segment()
         self.delayDisplay("Speckle2Self tests passed")
 
     # ------------------------------------------------------------------ data and model
@@ -1044,11 +966,11 @@ class Speckle2SelfTest(ScriptedLoadableModuleTest):
 
     def model(self):
         """The default bundled model when installed, else a freshly exported untrained one."""
-        if Speckle2SelfLogic().hasBundledModel():
+        if Speckle2SelfLogic().has_bundled_model():
             return None
         import torch
-        from Speckle2SelfLib.models import export_model
-        from Speckle2SelfLib.network import Speckle2SelfNet
+        from Speckle2SelfLib.engine.models import export_model
+        from Speckle2SelfLib.engine.network import Speckle2SelfNet
 
         torch.manual_seed(0)
         path = os.path.join(slicer.app.temporaryPath, "Speckle2SelfTestModel.pt")
@@ -1066,14 +988,13 @@ class Speckle2SelfTest(ScriptedLoadableModuleTest):
     @requiresTorch
     def test_volume_is_despeckled_with_its_geometry(self):
         import numpy as np
-        from Speckle2SelfLib.mrml import DespeckleLogic
         from Speckle2SelfLib.simulation import speckle_contrast
 
         frames, masks = self.speckledFrames(2)
         volume = self.addVolume(frames)
         before = slicer.util.arrayFromVolume(volume).copy()
         model = self.model()
-        output = DespeckleLogic(model, "auto").despeckle_volume(volume)
+        output = Speckle2SelfLogic(model, "auto").despeckle_volume(volume)
         result = slicer.util.arrayFromVolume(output)
         self.assertEqual(output.GetName(), "US despeckled")
         self.assertEqual(result.shape, frames.shape)
@@ -1087,7 +1008,6 @@ class Speckle2SelfTest(ScriptedLoadableModuleTest):
     @requiresTorch
     def test_sequence_is_despeckled_and_browsed_together(self):
         import numpy as np
-        from Speckle2SelfLib.mrml import DespeckleLogic
 
         frames, _masks = self.speckledFrames(3)
         sequence = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSequenceNode", "Cine")
@@ -1104,7 +1024,7 @@ class Speckle2SelfTest(ScriptedLoadableModuleTest):
         browser.SetAndObserveMasterSequenceNodeID(sequence.GetID())
         slicer.modules.sequences.logic().UpdateProxyNodesFromSequences(browser)
         proxy = browser.GetProxyNode(sequence)
-        logic = DespeckleLogic(self.model(), sequences_logic=slicer.modules.sequences.logic())
+        logic = Speckle2SelfLogic(self.model(), sequences_logic=slicer.modules.sequences.logic())
         result = logic.despeckle_sequence(proxy)
         self.assertEqual(result.sequence_node.GetNumberOfDataNodes(), 3)
         self.assertEqual(result.sequence_node.GetIndexName(), "time")
@@ -1116,14 +1036,13 @@ class Speckle2SelfTest(ScriptedLoadableModuleTest):
 
     @requiresTorch
     def test_cancel_leaves_the_scene_unchanged(self):
-        from Speckle2SelfLib.inference import Cancelled
-        from Speckle2SelfLib.mrml import DespeckleLogic
+        from Speckle2SelfLib.engine.inference import Cancelled
 
         frames, _masks = self.speckledFrames(3)
         volume = self.addVolume(frames)
         count = slicer.mrmlScene.GetNumberOfNodes()
         with self.assertRaises(Cancelled):
-            DespeckleLogic(self.model()).despeckle_volume(volume, batch_size=1, cancel=lambda: True)
+            Speckle2SelfLogic(self.model()).despeckle_volume(volume, batch_size=1, cancel=lambda: True)
         self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), count)
 
     @requiresTorch
@@ -1148,3 +1067,36 @@ class Speckle2SelfTest(ScriptedLoadableModuleTest):
         self.assertIsNotNone(output)
         self.assertEqual(output.GetName(), "US despeckled")
         self.assertEqual(widget.ui.applyButton.text, "Apply")
+
+    @requiresTorch
+    def test_widget_segment(self):
+        """Segment runs in a background job; its table and segmentation appear when it ends."""
+        import time
+
+        import numpy as np
+
+        rr, cc = np.ogrid[:96, :112]
+        disk = (rr - 48) ** 2 + (cc - 56) ** 2
+        frame = np.where(disk <= 14 ** 2, 15, np.where(disk <= 18 ** 2, 220, 90)).astype(np.uint8)
+        volume = self.addVolume(frame[None], name="Carotid")
+        seeds = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "Seed")
+        ijkToRas = vtk.vtkMatrix4x4()
+        volume.GetIJKToRASMatrix(ijkToRas)
+        seeds.AddControlPointWorld(vtk.vtkVector3d(*ijkToRas.MultiplyPoint((56.0, 48.0, 0.0, 1.0))[:3]))
+        widget = slicer.modules.speckle2self.widgetRepresentation().self()
+        widget.initializeParameterNode()
+        parameterNode = widget._parameterNode
+        parameterNode.lumenVolume = volume
+        parameterNode.seedPoints = seeds
+        parameterNode.lumenSegmentation = None
+        parameterNode.lumenTable = None
+        widget.onSegmentButton()          # segments in a worker thread; the GUI timer stores the result
+        deadline = time.monotonic() + 60
+        while widget._segmentJob is not None and time.monotonic() < deadline:
+            slicer.app.processEvents()
+            time.sleep(0.02)
+        self.assertIsNone(widget._segmentJob, "the segmentation job did not end")
+        self.assertIsNotNone(parameterNode.lumenTable)
+        self.assertEqual(parameterNode.lumenTable.GetNumberOfRows(), 1)
+        self.assertIsNotNone(parameterNode.lumenSegmentation)
+        self.assertEqual(widget.ui.segmentButton.text, "Segment")

@@ -13,6 +13,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "Speckle2Self"))
+sys.path.insert(0, str(REPO / "benchmarks"))      # benchlib: code only the benchmarks (and these tests) use
 
 SHARED = REPO.parent / "shared" / "data"
 requires_shared = pytest.mark.skipif(
@@ -37,8 +38,8 @@ def simulated_frames(n: int = 6, size: int = 128, seed: int = 0):
 def untrained_model(tmp_path_factory) -> Path:
     """A valid but untrained width-4 model: for shape, dtype and API tests only."""
     import torch
-    from Speckle2SelfLib.models import export_model
-    from Speckle2SelfLib.network import Speckle2SelfNet
+    from Speckle2SelfLib.engine.models import export_model
+    from Speckle2SelfLib.engine.network import Speckle2SelfNet
 
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("models") / "untrained.pt"
@@ -54,7 +55,7 @@ def trained_model(tmp_path_factory) -> Path:
     Depth 2 (a 1/4-resolution bottleneck) learns in a few hundred steps what the paper's
     depth-4 net needs thousands for, which is what a test can afford.
     """
-    from Speckle2SelfLib.training import FramePool, TrainConfig, train
+    from Speckle2SelfLib.engine.training import FramePool, TrainConfig, train
 
     noisy, _clean = simulated_frames(n=8, size=128)
     path = tmp_path_factory.mktemp("models") / "trained.pt"

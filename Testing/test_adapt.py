@@ -21,12 +21,12 @@ from conftest import SHARED, requires_shared, simulated_frames
 slicer = pytest.importorskip("slicer", reason="slicer-core (MRML Python bindings) is not installed")
 from test_mrml_despeckle import make_image  # noqa: E402
 
-from Speckle2SelfLib import adapt as adapt_module  # noqa: E402
-from Speckle2SelfLib import user_models  # noqa: E402
-from Speckle2SelfLib.adapt import (AdaptationStopped, AdaptJob, adapt, diagnose_losses,  # noqa: E402
+from Speckle2SelfLib.engine import adapt as adapt_module  # noqa: E402
+from Speckle2SelfLib.engine import user_models  # noqa: E402
+from Speckle2SelfLib.engine.adapt import (AdaptationStopped, AdaptJob, adapt, diagnose_losses,  # noqa: E402
                                    diagnose_output, frames_from_nodes, render_loss_plot, start_adaptation,
                                    trivial_losses)
-from Speckle2SelfLib.models import file_sha256, load_model, read_metadata  # noqa: E402
+from Speckle2SelfLib.engine.models import file_sha256, load_model, read_metadata  # noqa: E402
 
 SPACING = (0.3, 0.2, 1.0)
 TINY = dict(crop=32, batch=2, device="cpu")
@@ -294,7 +294,7 @@ def test_black_margins_are_cropped_away_and_a_sequence_is_read_once(scene):
 
 
 def test_loss_diagnosis_recognises_copying_and_collapse():
-    from Speckle2SelfLib.training import FramePool, TrainConfig
+    from Speckle2SelfLib.engine.training import FramePool, TrainConfig
 
     noisy, _ = simulated_frames(n=3, size=64)
     cfg = TrainConfig(width=4, crop=32, batch=4, steps=1)
@@ -333,7 +333,7 @@ def test_loss_plot_draws_the_three_terms(tmp_path):
 
 @requires_shared
 def test_real_plus_sequence_is_read_with_its_sector_margins_cropped(scene):
-    from Speckle2SelfLib.imageio import read_frames
+    from Speckle2SelfLib.fileio.imageio import read_frames
 
     data = read_frames(SHARED / "sequences" / "BoneUltrasound_L14.igs.mha")
     sequence, _b, _p = make_sequence(scene, list(data.frames[:12]), "Bone")
@@ -355,9 +355,9 @@ def test_ten_minutes_on_a_real_sequence_beat_the_default_model_on_held_out_frame
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import adaptation as bench
-    from Speckle2SelfLib.imageio import read_frames
-    from Speckle2SelfLib.inference import Despeckler
-    from Speckle2SelfLib.models import resolve_model_path
+    from Speckle2SelfLib.fileio.imageio import read_frames
+    from Speckle2SelfLib.engine.inference import Despeckler
+    from Speckle2SelfLib.engine.models import resolve_model_path
 
     data = read_frames(bench.DEFAULT_FILE)
     train, held = bench.split(len(data.frames))

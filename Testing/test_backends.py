@@ -1,4 +1,4 @@
-"""CPU inference backends (Speckle2SelfLib.backends): choice, agreement with fp32, cache, CLI.
+"""CPU inference backends (Speckle2SelfLib.engine.backends): choice, agreement with fp32, cache, CLI.
 
 The runtimes (OpenVINO, ONNX Runtime) are optional packages: their tests skip when they are
 not installed. Agreement is checked on the network's float output and on uint8 results.
@@ -9,9 +9,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from Speckle2SelfLib import backends
-from Speckle2SelfLib.inference import Despeckler
-from Speckle2SelfLib.models import load_model
+from Speckle2SelfLib.engine import backends
+from Speckle2SelfLib.engine.inference import Despeckler
+from Speckle2SelfLib.engine.models import load_model
 
 RUNTIMES = [pytest.param(name, marks=pytest.mark.skipif(
     not backends.runtime_installed(name), reason=f"{name} is not installed ({backends.INSTALL_HINT[name]})"))
@@ -32,7 +32,7 @@ def network_output(engine, frames):
 
 
 def test_auto_is_native_bf16_else_fp32_and_names_are_checked(monkeypatch):
-    import Speckle2SelfLib.inference as inference
+    import Speckle2SelfLib.engine.inference as inference
     monkeypatch.setattr(inference, "cpu_has_native_bf16", lambda: False)
     assert backends.resolve_backend("auto", "cpu") == "fp32"
     assert backends.resolve_backend(None, "cpu") == "fp32"
@@ -54,7 +54,7 @@ def test_a_missing_runtime_is_refused_with_the_install_command(monkeypatch, untr
 
 
 def test_fp32_is_the_default_here_and_gives_the_torchscript_result(untrained_model, monkeypatch):
-    import Speckle2SelfLib.inference as inference
+    import Speckle2SelfLib.engine.inference as inference
     monkeypatch.setattr(inference, "cpu_has_native_bf16", lambda: False)
     engine = Despeckler.from_file(untrained_model, "cpu")
     assert engine.backend == "fp32" and engine._runner is None

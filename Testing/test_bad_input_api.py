@@ -11,7 +11,7 @@ import pytest
 import SimpleITK as sitk
 
 from test_bad_input_helpers import assert_refused, run_cli, sha, snapshot
-from Speckle2SelfLib.inference import Despeckler, normalise_frame
+from Speckle2SelfLib.engine.inference import Despeckler, normalise_frame
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Large inputs: bounded-memory inference (Speckle2SelfLib.tiling) gives the plain forward
+"""Large inputs: bounded-memory inference (Speckle2SelfLib.engine.tiling) gives the plain forward
 pass's result, and pictures too large to decode safely are refused. Issue #16 (a 4000x4000
 PNG took 3.5 GB). The 4000x4000 measurement itself is in docs/reliability.md."""
 
@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from test_bad_input_helpers import assert_refused, run_cli
-from Speckle2SelfLib import inference
-from Speckle2SelfLib.inference import Despeckler
-from Speckle2SelfLib.models import export_model, load_model, resolve_model_path
-from Speckle2SelfLib.network import Speckle2SelfNet
-from Speckle2SelfLib.tiling import UnsupportedNetwork, build_plan, run_plan, self_check
+from Speckle2SelfLib.engine import inference
+from Speckle2SelfLib.engine.inference import Despeckler
+from Speckle2SelfLib.engine.models import export_model, load_model, resolve_model_path
+from Speckle2SelfLib.engine.network import Speckle2SelfNet
+from Speckle2SelfLib.engine.tiling import UnsupportedNetwork, build_plan, run_plan, self_check
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from test_bad_input_helpers import assert_refused, run_cli
-from Speckle2SelfLib import models
-from Speckle2SelfLib.models import METADATA_FILE, ModelFormatError, load_model
+from Speckle2SelfLib.engine import models
+from Speckle2SelfLib.engine.models import METADATA_FILE, ModelFormatError, load_model
 
 
 def _metadata(path):
@@ -87,8 +87,8 @@ def _checkpoint(model, tmp_path):
 
 def _other_weights(model, tmp_path):
     """Another network's weights under this model's metadata (checksum and width differ)."""
-    from Speckle2SelfLib.models import export_model
-    from Speckle2SelfLib.network import Speckle2SelfNet
+    from Speckle2SelfLib.engine.models import export_model
+    from Speckle2SelfLib.engine.network import Speckle2SelfNet
 
     other = tmp_path / "other.pt"
     export_model(Speckle2SelfNet(width=6), other, scales=(1.0, 0.5, 0.25), interpolation="bilinear")

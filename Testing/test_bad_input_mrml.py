@@ -10,15 +10,16 @@ import pytest
 slicer = pytest.importorskip("slicer", reason="slicer-core (MRML Python bindings) is not installed")
 vtk = pytest.importorskip("vtk")
 
-from Speckle2SelfLib import mrml  # noqa: E402
-from Speckle2SelfLib.inference import Despeckler  # noqa: E402
+from Speckle2SelfLib.scene import nodes  # noqa: E402
+from Speckle2SelfLib.scene.logic import Speckle2SelfLogic  # noqa: E402
+from Speckle2SelfLib.engine.inference import Despeckler  # noqa: E402
 from test_bad_input_helpers import speckle  # noqa: E402
 from test_mrml_despeckle import make_image, make_sequence, make_volume, node_ids  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def logic(untrained_model):
-    return mrml.DespeckleLogic(Despeckler.from_file(untrained_model, device="cpu"))
+    return Speckle2SelfLogic(Despeckler.from_file(untrained_model, device="cpu"))
 
 
 def _frames(n=3, shape=(40, 48)):
@@ -133,8 +134,8 @@ def test_flat_volume_is_returned_unchanged_with_a_warning(scene, logic):
     node = make_volume(scene, np.full((2, 40, 48), 90, np.uint8), "Flat")
     with pytest.warns(UserWarning, match="flat"):
         out = logic.despeckle_volume(node)
-    np.testing.assert_array_equal(mrml.volume_to_array(out), np.full((2, 40, 48), 90, np.uint8))
-    assert mrml.volume_to_array(node).max() == 90, "input untouched"
+    np.testing.assert_array_equal(nodes.volume_to_array(out), np.full((2, 40, 48), 90, np.uint8))
+    assert nodes.volume_to_array(node).max() == 90, "input untouched"
 
 
 def test_inconsistent_image_data_is_refused(scene, logic):

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from test_bad_input_helpers import assert_refused, needs_non_root, run_cli, sha, snapshot, speckle
-from Speckle2SelfLib.safeio import OutputPathError, atomic_output, check_output_path
+from Speckle2SelfLib.fileio.safeio import OutputPathError, atomic_output, check_output_path
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ import SimpleITK as sitk
 from PIL import Image
 
 from test_bad_input_helpers import assert_refused, needs_non_root, run_cli, sha, snapshot, speckle
-from Speckle2SelfLib.imageio import UnsupportedInputError, read_frames
+from Speckle2SelfLib.fileio.imageio import UnsupportedInputError, read_frames
 
 FORMATS = ["png", "jpg", "tif", "bmp", "mha", "nrrd", "nii.gz", "dcm"]
 KINDS = ["empty", "truncated", "text", "other-format", "damaged-header"]

@@ -9,7 +9,7 @@ from PIL import Image
 
 from conftest import SHARED, requires_shared
 from Speckle2SelfLib.cli import main
-from Speckle2SelfLib.imageio import UnsupportedInputError, read_frames, write_like
+from Speckle2SelfLib.fileio.imageio import UnsupportedInputError, read_frames, write_like
 
 
 def _speckle(shape, seed=0):

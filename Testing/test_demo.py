@@ -5,7 +5,7 @@ import json
 import pytest
 
 from Speckle2SelfLib.cli import main
-from Speckle2SelfLib.models import bundled_model_path, bundled_models, load_model
+from Speckle2SelfLib.engine.models import bundled_model_path, bundled_models, load_model
 
 
 def test_bundled_default_model_is_valid_and_checksummed():

@@ -2,8 +2,9 @@
 
 Speckle2Self.py needs Slicer's Qt (it cannot be imported here), so it is checked as source:
 it compiles, every ``ui.X`` widget it uses exists in the .ui, every .ui parameter name is a
-field of the parameter node, and torch is not imported at module level. The CMake lists
-must name exactly the files on disk, and the Lib must never import Qt, ctk or slicer.app.
+field of the parameter node, torch is not imported at module level and the logic is the Lib's.
+The CMake lists must name exactly the files on disk, and the Lib must never import Qt, ctk or
+slicer.app.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ MODULE_DIR = REPO / "Speckle2Self"
 MODULE_FILE = MODULE_DIR / "Speckle2Self.py"
 UI_FILE = MODULE_DIR / "Resources" / "UI" / "Speckle2Self.ui"
 LIB_DIR = MODULE_DIR / "Speckle2SelfLib"
+LOGIC_FILE = LIB_DIR / "scene" / "logic.py"
 MODELS_DIR = REPO / "Resources" / "Models"     # top level: shared by the Slicer build and pip
 QT_WIDGETS = {"QWidget", "QLabel", "QCheckBox", "QComboBox", "QSpinBox", "QPushButton", "QProgressBar",
               "QTableView", "QLineEdit", "QGroupBox"}
@@ -98,10 +100,18 @@ def test_ui_declares_custom_widgets_and_gives_mrml_widgets_the_scene(ui_tree):
     assert mrml and mrml <= receivers, f"MRML widgets without the scene: {sorted(mrml - receivers)}"
 
 
+def lib_sources() -> list:
+    return sorted(p for p in LIB_DIR.rglob("*.py") if "__pycache__" not in p.parts)
+
+
 def test_module_has_title_category_help_and_a_slicer_self_test(module_source):
     tree = ast.parse(module_source)
     classes = {c.name: c for c in tree.body if isinstance(c, ast.ClassDef)}
-    assert {"Speckle2Self", "Speckle2SelfWidget", "Speckle2SelfLogic", "Speckle2SelfTest"} <= set(classes)
+    assert {"Speckle2Self", "Speckle2SelfWidget", "Speckle2SelfTest"} <= set(classes)
+    # the logic is the Lib's (qt-free, tested headless), not a wrapper in the module file
+    assert "Speckle2SelfLogic" not in classes and "ScriptedLoadableModuleLogic" not in module_source
+    imports = [n for n in tree.body if isinstance(n, ast.ImportFrom) and n.module == "Speckle2SelfLib.scene.logic"]
+    assert imports and "Speckle2SelfLogic" in {a.name for n in imports for a in n.names}
     assert [ast.unparse(b) for b in classes["Speckle2SelfTest"].bases] == ["ScriptedLoadableModuleTest"]
     assert "runTest" in {f.name for f in classes["Speckle2SelfTest"].body if isinstance(f, ast.FunctionDef)}
     assert 'self.parent.title = _("Speckle2Self")' in module_source
@@ -115,9 +125,9 @@ def test_module_and_its_lib_load_without_torch(module_source):
     assert "torch" not in names, "Speckle2Self.py must import torch lazily"
     # What the GUI imports at setup must work with torch missing (None in sys.modules blocks it).
     code = ("import sys; sys.modules['torch'] = None; sys.path.insert(0, sys.argv[1])\n"
-            "import Speckle2SelfLib.mrml, Speckle2SelfLib.models, Speckle2SelfLib.inference, "
-            "Speckle2SelfLib.lumen_mrml\n"
-            "Speckle2SelfLib.models.bundled_models()\n"
+            "import Speckle2SelfLib.scene.logic, Speckle2SelfLib.scene.lumen, Speckle2SelfLib.scene.live, "
+            "Speckle2SelfLib.engine.models, Speckle2SelfLib.engine.inference\n"
+            "Speckle2SelfLib.engine.models.bundled_models()\n"
             "try:\n    import torch\nexcept ImportError:\n    print('blocked')\n")
     run = subprocess.run([sys.executable, "-c", code, str(MODULE_DIR)], capture_output=True, text=True, timeout=60)
     assert run.returncode == 0 and "blocked" in run.stdout, run.stderr
@@ -137,7 +147,7 @@ def test_module_cmake_lists_every_lib_script_and_resource():
     name = cmake_set(text, "MODULE_NAME")[0]
     expand = lambda items: {i.replace("${MODULE_NAME}", name) for i in items}  # noqa: E731
     scripts = expand(cmake_set(text, "MODULE_PYTHON_SCRIPTS"))
-    on_disk = {"Speckle2Self.py"} | {p.relative_to(MODULE_DIR).as_posix() for p in LIB_DIR.glob("*.py")}
+    on_disk = {"Speckle2Self.py"} | {p.relative_to(MODULE_DIR).as_posix() for p in lib_sources()}
     assert scripts == on_disk, (f"scripts not listed: {sorted(on_disk - scripts)}; "
                                 f"listed but absent: {sorted(scripts - on_disk)}")
     resources = expand(cmake_set(text, "MODULE_PYTHON_RESOURCES"))
@@ -218,13 +228,13 @@ def gui_uses(path: Path) -> list:
             modules = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
         elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "slicer":
             modules = [f"slicer.{node.attr}"]
-        found += [f"{path.name}:{node.lineno} {m}" for m in modules
+        found += [f"{path.relative_to(MODULE_DIR).as_posix()}:{node.lineno} {m}" for m in modules
                   if any(m == f or m.startswith(f + ".") for f in FORBIDDEN_MODULES)]
     return found
 
 
 def test_lib_never_imports_qt_ctk_or_slicer_app():
-    sources = sorted(LIB_DIR.glob("*.py"))
+    sources = lib_sources()
     assert len(sources) >= 10
     offending = [use for path in sources for use in gui_uses(path)]
     assert not offending, f"Speckle2SelfLib must run headless: {offending}"
@@ -245,8 +255,9 @@ def test_json_description_for_slicer_5_8_matches_the_s4ext():
 
 def test_modules_slicer_loads_need_no_scikit_image_or_opencv():
     """Slicer's Python has neither: the Lib modules the GUI imports must load without them."""
-    gui_modules = ["mrml", "lumen_mrml", "models", "inference", "segmentation", "stream", "adapt",
-                   "user_models", "backends", "grain", "metrics"]
+    gui_modules = ["scene.logic", "scene.despeckle", "scene.lumen", "scene.live", "scene.nodes", "scene.jobs",
+                   "engine.models", "engine.inference", "engine.adapt", "engine.user_models", "engine.backends",
+                   "engine.grain", "segmentation", "simulation", "stream", "metrics"]
     probe = ("import sys\n"
              "class Block:\n"
              "    def find_spec(self, name, path=None, target=None):\n"
@@ -357,12 +368,29 @@ def test_apply_despeckles_in_a_background_job_polled_by_a_qtimer(module_source):
     methods = {f.name: ast.unparse(f) for f in classes["Speckle2SelfWidget"].body if isinstance(f, ast.FunctionDef)}
     apply, tick = methods["onApplyButton"], methods["onJobTick"]
     assert "self.logic.process(" not in apply, "Apply must not despeckle on the main thread"
-    assert "startProcess(" in apply and "QTimer()" in apply and "onJobTick" in apply
+    assert "start_process(" in apply and "QTimer()" in apply and "onJobTick" in apply
     assert "job.poll()" in tick and "job.cancel()" in tick
     assert "processEvents" not in methods["onProgress"]
     assert "self._job.cancel()" in methods["cleanup"] and "self._job.cancel()" in methods["onSceneStartClose"]
-    logic = {f.name: ast.unparse(f) for f in classes["Speckle2SelfLogic"].body if isinstance(f, ast.FunctionDef)}
-    assert "prepare_job(" in logic["startProcess"] and "job.start()" in logic["startProcess"]
+    lib_classes = {c.name: c for c in ast.parse(LOGIC_FILE.read_text()).body if isinstance(c, ast.ClassDef)}
+    logic = {f.name: ast.unparse(f) for f in lib_classes["Speckle2SelfLogic"].body if isinstance(f, ast.FunctionDef)}
+    assert "prepare_job(" in logic["start_process"] and "job.start()" in logic["start_process"]
+
+
+def test_segment_runs_in_a_background_job_polled_by_a_qtimer(module_source):
+    """Defect 7: Segment (a whole sequence) must not block the GUI, and must be cancellable."""
+    classes = {c.name: c for c in ast.parse(module_source).body if isinstance(c, ast.ClassDef)}
+    methods = {f.name: ast.unparse(f) for f in classes["Speckle2SelfWidget"].body if isinstance(f, ast.FunctionDef)}
+    segment, tick = methods["onSegmentButton"], methods["onSegmentTick"]
+    assert "segment_lumen(" not in segment and "segmentLumen(" not in segment, "Segment must not run on the main thread"
+    assert "start_segmentation(" in segment and "QTimer()" in segment and "onSegmentTick" in segment
+    assert ".cancel()" in segment, "the Segment button cancels a running job"
+    assert "job.poll()" in tick and "job.cancel()" in tick and "processEvents" not in tick
+    assert "stopSegmentation()" in methods["cleanup"] and "stopSegmentation()" in methods["onSceneStartClose"]
+    assert "cancel()" in methods["stopSegmentation"]
+    lib_classes = {c.name: c for c in ast.parse(LOGIC_FILE.read_text()).body if isinstance(c, ast.ClassDef)}
+    logic = {f.name: ast.unparse(f) for f in lib_classes["Speckle2SelfLogic"].body if isinstance(f, ast.FunctionDef)}
+    assert "prepare_segmentation(" in logic["start_segmentation"] and "job.start()" in logic["start_segmentation"]
 
 
 def test_icon_and_screenshot_urls_point_at_files_in_this_repository():

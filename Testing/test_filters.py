@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from Speckle2SelfLib import filters
+from benchlib import baselines as filters
 from Speckle2SelfLib.simulation import simulate_bmode, speckle_contrast
 
 SIZE = 128

@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from Speckle2SelfLib import grain
-from Speckle2SelfLib.inference import Despeckler
-from Speckle2SelfLib.perturbation import resample_to_working_scale
+from benchlib.grain_size import estimate_grain
+from Speckle2SelfLib.engine import grain
+from Speckle2SelfLib.engine.inference import Despeckler
+from Speckle2SelfLib.engine.perturbation import resample_to_working_scale
 from Speckle2SelfLib.simulation import simulate_phantom
 
 
@@ -31,8 +32,8 @@ def test_view_difference_falls_as_speckle_gets_coarser(speckled):
 
 def test_grain_doubles_when_the_image_is_upsampled_twice(speckled):
     # (from 2x: at about one pixel per spot the width is below what sampling can resolve)
-    g1 = grain.estimate_grain(_zoom(speckled, 2.0))
-    g2 = grain.estimate_grain(_zoom(speckled, 4.0))
+    g1 = estimate_grain(_zoom(speckled, 2.0))
+    g2 = estimate_grain(_zoom(speckled, 4.0))
     assert g1 is not None and g2 is not None
     assert 1.5 < g2.px / g1.px < 2.6, (g1, g2)
     assert g1.lateral_px > g1.axial_px      # the simulator's PSF is wider laterally
@@ -50,7 +51,7 @@ def test_matched_scale_follows_the_pixel_spacing(speckled):
 def test_no_speckle_or_no_target_means_no_resampling():
     assert grain.match_working_scale(np.zeros((64, 64), np.float32), 0.2) == 1.0
     assert grain.match_working_scale(np.random.default_rng(0).random((64, 64)), None) == 1.0
-    assert grain.estimate_grain(np.zeros((300, 300))) is None
+    assert estimate_grain(np.zeros((300, 300))) is None
 
 
 def test_same_anatomy_at_two_spacings_gives_the_same_result(trained_model, speckled):

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from Speckle2SelfLib.inference import Cancelled, Despeckler, check_frames
-from Speckle2SelfLib.models import METADATA_FILE, ModelFormatError, export_model, load_model
-from Speckle2SelfLib.network import Speckle2SelfNet
+from Speckle2SelfLib.engine.inference import Cancelled, Despeckler, check_frames
+from Speckle2SelfLib.engine.models import METADATA_FILE, ModelFormatError, export_model, load_model
+from Speckle2SelfLib.engine.network import Speckle2SelfNet
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
-"""Despeckling volume and sequence nodes in a real (headless) MRML scene, via Speckle2SelfLib.mrml.
+"""Despeckling volume and sequence nodes in a real (headless) MRML scene, via Speckle2SelfLib.scene
+(Speckle2SelfLogic and its helpers).
 
 The scene is set up as a headless Slicer app sets it up: an MRML scene, the application logic,
 the colour logic (default colour tables for display nodes) and the Sequences and Segmentations
@@ -18,8 +19,11 @@ slicer = pytest.importorskip("slicer", reason="slicer-core (MRML Python bindings
 vtk = pytest.importorskip("vtk")
 
 from conftest import SHARED  # noqa: E402
-from Speckle2SelfLib import mrml  # noqa: E402
-from Speckle2SelfLib.inference import Cancelled, Despeckler  # noqa: E402
+from Speckle2SelfLib.scene import nodes  # noqa: E402
+from Speckle2SelfLib.scene.logic import Speckle2SelfLogic, despeckle_node  # noqa: E402
+from Speckle2SelfLib.engine.inference import Cancelled, Despeckler  # noqa: E402
+from Speckle2SelfLib.engine.models import describe_model, read_metadata  # noqa: E402
+from Speckle2SelfLib.fileio.imageio import to_luminance  # noqa: E402
 from Speckle2SelfLib.simulation import simulate_phantom, speckle_contrast  # noqa: E402
 
 SPACING = (0.3, 0.2, 1.5)
@@ -135,13 +139,13 @@ def test_2d_volume_keeps_geometry_transform_display_and_input(scene, fast, phant
     volume = make_volume(scene, frames[:1])
     transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "ProbeToReference")
     volume.SetAndObserveTransformNodeID(transform.GetID())
-    before = mrml.volume_to_array(volume)
+    before = nodes.volume_to_array(volume)
     mtime, image_mtime = volume.GetMTime(), volume.GetImageData().GetMTime()
 
-    out = mrml.DespeckleLogic(fast).despeckle_volume(volume)
+    out = Speckle2SelfLogic(fast).despeckle_volume(volume)
 
     assert out.GetName() == "US despeckled" and out.GetClassName() == "vtkMRMLScalarVolumeNode"
-    result = mrml.volume_to_array(out)
+    result = nodes.volume_to_array(out)
     assert result.shape == (1, *SIZE) and result.dtype == np.uint8
     assert not np.array_equal(result, before)
     np.testing.assert_allclose(matrix_of(out), matrix_of(volume))
@@ -150,16 +154,16 @@ def test_2d_volume_keeps_geometry_transform_display_and_input(scene, fast, phant
     assert out.GetParentTransformNode() is transform
     display = out.GetDisplayNode()
     assert not display.GetAutoWindowLevel() and (display.GetWindow(), display.GetLevel()) == (180.0, 100.0)
-    np.testing.assert_array_equal(mrml.volume_to_array(volume), before)
+    np.testing.assert_array_equal(nodes.volume_to_array(volume), before)
     assert volume.GetMTime() == mtime and volume.GetImageData().GetMTime() == image_mtime
 
 
 def test_despeckled_volume_is_less_speckled_in_homogeneous_region(scene, trained, phantoms):
     frames, masks = phantoms
     volume = make_volume(scene, frames[:1])
-    out = mrml.DespeckleLogic(trained).despeckle_volume(volume)
+    out = Speckle2SelfLogic(trained).despeckle_volume(volume)
     before = speckle_contrast(frames[0], masks[0])
-    after = speckle_contrast(mrml.volume_to_array(out)[0], masks[0])
+    after = speckle_contrast(nodes.volume_to_array(out)[0], masks[0])
     print(f"speckle contrast in the homogeneous region: {before:.3f} -> {after:.3f}")
     assert after < 0.6 * before
 
@@ -168,9 +172,9 @@ def test_3d_volume_is_despeckled_slice_by_slice_along_k(scene, fast, phantoms):
     frames, _ = phantoms
     volume = make_volume(scene, frames[:3])
     progress = []
-    out = mrml.DespeckleLogic(fast).despeckle_volume(volume, batch_size=1,
+    out = Speckle2SelfLogic(fast).despeckle_volume(volume, batch_size=1,
                                                      progress=lambda done, total: progress.append((done, total)))
-    result = mrml.volume_to_array(out)
+    result = nodes.volume_to_array(out)
     assert result.shape == (3, *SIZE)
     for k in range(3):   # each K slice is an independent 2D frame
         np.testing.assert_array_equal(result[k], fast.denoise(frames[k]))
@@ -183,10 +187,10 @@ def test_given_output_volume_is_filled_and_reused(scene, fast, phantoms):
     volume = make_volume(scene, frames[:1])
     output = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "Mine")
     count = scene.GetNumberOfNodes()
-    out = mrml.DespeckleLogic(fast).despeckle_volume(volume, output, blend=0.5)
+    out = Speckle2SelfLogic(fast).despeckle_volume(volume, output, blend=0.5)
     assert out is output and out.GetName() == "Mine"
     assert scene.GetNumberOfNodes() == count + 1      # only the output's display node is new
-    np.testing.assert_array_equal(mrml.volume_to_array(out)[0], fast.denoise(frames[0], blend=0.5))
+    np.testing.assert_array_equal(nodes.volume_to_array(out)[0], fast.denoise(frames[0], blend=0.5))
 
 
 def rgb_with_colour_blob(grey: np.ndarray):
@@ -202,25 +206,25 @@ def test_rgb_volume_gives_grey_output_of_its_luminance(scene, fast, phantoms):
     frames, _ = phantoms
     rgb, _ = rgb_with_colour_blob(frames[0])
     volume = make_volume(scene, rgb, "Capture", "vtkMRMLVectorVolumeNode")
-    out = mrml.DespeckleLogic(fast).despeckle_volume(volume)
+    out = Speckle2SelfLogic(fast).despeckle_volume(volume)
     assert out.GetClassName() == "vtkMRMLScalarVolumeNode"
-    result = mrml.volume_to_array(out)
+    result = nodes.volume_to_array(out)
     assert result.shape == (1, *SIZE) and result.dtype == np.uint8
-    expected = fast.denoise(mrml.to_luminance(rgb)[0])
+    expected = fast.denoise(to_luminance(rgb)[0])
     np.testing.assert_array_equal(result[0], np.clip(np.rint(expected), 0, 255).astype(np.uint8))
     assert out.GetDisplayNode().GetWindow() == 255.0        # shown over the RGB input's 8-bit range
-    np.testing.assert_array_equal(mrml.volume_to_array(volume), rgb)
+    np.testing.assert_array_equal(nodes.volume_to_array(volume), rgb)
 
 
 def test_keep_colour_keeps_coloured_pixels_in_rgb_output(scene, fast, phantoms):
     frames, _ = phantoms
     rgb, blob = rgb_with_colour_blob(frames[0])
     volume = make_volume(scene, rgb, "Doppler", "vtkMRMLVectorVolumeNode")
-    logic = mrml.DespeckleLogic(fast)
+    logic = Speckle2SelfLogic(fast)
     out = logic.despeckle_volume(volume, keep_colour=True)
-    grey = mrml.volume_to_array(logic.despeckle_volume(volume))[0]
+    grey = nodes.volume_to_array(logic.despeckle_volume(volume))[0]
     assert out.GetClassName() == "vtkMRMLVectorVolumeNode"
-    result = mrml.volume_to_array(out)[0]
+    result = nodes.volume_to_array(out)[0]
     assert result.shape == (*SIZE, 3)
     np.testing.assert_array_equal(result[blob], rgb[0][blob])
     for channel in range(3):
@@ -234,10 +238,10 @@ def test_sequence_output_is_synchronised_and_keeps_index(scene, trained, phantom
     frames, masks = phantoms
     sequence, browser, proxy = make_sequence(scene, frames)
     browser.SetSelectedItemNumber(2)
-    items_before = [mrml.volume_to_array(sequence.GetNthDataNode(i)) for i in range(4)]
+    items_before = [nodes.volume_to_array(sequence.GetNthDataNode(i)) for i in range(4)]
     item_mtimes = [sequence.GetNthDataNode(i).GetMTime() for i in range(4)]
 
-    result = mrml.DespeckleLogic(trained, sequences_logic=scene.sequences_logic).despeckle_sequence(proxy)
+    result = Speckle2SelfLogic(trained, sequences_logic=scene.sequences_logic).despeckle_sequence(proxy)
 
     out_sequence = result.sequence_node
     assert result.browser_node is browser and not result.created_browser and result.frames == 4
@@ -249,21 +253,21 @@ def test_sequence_output_is_synchronised_and_keeps_index(scene, trained, phantom
     assert browser.GetProxyNode(out_sequence) is result.proxy_node
     for k in range(4):       # browsing shows input and output frame by frame
         browser.SetSelectedItemNumber(k)
-        shown = mrml.volume_to_array(result.proxy_node)
-        np.testing.assert_array_equal(shown, mrml.volume_to_array(out_sequence.GetNthDataNode(k)))
-        np.testing.assert_array_equal(mrml.volume_to_array(proxy), frames[k][None])
+        shown = nodes.volume_to_array(result.proxy_node)
+        np.testing.assert_array_equal(shown, nodes.volume_to_array(out_sequence.GetNthDataNode(k)))
+        np.testing.assert_array_equal(nodes.volume_to_array(proxy), frames[k][None])
         np.testing.assert_allclose(matrix_of(out_sequence.GetNthDataNode(k)), matrix_of(sequence.GetNthDataNode(k)))
         before, after = speckle_contrast(frames[k], masks[k]), speckle_contrast(shown[0], masks[k])
         assert after < 0.7 * before, f"frame {k}: speckle contrast {before:.3f} -> {after:.3f}"
     for i in range(4):
-        np.testing.assert_array_equal(mrml.volume_to_array(sequence.GetNthDataNode(i)), items_before[i])
+        np.testing.assert_array_equal(nodes.volume_to_array(sequence.GetNthDataNode(i)), items_before[i])
         assert sequence.GetNthDataNode(i).GetMTime() == item_mtimes[i]
 
 
 def test_sequence_without_browser_gets_its_own_browser(scene, fast, phantoms):
     frames, _ = phantoms
     sequence, _, _ = make_sequence(scene, frames[:2], values=["a", "b"], browser=False, index_type="TextIndex")
-    result = mrml.DespeckleLogic(fast).despeckle_sequence(sequence)
+    result = Speckle2SelfLogic(fast).despeckle_sequence(sequence)
     assert result.created_browser and result.browser_node.GetProxyNode(result.sequence_node) is result.proxy_node
     assert result.sequence_node.GetIndexType() == slicer.vtkMRMLSequenceNode.TextIndex
     assert [result.sequence_node.GetNthIndexValue(i) for i in range(2)] == ["a", "b"]
@@ -272,7 +276,7 @@ def test_sequence_without_browser_gets_its_own_browser(scene, fast, phantoms):
 def test_rerun_into_the_same_output_replaces_the_earlier_sequence(scene, fast, phantoms):
     frames, _ = phantoms
     sequence, browser, proxy = make_sequence(scene, frames[:2])
-    logic = mrml.DespeckleLogic(fast, sequences_logic=scene.sequences_logic)
+    logic = Speckle2SelfLogic(fast, sequences_logic=scene.sequences_logic)
     first = logic.despeckle_sequence(proxy)
     ids = node_ids(scene)
     second = logic.despeckle_sequence(proxy, first.proxy_node, blend=0.5)
@@ -281,7 +285,7 @@ def test_rerun_into_the_same_output_replaces_the_earlier_sequence(scene, fast, p
     assert second.sequence_node.GetName() == "Cine despeckled sequence"
     assert len(node_ids(scene)) == len(ids)
     assert browser.GetSequenceNode(second.proxy_node) is second.sequence_node
-    np.testing.assert_array_equal(mrml.volume_to_array(second.sequence_node.GetNthDataNode(1))[0],
+    np.testing.assert_array_equal(nodes.volume_to_array(second.sequence_node.GetNthDataNode(1))[0],
                                   fast.denoise(frames[:2], blend=0.5)[1])   # same batch as the run
     other, _, _ = make_sequence(scene, frames[:2], name="Other", browser=False)
     with pytest.raises(ValueError, match="already shows sequence 'Cine despeckled sequence'"):
@@ -291,13 +295,13 @@ def test_rerun_into_the_same_output_replaces_the_earlier_sequence(scene, fast, p
 def test_console_api_despeckles_a_proxy_volume_or_all_its_frames(scene, fast, phantoms):
     frames, _ = phantoms
     sequence, browser, proxy = make_sequence(scene, frames[:2])
-    single = mrml.despeckle_node(proxy, model=fast)
+    single = despeckle_node(proxy, model=fast)
     assert single.IsA("vtkMRMLScalarVolumeNode") and single.GetName() == "Cine despeckled"
     assert browser.GetSequenceNode(single) is None          # one frame, not browsed
-    out_sequence = mrml.despeckle_node(proxy, all_frames=True, model=fast)
+    out_sequence = despeckle_node(proxy, all_frames=True, model=fast)
     assert out_sequence.IsA("vtkMRMLSequenceNode") and out_sequence.GetNumberOfDataNodes() == 2
     assert browser.IsSynchronizedSequenceNode(out_sequence, False)
-    assert mrml.find_sequence(proxy) == (sequence, browser) and mrml.find_sequence(single) is None
+    assert nodes.find_sequence(proxy) == (sequence, browser) and nodes.find_sequence(single) is None
 
 
 # ----------------------------------------------------------------------------- cancel
@@ -307,7 +311,7 @@ def test_cancel_while_despeckling_leaves_scene_as_it_was(scene, fast, phantoms):
     volume = make_volume(scene, frames[:3])
     ids = node_ids(scene)
     with pytest.raises(Cancelled):
-        mrml.DespeckleLogic(fast).despeckle_volume(volume, batch_size=1, cancel=lambda: True)
+        Speckle2SelfLogic(fast).despeckle_volume(volume, batch_size=1, cancel=lambda: True)
     assert node_ids(scene) == ids
 
 
@@ -321,7 +325,7 @@ def test_cancel_while_storing_sequence_removes_every_created_node(scene, fast, p
         return len(steps) >= 2 and steps[-1][0] >= 6
 
     with pytest.raises(Cancelled):
-        mrml.DespeckleLogic(fast).despeckle_sequence(
+        Speckle2SelfLogic(fast).despeckle_sequence(
             sequence, batch_size=2, progress=lambda done, total: steps.append((done, total)),
             cancel=cancel_after_two_stored_frames)
     assert steps[-1] == (6, 8), "cancelled while storing frames"
@@ -333,7 +337,7 @@ def test_cancel_while_storing_sequence_removes_every_created_node(scene, fast, p
 
 def test_bad_inputs_get_clear_errors(scene, fast, phantoms):
     frames, _ = phantoms
-    logic = mrml.DespeckleLogic(fast)
+    logic = Speckle2SelfLogic(fast)
     empty = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "Empty")
     empty.SetAndObserveImageData(vtk.vtkImageData())
     with pytest.raises(ValueError, match="'Empty' is an empty image"):
@@ -368,20 +372,20 @@ def test_sequence_of_mixed_frame_sizes_is_refused_without_touching_the_scene(sce
     sequence, browser, _ = make_sequence(scene, [frames[0], frames[1][:80, :100]])
     ids = node_ids(scene)
     with pytest.raises(ValueError, match=r"mixes frame sizes.*item 1 is 100x80 grey, item 0 is 112x96 grey"):
-        mrml.DespeckleLogic(fast).despeckle_sequence(browser)
+        Speckle2SelfLogic(fast).despeckle_sequence(browser)
     assert node_ids(scene) == ids
     lone = make_volume(scene, frames[:1], "Lone")
     with pytest.raises(ValueError, match="not shown by a sequence browser"):
-        mrml.DespeckleLogic(fast).despeckle_sequence(lone)
+        Speckle2SelfLogic(fast).despeckle_sequence(lone)
 
 
 def test_model_card_is_read_without_loading_the_model(trained_model):
-    card = mrml.model_card(trained_model)
+    card = read_metadata(trained_model)
     assert card["name"] == "trained-test" and card["width"] == 8
-    text = mrml.describe_model(card)
+    text = describe_model(card)
     assert "trained-test" in text and "width 8" in text and f"{card['training']['steps_done']} training steps" in text
     with pytest.raises(ValueError, match="cannot read model metadata"):
-        mrml.model_card(Path(__file__))
+        read_metadata(Path(__file__))
 
 
 # ----------------------------------------------------------------------------- real data (../shared)
@@ -412,13 +416,13 @@ def test_real_plus_sequence_is_despeckled_frame_by_frame(scene, trained):
     if not path.is_file():
         pytest.skip(f"real PLUS sequence not available ({path} is absent; ../shared ships beside the checkout)")
     sequence, browser, voxels = load_plus_sequence(scene, path, frames=2)
-    result = mrml.DespeckleLogic(trained, sequences_logic=scene.sequences_logic).despeckle_sequence(browser)
+    result = Speckle2SelfLogic(trained, sequences_logic=scene.sequences_logic).despeckle_sequence(browser)
     assert [result.sequence_node.GetNthIndexValue(i) for i in range(2)] == \
         [sequence.GetNthIndexValue(i) for i in range(2)]
     from scipy import ndimage
     inside_fan = ndimage.binary_erosion(voxels[0] > 20, iterations=8)
     for k in range(2):
-        out = mrml.volume_to_array(result.sequence_node.GetNthDataNode(k))[0]
+        out = nodes.volume_to_array(result.sequence_node.GetNthDataNode(k))[0]
         assert out.shape == voxels[k].shape and out.dtype == np.uint8
         before, after = tile_speckle_contrast(voxels[k], inside_fan), tile_speckle_contrast(out, inside_fan)
         print(f"real frame {k}: median tile speckle contrast {before:.3f} -> {after:.3f}")
@@ -435,10 +439,10 @@ def test_real_rgb_doppler_dicom_keeps_its_colour_overlay(scene, fast):
     assert dataset.PhotometricInterpretation == "RGB"
     rgb = dataset.pixel_array[None]                       # (1, rows, cols, 3): DICOM rows are J
     volume = make_volume(scene, rgb, "US1", "vtkMRMLVectorVolumeNode")
-    out = mrml.DespeckleLogic(fast).despeckle_volume(volume, keep_colour=True)
-    result = mrml.volume_to_array(out)
+    out = Speckle2SelfLogic(fast).despeckle_volume(volume, keep_colour=True)
+    result = nodes.volume_to_array(out)
     spread = rgb.max(-1).astype(int) - rgb.min(-1)
-    coloured = spread > mrml.COLOUR_THRESHOLD * 255
+    coloured = spread > nodes.COLOUR_THRESHOLD * 255
     assert 0.01 < coloured.mean() < 0.2, "the image has a colour Doppler overlay"
     np.testing.assert_array_equal(result[coloured], rgb[coloured])
     grey = result[~coloured]
@@ -460,15 +464,15 @@ def test_sequence_output_proxy_is_under_the_input_proxys_transform(scene, fast, 
     proxy.SetAndObserveTransformNodeID(transform.GetID())
     browser.SetSelectedItemNumber(1)
 
-    result = mrml.DespeckleLogic(fast, sequences_logic=scene.sequences_logic).despeckle_sequence(proxy)
+    result = Speckle2SelfLogic(fast, sequences_logic=scene.sequences_logic).despeckle_sequence(proxy)
 
     assert result.proxy_node.GetParentTransformNode() is transform
-    np.testing.assert_array_equal(mrml.volume_to_array(result.proxy_node),
-                                  mrml.volume_to_array(result.sequence_node.GetNthDataNode(1)))
+    np.testing.assert_array_equal(nodes.volume_to_array(result.proxy_node),
+                                  nodes.volume_to_array(result.sequence_node.GetNthDataNode(1)))
     browser.SetSelectedItemNumber(2)
     assert result.proxy_node.GetParentTransformNode() is transform
-    np.testing.assert_array_equal(mrml.volume_to_array(result.proxy_node),
-                                  mrml.volume_to_array(result.sequence_node.GetNthDataNode(2)))
+    np.testing.assert_array_equal(nodes.volume_to_array(result.proxy_node),
+                                  nodes.volume_to_array(result.sequence_node.GetNthDataNode(2)))
 
 
 def test_browser_item_number_matches_by_index_value_not_item_number(scene, phantoms):
@@ -481,14 +485,14 @@ def test_browser_item_number_matches_by_index_value_not_item_number(scene, phant
                                index_type="TextIndex")
     browser.AddSynchronizedSequenceNode(image)
     browser.SetSelectedItemNumber(2)                       # 0.050 s
-    assert mrml.browser_item_number(browser, clock) == 2
-    assert mrml.browser_item_number(browser, image) == 1
+    assert nodes.browser_item_number(browser, clock) == 2
+    assert nodes.browser_item_number(browser, image) == 1
     browser.SetSelectedItemNumber(3)                       # 0.075 s: the image item shown is the one before
-    assert mrml.browser_item_number(browser, image) == 1
+    assert nodes.browser_item_number(browser, image) == 1
     browser.SetSelectedItemNumber(4)
-    assert mrml.browser_item_number(browser, image) == 2
-    assert mrml.browser_item_number(browser, text) is None  # no item at that index value
-    assert mrml.browser_item_number(None, image) is None
+    assert nodes.browser_item_number(browser, image) == 2
+    assert nodes.browser_item_number(browser, text) is None  # no item at that index value
+    assert nodes.browser_item_number(None, image) is None
 
 
 # ----------------------------------------------------------------------------- background job (issue #11)
@@ -525,8 +529,8 @@ def slowed(despeckler, seconds_per_frame):
 def test_job_despeckles_in_a_thread_and_writes_only_when_polled(scene, fast, phantoms):
     frames, _ = phantoms
     volume = make_volume(scene, frames[:3])
-    logic = mrml.DespeckleLogic(fast)
-    expected = mrml.volume_to_array(logic.despeckle_volume(volume, batch_size=1))
+    logic = Speckle2SelfLogic(fast)
+    expected = nodes.volume_to_array(logic.despeckle_volume(volume, batch_size=1))
     ids = node_ids(scene)
 
     job = logic.prepare_job(volume)
@@ -537,8 +541,8 @@ def test_job_despeckles_in_a_thread_and_writes_only_when_polled(scene, fast, pha
     out = state.result
     assert out.GetName() == "US despeckled_1" and len(node_ids(scene)) == len(ids) + 2   # volume + display
     # batches of other sizes than the reference run: float rounding may move a voxel by one grey level
-    np.testing.assert_allclose(mrml.volume_to_array(out).astype(int), expected.astype(int), atol=1)
-    assert np.mean(mrml.volume_to_array(out) == expected) > 0.99
+    np.testing.assert_allclose(nodes.volume_to_array(out).astype(int), expected.astype(int), atol=1)
+    assert np.mean(nodes.volume_to_array(out) == expected) > 0.99
     np.testing.assert_allclose(matrix_of(out), matrix_of(volume))
     assert job.poll() is state and len(node_ids(scene)) == len(ids) + 2     # stored once
 
@@ -548,13 +552,13 @@ def test_job_on_a_tracked_sequence_proxy_gives_a_browsed_sequence(scene, fast, p
     sequence, browser, proxy = make_sequence(scene, frames[:3])
     transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "ImageToReference")
     proxy.SetAndObserveTransformNodeID(transform.GetID())
-    states = run_job(mrml.DespeckleLogic(fast, sequences_logic=scene.sequences_logic).prepare_job(proxy))
+    states = run_job(Speckle2SelfLogic(fast, sequences_logic=scene.sequences_logic).prepare_job(proxy))
     done = [s.done for s in states]
     assert done == sorted(done) and states[-1].finished, "progress only grows"
     result = states[-1].result
     assert result.frames == 3 and browser.GetProxyNode(result.sequence_node) is result.proxy_node
     assert result.proxy_node.GetParentTransformNode() is transform
-    np.testing.assert_allclose(mrml.volume_to_array(result.sequence_node.GetNthDataNode(2))[0].astype(int),
+    np.testing.assert_allclose(nodes.volume_to_array(result.sequence_node.GetNthDataNode(2))[0].astype(int),
                                fast.denoise(frames[:3])[2].astype(int), atol=1)
 
 
@@ -564,7 +568,7 @@ def test_job_batches_are_about_half_a_second_and_cancel_takes_effect_within_a_se
     frames, _ = phantoms
     volume = make_volume(scene, np.concatenate([frames] * 10))          # 40 frames, 50 ms each: 2 s of work
     ids = node_ids(scene)
-    job = mrml.DespeckleLogic(slowed(fast, 0.05)).prepare_job(volume)
+    job = Speckle2SelfLogic(slowed(fast, 0.05)).prepare_job(volume)
     job.start()
     while job.poll().done < 12:            # past the timing frame and a first full-size batch
         time.sleep(0.01)
@@ -581,7 +585,7 @@ def test_job_batches_are_about_half_a_second_and_cancel_takes_effect_within_a_se
 def test_job_whose_input_left_the_scene_reports_an_error_and_adds_nothing(scene, fast, phantoms):
     frames, _ = phantoms
     volume = make_volume(scene, frames[:2])
-    job = mrml.DespeckleLogic(fast).prepare_job(volume)
+    job = Speckle2SelfLogic(fast).prepare_job(volume)
     job.start()
     assert job.wait(30)
     scene.RemoveNode(volume)
@@ -589,3 +593,38 @@ def test_job_whose_input_left_the_scene_reports_an_error_and_adds_nothing(scene,
     state = job.poll()
     assert isinstance(state.error, ValueError) and "removed from the scene" in str(state.error)
     assert node_ids(scene) == ids
+
+
+# ----------------------------------------------------------------------------- the module's logic (issue #11)
+
+def test_logic_process_and_start_process_as_the_module_calls_them(scene, fast, phantoms):
+    from Speckle2SelfLib.scene.logic import DespeckleRun
+
+    frames, _ = phantoms
+    volume = make_volume(scene, frames[:2])
+    logic = Speckle2SelfLogic(fast, sequences_logic=scene.sequences_logic)
+    run = logic.process(volume, gamma=1.0)                # gamma 1: none
+    assert run.frames == 2 and run.output_node.GetName() == "US despeckled" and run.sequence_node is None
+    np.testing.assert_array_equal(nodes.volume_to_array(run.output_node),
+                                  nodes.volume_to_array(logic.despeckle_volume(volume)))
+    rgb = make_volume(scene, np.zeros((1, 8, 8, 3), np.uint8), "RGB", "vtkMRMLVectorVolumeNode")
+    job = logic.start_process(volume, rgb)                # a grey result never goes into an RGB output
+    assert job.wait(30)
+    state = job.poll()
+    run = DespeckleRun.from_result(state.result, logic.last_seconds)
+    assert state.finished and run.output_node is not rgb and run.frames == 2 and run.seconds > 0
+    _sequence, _browser, proxy = make_sequence(scene, frames[:3])
+    run = logic.process(proxy)                            # all frames of the proxy's sequence
+    assert run.frames == 3 and run.sequence_node.GetNumberOfDataNodes() == 3
+    assert logic.process(proxy, all_frames=False).frames == 1
+    with pytest.raises(ValueError, match="Select an input volume"):
+        logic.start_process(None)
+
+
+def test_logic_reads_model_metadata_without_loading_the_model(untrained_model):
+    logic = Speckle2SelfLogic()
+    assert logic.model_metadata(str(untrained_model))["name"] == "untrained-test"
+    if logic.has_bundled_model():
+        default = next(e for e in logic.bundled_models() if e.get("default"))
+        assert logic.model_metadata(None)["name"] == logic.model_metadata(default["name"])["name"]
+    assert "width 4" in describe_model(logic.model_metadata(str(untrained_model)))

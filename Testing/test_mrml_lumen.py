@@ -15,8 +15,10 @@ from scipy import ndimage
 slicer = pytest.importorskip("slicer", reason="slicer-core (MRML Python bindings) is not installed")
 vtk = pytest.importorskip("vtk")
 
-from Speckle2SelfLib import lumen_mrml  # noqa: E402
-from Speckle2SelfLib.segmentation import iou, measure  # noqa: E402
+from benchlib.lumen_evaluation import iou  # noqa: E402
+from test_mrml_despeckle import node_ids, run_job  # noqa: E402
+from Speckle2SelfLib.scene import lumen as scene_lumen  # noqa: E402
+from Speckle2SelfLib.segmentation import measure  # noqa: E402
 
 ROWS, COLS = 90, 110
 RADIUS = 14
@@ -97,7 +99,7 @@ def table_column(table_node, name):
 def test_single_frame_from_ras_seed(scene):
     frame, truth = lumen_frame((40, 60))
     volume = make_volume(scene, frame[None])
-    result = lumen_mrml.segment_lumen(volume, ijk_to_ras(volume, (60, 40, 0)), tolerance=TOLERANCE)
+    result = scene_lumen.segment_lumen(volume, ijk_to_ras(volume, (60, 40, 0)), tolerance=TOLERANCE)
 
     assert result.seed_ijk == (60, 40, 0)
     segmentation = result.segmentation_node.GetSegmentation()
@@ -130,9 +132,9 @@ def test_single_frame_from_ras_seed(scene):
 def test_seed_ijk_and_reuse_of_the_segmentation_node(scene):
     frame, _ = lumen_frame((40, 60))
     volume = make_volume(scene, frame[None])
-    first = lumen_mrml.segment_lumen(volume, seed_ijk=(60, 40, 0), tolerance=TOLERANCE)
+    first = scene_lumen.segment_lumen(volume, seed_ijk=(60, 40, 0), tolerance=TOLERANCE)
     first.segmentation_node.GetSegmentation().AddEmptySegment("", "Other")
-    again = lumen_mrml.segment_lumen(volume, seed_ijk=(60, 40, 0), method="growcut", tolerance=TOLERANCE,
+    again = scene_lumen.segment_lumen(volume, seed_ijk=(60, 40, 0), method="growcut", tolerance=TOLERANCE,
                                      segmentation_node=first.segmentation_node, table_node=first.table_node)
     segmentation = again.segmentation_node.GetSegmentation()
     names = sorted(segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments()))
@@ -147,9 +149,9 @@ def test_table_flags_implausible_frames_with_a_note(scene):
     frames[2] = 235                          # the lumen is lost: a bright frame
     frames[2, ::3, ::3] = 30
     volume = make_volume(scene, frames, "Cine")
-    result = lumen_mrml.segment_lumen(volume, seed_ijk=(45, 35, 0))
+    result = scene_lumen.segment_lumen(volume, seed_ijk=(45, 35, 0))
     table = result.table_node.GetTable()
-    assert [table.GetColumnName(i) for i in range(table.GetNumberOfColumns())] == list(lumen_mrml.TABLE_COLUMNS)
+    assert [table.GetColumnName(i) for i in range(table.GetNumberOfColumns())] == list(scene_lumen.TABLE_COLUMNS)
     assert table_column(result.table_node, "flagged") == [0, 0, 1, 0]
     notes = table_column(result.table_node, "note")
     assert notes[2] and not notes[0] and not notes[3]
@@ -163,16 +165,16 @@ def test_seed_on_the_wall_is_refused_with_a_message(scene):
 
     volume = make_volume(scene, lumen_frame((40, 60))[0][None])
     with pytest.raises(SeedNotInLumenError, match="bright tissue"):
-        lumen_mrml.segment_lumen(volume, seed_ijk=(60, 40 + RADIUS + 2, 0))
+        scene_lumen.segment_lumen(volume, seed_ijk=(60, 40 + RADIUS + 2, 0))
     assert scene.GetNodesByClass("vtkMRMLSegmentationNode").GetNumberOfItems() == 0
 
 
 def test_seed_outside_volume_is_an_error(scene):
     volume = make_volume(scene, lumen_frame((40, 60))[0][None])
     with pytest.raises(ValueError, match="outside the volume"):
-        lumen_mrml.segment_lumen(volume, ijk_to_ras(volume, (200, 40, 0)))
+        scene_lumen.segment_lumen(volume, ijk_to_ras(volume, (200, 40, 0)))
     with pytest.raises(ValueError, match="exactly one"):
-        lumen_mrml.segment_lumen(volume)
+        scene_lumen.segment_lumen(volume)
 
 
 def test_seed_in_world_coordinates_under_a_transform(scene):
@@ -184,7 +186,7 @@ def test_seed_in_world_coordinates_under_a_transform(scene):
     transform.SetMatrixTransformToParent(shift)
     volume.SetAndObserveTransformNodeID(transform.GetID())
     local = ijk_to_ras(volume, (60, 40, 0))
-    result = lumen_mrml.segment_lumen(volume, (local[0] + 25.0, local[1], local[2]), tolerance=TOLERANCE)
+    result = scene_lumen.segment_lumen(volume, (local[0] + 25.0, local[1], local[2]), tolerance=TOLERANCE)
     assert result.seed_ijk == (60, 40, 0)
     assert result.segmentation_node.GetParentTransformNode() is transform
 
@@ -197,7 +199,7 @@ def moving_frames(count=4):
 def test_multi_slice_volume_segments_every_frame(scene):
     frames, truths = moving_frames()
     volume = make_volume(scene, frames, "Cine")
-    result = lumen_mrml.segment_lumen(volume, ijk_to_ras(volume, (45, 35, 0)), tolerance=TOLERANCE)
+    result = scene_lumen.segment_lumen(volume, ijk_to_ras(volume, (45, 35, 0)), tolerance=TOLERANCE)
 
     mask = segment_array(result.segmentation_node, result.segment_id, frames.shape)
     np.testing.assert_array_equal(mask, result.sequence.masks)
@@ -213,7 +215,7 @@ def test_multi_slice_volume_segments_every_frame(scene):
 def test_only_the_seed_frame_when_not_all_frames(scene):
     frames, _ = moving_frames(3)
     volume = make_volume(scene, frames, "Cine")
-    result = lumen_mrml.segment_lumen(volume, seed_ijk=(49, 38, 1), all_frames=False, tolerance=TOLERANCE)
+    result = scene_lumen.segment_lumen(volume, seed_ijk=(49, 38, 1), all_frames=False, tolerance=TOLERANCE)
     assert result.frames == [1]
     mask = segment_array(result.segmentation_node, result.segment_id, frames.shape)
     assert mask[1].any() and not mask[0].any() and not mask[2].any()
@@ -229,7 +231,7 @@ def test_sequence_node_gets_a_segmentation_per_frame(scene):
         item = make_volume(scene, frame[None], f"frame {k}")
         sequence.SetDataNodeAtValue(item, f"{0.05 * k:.2f}")
         scene.RemoveNode(item)           # the sequence keeps its own copy
-    result = lumen_mrml.segment_lumen(sequence, seed_ijk=(45, 35, 0), tolerance=TOLERANCE)
+    result = scene_lumen.segment_lumen(sequence, seed_ijk=(45, 35, 0), tolerance=TOLERANCE)
 
     segmentations = result.segmentation_sequence_node
     assert segmentations.GetNumberOfDataNodes() == 3
@@ -288,7 +290,7 @@ def test_tracked_sequence_seed_frame_transform_and_proxy_segmentation(scene):
     local = ijk_to_ras(image.GetNthDataNode(1), (49, 38, 0))     # frame 1's lumen centre
     seed_world = (local[0] + 25.0, local[1], local[2])
 
-    result = lumen_mrml.segment_lumen(image, seed_world, tolerance=TOLERANCE)
+    result = scene_lumen.segment_lumen(image, seed_world, tolerance=TOLERANCE)
 
     assert result.seed_ijk == (49, 38, 1), "seed frame by index value, seed through the proxy's transform"
     assert result.segmentation_node.GetParentTransformNode() is transform
@@ -311,7 +313,7 @@ def test_tracked_sequence_seed_frame_transform_and_proxy_segmentation(scene):
                "vtkMRMLTableNode", "vtkMRMLSegmentationDisplayNode")}
     browser.SetSelectedItemNumber(0)
     local = ijk_to_ras(image.GetNthDataNode(0), (45, 35, 0))
-    again = lumen_mrml.segment_lumen(image, (local[0] + 25.0, local[1], local[2]), tolerance=TOLERANCE,
+    again = scene_lumen.segment_lumen(image, (local[0] + 25.0, local[1], local[2]), tolerance=TOLERANCE,
                                      segmentation_node=result.segmentation_node, table_node=result.table_node)
     assert again.seed_ijk == (45, 35, 0)
     assert again.segmentation_sequence_node is segmentations and again.segmentation_node is result.segmentation_node
@@ -324,15 +326,154 @@ def test_tracked_sequence_seed_frame_transform_and_proxy_segmentation(scene):
 
 def test_seed_is_the_last_placed_point_of_the_list(scene):
     points = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "Seed")
-    assert lumen_mrml.last_seed_ras(points) is None and lumen_mrml.last_seed_ras(None) is None
+    assert scene_lumen.last_seed_ras(points) is None and scene_lumen.last_seed_ras(None) is None
     points.AddControlPointWorld(vtk.vtkVector3d(1.0, 2.0, 3.0))
     points.AddControlPointWorld(vtk.vtkVector3d(4.0, 5.0, 6.0))      # re-placed seed
-    assert lumen_mrml.last_seed_ras(points) == (4.0, 5.0, 6.0)
+    assert scene_lumen.last_seed_ras(points) == (4.0, 5.0, 6.0)
     points.UnsetNthControlPointPosition(1)         # being placed again: not yet a seed
-    assert lumen_mrml.last_seed_ras(points) == (1.0, 2.0, 3.0)
+    assert scene_lumen.last_seed_ras(points) == (1.0, 2.0, 3.0)
     transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
     shift = vtk.vtkMatrix4x4()
     shift.SetElement(2, 3, 10.0)
     transform.SetMatrixTransformToParent(shift)
     points.SetAndObserveTransformNodeID(transform.GetID())
-    assert lumen_mrml.last_seed_ras(points) == (1.0, 2.0, 13.0)            # world coordinates
+    assert scene_lumen.last_seed_ras(points) == (1.0, 2.0, 13.0)            # world coordinates
+
+
+# ----------------------------------------------------------------------------- background job (defect 7)
+
+def slowed_segmentation(monkeypatch, seconds_per_frame):
+    """Every frame's segmentation takes ``seconds_per_frame`` longer (a long loop on a slow machine)."""
+    import time
+
+    from Speckle2SelfLib.segmentation import lumen as lumen_module
+
+    original = lumen_module._segment_checked
+
+    def slow(*args, **kwargs):
+        time.sleep(seconds_per_frame)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(lumen_module, "_segment_checked", slow)
+
+
+def test_job_segments_in_a_thread_and_writes_everything_only_when_polled(scene):
+    frames, truths = moving_frames(4)
+    volume = make_volume(scene, frames, "Cine")
+    seed = ijk_to_ras(volume, (45, 35, 0))
+    ids = node_ids(scene)
+    job = scene_lumen.prepare_segmentation(volume, seed, tolerance=TOLERANCE)
+    assert node_ids(scene) == ids and job.total == 4, "preparing reads the frames and adds nothing"
+    job.start()
+    assert job.wait(60) and node_ids(scene) == ids, "the worker thread added nothing to the scene"
+    state = job.poll()
+    assert state.finished and state.error is None and (state.done, state.total) == (4, 4)
+    result = state.result
+    mask = segment_array(result.segmentation_node, result.segment_id, frames.shape)
+    np.testing.assert_array_equal(mask, result.sequence.masks)
+    assert all(iou(m, t) > 0.8 for m, t in zip(mask, truths))
+    assert table_column(result.table_node, "frame") == [0, 1, 2, 3] and result.plot_chart_node is not None
+    added = len(node_ids(scene)) - len(ids)
+    assert added > 0 and job.poll() is state and len(node_ids(scene)) - len(ids) == added, "stored once"
+    blocking = scene_lumen.segment_lumen(volume, seed, tolerance=TOLERANCE)   # the same as the blocking call
+    np.testing.assert_array_equal(blocking.sequence.masks, result.sequence.masks)
+
+
+def test_job_progress_counts_frames_and_cancel_takes_effect_within_a_second(scene, monkeypatch):
+    import time
+
+    frames, _ = moving_frames(4)
+    volume = make_volume(scene, np.concatenate([frames] * 10), "Long loop")      # 40 frames
+    slowed_segmentation(monkeypatch, 0.05)                                        # 2 s of work
+    ids = node_ids(scene)
+    job = scene_lumen.prepare_segmentation(volume, ijk_to_ras(volume, (45, 35, 0)), tolerance=TOLERANCE)
+    job.start()
+    seen = []
+    while len(seen) < 200 and (not seen or seen[-1] < 5):
+        seen.append(job.poll().done)
+        time.sleep(0.01)
+    assert seen == sorted(seen) and 5 <= seen[-1] < 40, "progress moves frame by frame"
+    asked = time.monotonic()
+    job.cancel()
+    assert job.wait(5)
+    assert time.monotonic() - asked < 1.0, "cancel took effect after the current frame"
+    state = job.poll()
+    assert state.cancelled and not state.finished and state.error is None and state.done < 40
+    assert node_ids(scene) == ids, "a cancelled job adds nothing"
+
+
+def test_job_on_a_tracked_sequence_through_the_logic_with_a_seed_list(scene):
+    from Speckle2SelfLib.scene.logic import Speckle2SelfLogic
+
+    frames, truths = moving_frames(3)
+    image, browser, proxy, transform = tracked_loop(scene, frames)
+    browser.SetSelectedItemNumber(2)      # clock 0.050 s = image item 1
+    local = ijk_to_ras(image.GetNthDataNode(1), (49, 38, 0))
+    points = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "Seed")
+    points.AddControlPointWorld(vtk.vtkVector3d(local[0] + 25.0, local[1], local[2]))
+    logic = Speckle2SelfLogic(sequences_logic=scene.sequences_logic)
+    states = run_job(logic.prepare_segmentation(proxy, points, method="radial"))
+    done = [s.done for s in states]
+    assert done == sorted(done) and states[-1].finished, "progress only grows"
+    result = states[-1].result
+    assert result.seed_ijk == (49, 38, 1) and result.segmentation_node.GetParentTransformNode() is transform
+    assert browser.GetProxyNode(result.segmentation_sequence_node) is result.segmentation_node
+    assert all(iou(result.sequence.masks[k], truths[k]) > 0.8 for k in range(3))
+    with pytest.raises(ValueError, match="Place a seed point"):
+        logic.prepare_segmentation(proxy, scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "Empty"))
+
+
+def test_job_whose_input_left_the_scene_reports_an_error_and_adds_nothing(scene):
+    frames, _ = moving_frames(2)
+    volume = make_volume(scene, frames, "Cine")
+    job = scene_lumen.prepare_segmentation(volume, ijk_to_ras(volume, (45, 35, 0)), tolerance=TOLERANCE)
+    job.start()
+    assert job.wait(60)
+    scene.RemoveNode(volume)
+    ids = node_ids(scene)
+    state = job.poll()
+    assert isinstance(state.error, ValueError) and "removed from the scene" in str(state.error)
+    assert node_ids(scene) == ids
+
+
+def test_job_that_fails_in_the_worker_adds_nothing(scene):
+    from Speckle2SelfLib.segmentation import SeedNotInLumenError
+
+    volume = make_volume(scene, lumen_frame((40, 60))[0][None])
+    ids = node_ids(scene)
+    states = run_job(scene_lumen.prepare_segmentation(volume, seed_ijk=(60, 40 + RADIUS + 2, 0)))
+    assert isinstance(states[-1].error, SeedNotInLumenError) and not states[-1].finished
+    assert node_ids(scene) == ids
+
+
+def test_a_failure_while_writing_removes_the_nodes_the_job_made(scene, monkeypatch):
+    frames, _ = moving_frames(3)
+    volume = make_volume(scene, frames, "Cine")
+    job = scene_lumen.prepare_segmentation(volume, ijk_to_ras(volume, (45, 35, 0)), tolerance=TOLERANCE)
+    ids = node_ids(scene)
+
+    def broken_plot(*_args):
+        raise RuntimeError("plot failed")
+
+    monkeypatch.setattr(scene_lumen, "_add_plot", broken_plot)     # after the table and the segmentation
+    states = run_job(job)
+    assert isinstance(states[-1].error, RuntimeError) and node_ids(scene) == ids, "outputs whole or not at all"
+
+
+def test_wrong_output_nodes_are_refused_before_any_work(scene):
+    volume = make_volume(scene, lumen_frame((40, 60))[0][None])
+    table = scene.AddNewNodeByClass("vtkMRMLTableNode", "Table")
+    with pytest.raises(ValueError, match="is not a vtkMRMLSegmentationNode"):
+        scene_lumen.prepare_segmentation(volume, seed_ijk=(60, 40, 0), segmentation_node=table)
+    with pytest.raises(ValueError, match="is not a vtkMRMLTableNode"):
+        scene_lumen.prepare_segmentation(volume, seed_ijk=(60, 40, 0), table_node=volume)
+
+
+def test_logic_gives_the_module_its_one_parameter_node(scene):
+    from Speckle2SelfLib.scene.logic import MODULE_NAME, Speckle2SelfLogic
+
+    node = Speckle2SelfLogic.parameter_node(scene)
+    assert node.IsA("vtkMRMLScriptedModuleNode") and node.GetAttribute("ModuleName") == MODULE_NAME
+    assert Speckle2SelfLogic.parameter_node(scene) is node and node.GetSingletonTag() == MODULE_NAME
+    node.RemoveAttribute("ModuleName")
+    assert Speckle2SelfLogic.parameter_node(scene) is node and node.GetAttribute("ModuleName") == MODULE_NAME

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from Speckle2SelfLib.losses import LossConfig, speckle2self_loss
-from Speckle2SelfLib.network import Speckle2SelfNet, count_macs, count_parameters, pad_to_multiple
-from Speckle2SelfLib.perturbation import minmax_normalise, multiscale_views
+from Speckle2SelfLib.engine.losses import LossConfig, speckle2self_loss
+from Speckle2SelfLib.engine.network import Speckle2SelfNet, count_macs, count_parameters, pad_to_multiple
+from Speckle2SelfLib.engine.perturbation import minmax_normalise, multiscale_views
 
 
 def test_views_are_normalised_and_share_anatomy_but_not_speckle():

@@ -34,7 +34,10 @@ def test_wheel_carries_every_bundled_model(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     shipped = {p.name for p in (REPO / "Resources" / "Models").iterdir() if p.is_file()}
     assert {f"Speckle2SelfLib/bundled_models/{n}" for n in shipped} <= names
-    assert "Speckle2SelfLib/models.py" in names
+    lib = REPO / "Speckle2Self" / "Speckle2SelfLib"
+    sources = {"Speckle2SelfLib/" + f.relative_to(lib).as_posix() for f in lib.rglob("*.py") if "__pycache__" not in f.parts}
+    assert "Speckle2SelfLib/engine/models.py" in sources and sources <= names, sorted(sources - names)
+    assert not [n for n in names if "benchlib" in n], "benchmark-only code stays out of the wheel"
 
 
 def test_installed_wheel_loads_its_default_model(wheel, tmp_path):
@@ -42,7 +45,7 @@ def test_installed_wheel_loads_its_default_model(wheel, tmp_path):
     done = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target),
                            str(wheel)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    probe = ("import Speckle2SelfLib.models as m; p = m.bundled_model_path(); "
+    probe = ("import Speckle2SelfLib.engine.models as m; p = m.bundled_model_path(); "
              "print(p); print(m.read_metadata(p)['name'])")
     # run from an empty folder with only the installed copy on the path: no source tree to fall back on
     run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,

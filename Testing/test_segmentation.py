@@ -16,7 +16,9 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from benchlib import lumen_evaluation as ev
 from Speckle2SelfLib import segmentation as seg
+from Speckle2SelfLib.cli import segment as segment_cli
 
 SIZE = 128
 CENTER = (64.0, 60.0)
@@ -64,7 +66,7 @@ def phantom():
 def smooth_tolerance():
     """Flood-fill tolerance tuned on smoothed easy phantoms (as the benchmark tunes on subjects)."""
     frames = [carotid_frame(np.random.default_rng(s)) for s in (21, 22)]
-    return seg.tune_tolerance([smoothed(f) for f, _ in frames], [t for _, t in frames], TOLERANCES)
+    return ev.tune_tolerance([smoothed(f) for f, _ in frames], [t for _, t in frames], TOLERANCES)
 
 
 # ----------------------------------------------------------------------------- flood fill
@@ -92,8 +94,8 @@ def test_flood_fill_iou_much_better_on_smoothed_than_on_speckled():
     """Benchmark protocol in miniature: tune one tolerance per kind of image, compare mean IoU."""
     frames = [carotid_frame(np.random.default_rng(s), lumen_db=HARD_LUMEN_DB) for s in (1, 2, 3, 4)]
     truths = [t for _, t in frames]
-    raw = seg.iou_table([f for f, _ in frames], truths, TOLERANCES).mean(axis=0)
-    smooth = seg.iou_table([smoothed(f) for f, _ in frames], truths, TOLERANCES).mean(axis=0)
+    raw = ev.iou_table([f for f, _ in frames], truths, TOLERANCES).mean(axis=0)
+    smooth = ev.iou_table([smoothed(f) for f, _ in frames], truths, TOLERANCES).mean(axis=0)
     print(f"flood fill mean IoU at the tuned tolerance: speckled {raw.max():.3f} "
           f"(tol {TOLERANCES[raw.argmax()]:g}), smoothed {smooth.max():.3f} (tol {TOLERANCES[smooth.argmax()]:g})")
     assert smooth.max() > 0.7
@@ -144,7 +146,7 @@ def test_growcut_contains_seed_and_has_sane_area(phantom, smooth_tolerance):
     for name, frame in (("speckled", image), ("smoothed", smoothed(image))):
         mask = seg.grow_from_seeds(frame, SEED, tolerance=smooth_tolerance)
         ratio = mask.sum() / truth.sum()
-        print(f"growcut {name}: IoU {seg.iou(mask, truth):.3f}, area ratio {ratio:.2f}")
+        print(f"growcut {name}: IoU {ev.iou(mask, truth):.3f}, area ratio {ratio:.2f}")
         assert mask[SEED]
         assert 0.5 < ratio < 2.0
 
@@ -186,7 +188,7 @@ def moving_sequence(radii, step=(2, 3), seed=11):
 def test_sequence_seed_follows_a_moving_lumen(smooth_tolerance):
     frames, truths, centers = moving_sequence([LUMEN_RADIUS] * 6)
     result = seg.segment_sequence(frames, tuple(centers[0]), "flood", smooth_tolerance, spacing_mm=(0.1, 0.1))
-    ious = [seg.iou(m, t) for m, t in zip(result.masks, truths)]
+    ious = [ev.iou(m, t) for m, t in zip(result.masks, truths)]
     print("sequence flood IoUs:", np.round(ious, 3).tolist())
     assert min(ious) > 0.7
     assert not result.flagged.any()
@@ -199,7 +201,7 @@ def test_sequence_seed_follows_a_moving_lumen(smooth_tolerance):
 def test_sequence_from_a_middle_frame_runs_both_ways(smooth_tolerance):
     frames, truths, centers = moving_sequence([LUMEN_RADIUS] * 5)
     result = seg.segment_sequence(frames, tuple(centers[2]), "growcut", smooth_tolerance, start_frame=2)
-    ious = [seg.iou(m, t) for m, t in zip(result.masks, truths)]
+    ious = [ev.iou(m, t) for m, t in zip(result.masks, truths)]
     print("sequence growcut IoUs:", np.round(ious, 3).tolist())
     assert min(ious) > 0.7
     assert not result.flagged.any()
@@ -248,24 +250,24 @@ def test_seed_from_mask_lies_inside_a_crescent():
 
 
 def test_roc_auc_trapezoid():
-    assert seg.roc_auc(np.array([0.0, 0.5]), np.array([0.5, 1.0])) == pytest.approx(0.875)
-    assert seg.roc_auc(np.array([0.2]), np.array([0.2])) == pytest.approx(0.5)
+    assert ev.roc_auc(np.array([0.0, 0.5]), np.array([0.5, 1.0])) == pytest.approx(0.875)
+    assert ev.roc_auc(np.array([0.2]), np.array([0.2])) == pytest.approx(0.5)
 
 
 def test_evaluate_flood_fill(phantom, smooth_tolerance):
     image, truth = smoothed(phantom[0]), phantom[1]
-    iou_value, auc = seg.evaluate_flood_fill(image, truth, smooth_tolerance, tolerances=TOLERANCES)
-    expected_iou = seg.iou(seg.flood_fill(image, seg.seed_from_mask(truth), smooth_tolerance, check=False), truth)
+    iou_value, auc = ev.evaluate_flood_fill(image, truth, smooth_tolerance, tolerances=TOLERANCES)
+    expected_iou = ev.iou(seg.flood_fill(image, seg.seed_from_mask(truth), smooth_tolerance, check=False), truth)
     assert iou_value == pytest.approx(expected_iou)
-    fpr, tpr, _ = seg.flood_fill_roc(image, truth, TOLERANCES)
+    fpr, tpr, _ = ev.flood_fill_roc(image, truth, TOLERANCES)
     assert np.all(np.diff(fpr) >= 0) and np.all(np.diff(tpr) >= 0)    # fills are nested
-    assert auc == pytest.approx(seg.roc_auc(fpr, tpr)) and 0.9 < auc <= 1.0
+    assert auc == pytest.approx(ev.roc_auc(fpr, tpr)) and 0.9 < auc <= 1.0
 
 
 def test_auc_higher_on_smoothed_than_on_speckled():
     frames = [carotid_frame(np.random.default_rng(s), lumen_db=HARD_LUMEN_DB) for s in (1, 2, 3, 4)]
-    raw = [seg.evaluate_flood_fill(f, t, 30.0)[1] for f, t in frames]     # default sweep: 0..255
-    smooth = [seg.evaluate_flood_fill(smoothed(f), t, 30.0)[1] for f, t in frames]
+    raw = [ev.evaluate_flood_fill(f, t, 30.0)[1] for f, t in frames]     # default sweep: 0..255
+    smooth = [ev.evaluate_flood_fill(smoothed(f), t, 30.0)[1] for f, t in frames]
     print(f"flood-fill ROC AUC: speckled {np.mean(raw):.3f}, smoothed {np.mean(smooth):.3f}")
     assert np.mean(smooth) > np.mean(raw) + 0.05
 
@@ -274,16 +276,16 @@ def test_tune_tolerance_picks_best_mean_iou(phantom):
     image, truth = phantom
     images = [smoothed(image), smoothed(carotid_frame(np.random.default_rng(3))[0])]
     masks = [truth, truth]
-    table = seg.iou_table(images, masks, TOLERANCES)
-    best = seg.tune_tolerance(images, masks, TOLERANCES)
+    table = ev.iou_table(images, masks, TOLERANCES)
+    best = ev.tune_tolerance(images, masks, TOLERANCES)
     assert table.mean(axis=0)[list(TOLERANCES).index(best)] == pytest.approx(table.mean(axis=0).max())
 
 
 # ----------------------------------------------------------------------------- command line
 
 def run_cli(argv):
-    parser = seg.add_segment_arguments(argparse.ArgumentParser())
-    return seg.run_segment(parser.parse_args(argv))
+    parser = segment_cli.add_segment_arguments(argparse.ArgumentParser())
+    return segment_cli.run_segment(parser.parse_args(argv))
 
 
 def test_cli_png_in_png_out(tmp_path, phantom, smooth_tolerance, capsys):
@@ -322,7 +324,7 @@ def test_cli_volume_keeps_geometry_and_accepts_ras_seed(tmp_path, smooth_toleran
     labels = sitk.GetArrayFromImage(mask)
     assert labels.shape == frames.shape and set(np.unique(labels)) == {0, 1}
     assert not labels[0].any() and not labels[2].any()       # --frame: only that frame
-    assert seg.iou(labels[1] == 1, truths[1]) > 0.7
+    assert ev.iou(labels[1] == 1, truths[1]) > 0.7
 
 
 def test_cli_bad_seed_is_a_clear_error(tmp_path, phantom, capsys):
@@ -360,7 +362,8 @@ def test_speckle2self_segment_subcommand(tmp_path, phantom):
 
 def test_arrival_map_reproduces_vtk_fills_at_every_tolerance():
     """The fast sweep used by the benchmark equals Slicer's flood fill (VTK) exactly."""
-    from Speckle2SelfLib.segmentation import _FloodFiller, fill_arrival
+    from benchlib.lumen_evaluation import fill_arrival
+    from Speckle2SelfLib.segmentation.editor_effects import _FloodFiller
 
     rng = np.random.default_rng(7)
     image = (rng.rayleigh(40, (60, 70)) + np.linspace(0, 80, 70)).clip(0, 255).astype(np.uint8)

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from benchlib import speckle_statistics
 from Speckle2SelfLib import simulation as sim
+from Speckle2SelfLib.cli import simulate as simulate_cli
 
 # 256 x 256 pixels over half the paper's field keeps the paper's pixel size (0.098 x 0.088 mm).
 HALF_FIELD = dict(width_mm=22.5, depth_mm=25.0)
@@ -24,7 +26,7 @@ def test_homogeneous_region_is_fully_developed_speckle():
     mask = np.zeros(result.envelope.shape, bool)
     mask[INNER[0]:INNER[1], INNER[2]:INNER[3]] = True
     # Rayleigh envelope: mean / std = 1 / sqrt(4 / pi - 1) = 1.913.
-    assert sim.envelope_snr(result.envelope, mask) == pytest.approx(1.913, abs=0.08)
+    assert speckle_statistics.envelope_snr(result.envelope, mask) == pytest.approx(1.913, abs=0.08)
     assert sim.speckle_contrast(result.envelope, mask) == pytest.approx(0.523, abs=0.025)
 
 
@@ -35,7 +37,7 @@ def test_homogeneous_region_is_fully_developed_speckle():
 ])
 def test_grain_size_matches_target(fc, scaling, expected):
     result = sim.simulate_bmode(_flat(), fc=fc, seed=5, lateral_scaling=scaling, **HALF_FIELD)
-    axial, lateral = sim.autocorrelation_fwhm_mm(result.envelope, INNER, result.pixel_mm)
+    axial, lateral = speckle_statistics.autocorrelation_fwhm_mm(result.envelope, INNER, result.pixel_mm)
     assert axial == pytest.approx(expected[0], rel=0.1)
     assert lateral == pytest.approx(expected[1], rel=0.1)
     assert result.grain_fwhm_mm == pytest.approx(expected, rel=0.01)
@@ -128,7 +130,7 @@ def test_carotid_phantom_has_anechoic_lumen_with_bright_wall():
 def test_simulate_phantom_speckle_statistics_in_its_homogeneous_region():
     phantom, result = sim.simulate_phantom("carotid", seed=1, size=(256, 256))
     np.testing.assert_array_equal(result.clean, phantom.clean)
-    assert sim.envelope_snr(result.envelope, phantom.homogeneous_mask) == pytest.approx(1.91, abs=0.15)
+    assert speckle_statistics.envelope_snr(result.envelope, phantom.homogeneous_mask) == pytest.approx(1.91, abs=0.15)
 
 
 @pytest.mark.parametrize("bad, error, words", [
@@ -148,16 +150,16 @@ def test_bad_phantom_and_region_arguments():
     with pytest.raises(ValueError, match="mask"):
         sim.speckle_contrast(np.ones((8, 8)), np.ones((4, 4), bool))
     with pytest.raises(ValueError, match="larger region"):
-        sim.autocorrelation_fwhm_mm(np.ones((8, 8)), (0, 2, 0, 2), (0.1, 0.1))
+        speckle_statistics.autocorrelation_fwhm_mm(np.ones((8, 8)), (0, 2, 0, 2), (0.1, 0.1))
 
 
 def test_cli_writes_images_and_envelope(tmp_path):
     parser = argparse.ArgumentParser()
-    sim.add_simulate_arguments(parser)
+    simulate_cli.add_simulate_arguments(parser)
     out, clean, env = tmp_path / "noisy.png", tmp_path / "clean.png", tmp_path / "env.npy"
     args = parser.parse_args(["--phantom", "thyroid", "--fc", "5.63e6", "--seed", "4", "--size", "96",
                               "--out", str(out), "--clean", str(clean), "--envelope", str(env)])
-    assert sim.run_simulate(args) == 0
+    assert simulate_cli.run_simulate(args) == 0
     noisy_img = np.asarray(Image.open(out))
     clean_img = np.asarray(Image.open(clean))
     assert noisy_img.shape == clean_img.shape == (96, 96) and noisy_img.dtype == np.uint8
@@ -168,12 +170,12 @@ def test_cli_writes_images_and_envelope(tmp_path):
 
 def test_cli_rejects_bad_arguments(tmp_path, capsys):
     parser = argparse.ArgumentParser()
-    sim.add_simulate_arguments(parser)
+    simulate_cli.add_simulate_arguments(parser)
     args = parser.parse_args(["--out", str(tmp_path / "x.jpg"), "--size", "64"])
-    assert sim.run_simulate(args) == 2
+    assert simulate_cli.run_simulate(args) == 2
     assert ".png" in capsys.readouterr().err
     args = parser.parse_args(["--out", str(tmp_path / "x.png"), "--fc", "-1"])
-    assert sim.run_simulate(args) == 2
+    assert simulate_cli.run_simulate(args) == 2
 
 
 def test_fnumber_rule_matches_must_dasmtx():
@@ -190,11 +192,11 @@ def test_fnumber_rule_matches_must_dasmtx():
 def test_matches_must_reference_patch():
     """The fast model's grain and statistics agree with MUST (pymust) on a small patch."""
     pytest.importorskip("pymust", reason="optional exact backend pymust is not installed")
-    envelope, pixel_mm = sim.simulate_patch_must(fc=7.5e6, width_mm=6.0, depth_range_mm=(18.0, 22.0),
+    envelope, pixel_mm = speckle_statistics.simulate_patch_must(fc=7.5e6, width_mm=6.0, depth_range_mm=(18.0, 22.0),
                                                  seed=0, scatterers_per_mm2=80.0, tilts_deg=(0.0,),
                                                  n_elements=64)
     region = (0, envelope.shape[0], 0, envelope.shape[1])
-    must_axial, must_lateral = sim.autocorrelation_fwhm_mm(envelope, region, pixel_mm)
+    must_axial, must_lateral = speckle_statistics.autocorrelation_fwhm_mm(envelope, region, pixel_mm)
     assert must_axial == pytest.approx(0.14, rel=0.25)
     assert must_lateral == pytest.approx(0.33, rel=0.25)
     assert envelope.mean() / envelope.std() == pytest.approx(1.91, abs=0.25)

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from conftest import SHARED, simulated_frames
-from Speckle2SelfLib.inference import Despeckler
+from Speckle2SelfLib.engine.inference import Despeckler
 from Speckle2SelfLib.stream import (StreamDespeckler, despeckled_message, image_frames, output_device_name,
                                     parse_address)
 
@@ -43,7 +43,7 @@ def fast(untrained_model):
 def stream_frames(n: int = N_FRAMES):
     """uint8 (n, H, W) frames: a real PLUS sequence when ../shared is present, else simulated."""
     if PLUS_SEQUENCE.is_file():
-        from Speckle2SelfLib.imageio import read_frames
+        from Speckle2SelfLib.fileio.imageio import read_frames
 
         return read_frames(PLUS_SEQUENCE).frames[:n], "real PLUS sequence"
     noisy, _clean = simulated_frames(n=n, size=128)
@@ -338,7 +338,7 @@ def test_live_volume_node_updates_the_output(scene, fast, threaded):
     slicer = pytest.importorskip("slicer")
     from vtk.util import numpy_support
 
-    from Speckle2SelfLib.stream import LiveVolumeDespeckler
+    from Speckle2SelfLib.scene.live import LiveVolumeDespeckler
 
     frames, _source = stream_frames(3)
     frames = frames[:, :160, :200]                    # a crop keeps the test quick

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 
 from conftest import simulated_frames
-from Speckle2SelfLib.inference import Despeckler
-from Speckle2SelfLib.models import load_model
+from Speckle2SelfLib.engine.inference import Despeckler
+from Speckle2SelfLib.engine.models import load_model
 from Speckle2SelfLib.simulation import simulate_phantom, speckle_contrast
-from Speckle2SelfLib.training import FramePool, TrainConfig, export_checkpoint, train
+from Speckle2SelfLib.engine.training import FramePool, TrainConfig, export_checkpoint, train
 
 
 def _edge_row(img: np.ndarray, col: slice, rows: slice = slice(None)) -> int:
@@ -72,7 +72,7 @@ def test_resume_continues_and_checkpoint_exports(tmp_path):
 
 
 def test_fine_tuning_starts_from_the_given_model(trained_model, tmp_path):
-    from Speckle2SelfLib.training import config_from_model
+    from Speckle2SelfLib.engine.training import config_from_model
 
     noisy, _ = simulated_frames(n=2, size=64, seed=50)
     cfg = config_from_model(trained_model, crop=32, batch=2, steps=1, lr=1e-9, device="cpu",

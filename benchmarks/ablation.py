@@ -50,7 +50,7 @@ ROWS = {
 def score(model_path: Path, noisy: List[np.ndarray], clean: List[np.ndarray]) -> Dict[str, float]:
     """PSNR/SSIM after an affine fit of the output to the clean grey scale (the B-mode grey
     scale differs from the phantom's, for every method alike)."""
-    from Speckle2SelfLib.inference import Despeckler
+    from Speckle2SelfLib.engine.inference import Despeckler
 
     engine = Despeckler.from_file(model_path, "cpu")
     psnrs, ssims = [], []
@@ -81,7 +81,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     import torch
 
-    from Speckle2SelfLib.training import FramePool, TrainConfig, train
+    from Speckle2SelfLib.engine.training import FramePool, TrainConfig, train
 
     torch.set_num_threads(args.threads)
     train_noisy, _ = simulated_set(args.train_images, args.size, seed=0)

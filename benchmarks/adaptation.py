@@ -3,14 +3,14 @@
 One real PLUS sequence (default: BoneUltrasound_L14.igs.mha, 21 frames of tissue over bone)
 is split in time: the first 2/3 of its frames go into a headless MRML scene (slicer-core) as a
 sequence node and the model is adapted on that node with the product's own code path
-(``Speckle2SelfLib.adapt.adapt``, starting from the bundled default model found through
+(``Speckle2SelfLib.engine.adapt.adapt``, starting from the bundled default model found through
 ``resolve_model_path(None)``); the remaining frames are held out. On every held-out frame the
 input, the default model's output and the adapted model's output are compared by
 
 * GLCM homogeneity (``metrics.glcm_homogeneity``, 8-bit levels) over the image content (the
   bounding box of rows/columns that are not black in some frame: the black side bands of the
   PLUS frames are left out, they would add the same constant to every method), and
-* CNR (``metrics.cnr``) across the bright bone edge: in every column of a band across the bone
+* CNR (``benchlib.quality.cnr``) across the bright bone edge: in every column of a band across the bone
   (columns 260-499 of the 820-pixel-wide frame) the surface is the brightest row of the input
   frame smoothed with a 3-pixel Gaussian between rows 200 and 449; ROI A is the surface
   (+-2 rows), ROI B the acoustic shadow 20-50 rows below it. The ROIs come from the input
@@ -36,6 +36,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "Speckle2Self"))
 
+from benchlib import quality  # noqa: E402
 from Speckle2SelfLib import metrics  # noqa: E402
 
 DEFAULT_FILE = REPO.parent / "shared" / "data" / "sequences" / "BoneUltrasound_L14.igs.mha"
@@ -81,7 +82,7 @@ def edge_rois(frame: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
 
 def score(outputs: np.ndarray, inputs: np.ndarray, box: Tuple[slice, slice]) -> Dict[str, List[float]]:
     homogeneity = [metrics.glcm_homogeneity(o[box]) for o in outputs]
-    cnr = [metrics.cnr(o, *edge_rois(i)) for o, i in zip(outputs, inputs)]
+    cnr = [quality.cnr(o, *edge_rois(i)) for o, i in zip(outputs, inputs)]
     return {"homogeneity": homogeneity, "cnr": cnr}
 
 
@@ -116,7 +117,7 @@ def add_sequence(scene, frames: np.ndarray, spacing, name: str):
 
 
 def run_adaptation(train_frames: np.ndarray, spacing, name: str, minutes: float, device: str, out_dir) -> Path:
-    from Speckle2SelfLib.adapt import adapt
+    from Speckle2SelfLib.engine.adapt import adapt
 
     scene, _logics = headless_scene()
     sequence = add_sequence(scene, train_frames, spacing, name)
@@ -150,9 +151,9 @@ def main(argv=None) -> int:
 
     import torch
 
-    from Speckle2SelfLib.imageio import read_frames
-    from Speckle2SelfLib.inference import Despeckler
-    from Speckle2SelfLib.models import file_sha256, read_metadata, resolve_model_path
+    from Speckle2SelfLib.fileio.imageio import read_frames
+    from Speckle2SelfLib.engine.inference import Despeckler
+    from Speckle2SelfLib.engine.models import file_sha256, read_metadata, resolve_model_path
 
     torch.set_num_threads(1)
     data = read_frames(args.file)

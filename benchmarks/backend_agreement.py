@@ -32,8 +32,8 @@ def main(argv=None) -> int:
     import torch
     from PIL import Image
 
-    from Speckle2SelfLib.backends import available_backends
-    from Speckle2SelfLib.inference import Despeckler
+    from Speckle2SelfLib.engine.backends import available_backends
+    from Speckle2SelfLib.engine.inference import Despeckler
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -13,7 +13,7 @@ One-click lumen segmentation (the product's default "radial" method, no paramete
     IoU against the expert mask (mean, median, 10th percentile) from the mask-centroid seed and
     from seeds displaced by 25% of the lumen's equivalent radius in 8 directions, the share of
     results flagged as implausible and of seeds refused (SeedNotInLumenError, scored IoU 0).
-Split (Speckle2SelfLib.carotid): test subjects are 4 of 11 (135 images); tuning the other 7.
+Split (benchlib/carotid_data.py): test subjects are 4 of 11 (135 images); tuning the other 7.
 
     python benchmarks/carotid.py --model Resources/Models/<model>.pt \
         [--methods raw median lee frost srad nlm bm3d obnlm] [--tuning-limit 60] [--test-limit 0] \
@@ -38,7 +38,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "Speckle2Self"))
 
-from Speckle2SelfLib import carotid, metrics, segmentation  # noqa: E402
+from benchlib import carotid_data as carotid  # noqa: E402
+from benchlib import lumen_evaluation, quality  # noqa: E402
+from Speckle2SelfLib import metrics, segmentation  # noqa: E402
 
 WALL_RING_PX = (2, 8)
 LUMEN_ERODE_PX = 3
@@ -53,7 +55,7 @@ def evenly(items: List, limit: int) -> List:
 
 
 def build_methods(names: List[str], models: List[str], device: str, gammas: List[float]) -> Dict[str, Callable]:
-    from Speckle2SelfLib.filters import BASELINES
+    from benchlib.baselines import BASELINES
 
     methods: Dict[str, Callable] = {}
     for name in names:
@@ -64,7 +66,7 @@ def build_methods(names: List[str], models: List[str], device: str, gammas: List
         else:
             raise SystemExit(f"unknown method {name!r}; choose raw or one of {', '.join(BASELINES)}")
     for path in models:
-        from Speckle2SelfLib.inference import Despeckler
+        from Speckle2SelfLib.engine.inference import Despeckler
         engine = Despeckler.from_file(path, device)
         label = f"Speckle2Self ({Path(path).stem})"
         methods[label] = engine.denoise
@@ -128,18 +130,18 @@ def evaluate(methods: Dict[str, Callable], tuning, test, cache: Path, model_file
             tune_imgs.append(out)
             tune_masks.append(mask)
             seconds.append(s)
-        tol = segmentation.tune_tolerance(tune_imgs, tune_masks, tolerances)
+        tol = lumen_evaluation.tune_tolerance(tune_imgs, tune_masks, tolerances)
         ious, aucs, homs, cnrs = [], [], [], []
         for i, case in enumerate(test):
             img, mask = case.load()
             out, s = apply_cached(name, fn, case, img, cache, model_files)
             seconds.append(s)
-            iou, auc = segmentation.evaluate_flood_fill(out, mask, tol, tolerances=auc_tolerances)
+            iou, auc = lumen_evaluation.evaluate_flood_fill(out, mask, tol, tolerances=auc_tolerances)
             lumen, wall = lumen_wall_rois(mask)
             ious.append(iou)
             aucs.append(auc)
             homs.append(metrics.glcm_homogeneity(out, 255))
-            cnrs.append(metrics.cnr(out, lumen, wall))
+            cnrs.append(quality.cnr(out, lumen, wall))
             if i == len(test) // 2:
                 examples[name] = out
         timed = [s for s in seconds if s > 0]
@@ -188,7 +190,7 @@ def lumen_scores(image: np.ndarray, mask: np.ndarray, method: str,
         start = time.perf_counter()
         try:
             frame = segmentation.segment(image, seed, method, tolerance=tolerance)
-            out.append((segmentation.iou(frame.mask, mask), frame.flagged, False, time.perf_counter() - start))
+            out.append((lumen_evaluation.iou(frame.mask, mask), frame.flagged, False, time.perf_counter() - start))
         except segmentation.SeedNotInLumenError:
             out.append((0.0, True, True, time.perf_counter() - start))
     return out
@@ -235,8 +237,8 @@ def lumen_table(rows: List[Dict], split: str) -> str:
 
 def lumen_inputs(models: List[str], device: str) -> Tuple[Dict[str, Callable], Dict[str, Path]]:
     """Raw images and each model's output (no model given: the bundled default model)."""
-    from Speckle2SelfLib.inference import Despeckler
-    from Speckle2SelfLib.models import resolve_model_path
+    from Speckle2SelfLib.engine.inference import Despeckler
+    from Speckle2SelfLib.engine.models import resolve_model_path
 
     inputs: Dict[str, Callable] = {"raw": lambda img: img}
     files: Dict[str, Path] = {}

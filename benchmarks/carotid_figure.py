@@ -16,7 +16,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "Speckle2Self"))
 
-from Speckle2SelfLib import carotid  # noqa: E402
+from benchlib import carotid_data as carotid  # noqa: E402
 
 WINDOW = (300, 360)   # rows, columns
 
@@ -31,8 +31,8 @@ def window(mask: np.ndarray, shape) -> tuple:
 def main(argv=None) -> int:
     from PIL import Image, ImageDraw
 
-    from Speckle2SelfLib.filters import BASELINES
-    from Speckle2SelfLib.inference import Despeckler
+    from benchlib.baselines import BASELINES
+    from Speckle2SelfLib.engine.inference import Despeckler
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="docs/figures/carotid_comparison.png")

@@ -1,5 +1,5 @@
 """Speckle grain and view differences of every data set at hand, and the working scale the
-default model would pick for each (Speckle2SelfLib.grain).
+default model would pick for each (Speckle2SelfLib.engine.grain).
 
     python benchmarks/grain.py [--model MODEL.pt]
 
@@ -19,8 +19,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "Speckle2Self"))
 
-from Speckle2SelfLib import grain  # noqa: E402
-from Speckle2SelfLib.carotid import shared_dir  # noqa: E402
+from benchlib.carotid_data import shared_dir  # noqa: E402
+from benchlib.grain_size import estimate_grain  # noqa: E402
+from Speckle2SelfLib.engine import grain  # noqa: E402
 
 
 def datasets():
@@ -30,8 +31,8 @@ def datasets():
     base = shared_dir()
     if base is None:
         return
-    from Speckle2SelfLib import carotid
-    from Speckle2SelfLib.imageio import read_frames
+    from benchlib import carotid_data as carotid
+    from Speckle2SelfLib.fileio.imageio import read_frames
     for split in ("tuning", "test"):
         cases = carotid.cases(split)
         picks = [cases[i].load()[0] for i in np.linspace(0, len(cases) - 1, 8).round().astype(int)]
@@ -48,7 +49,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="model file (default: the bundled default model)")
     args = parser.parse_args(argv)
-    from Speckle2SelfLib.models import load_model, resolve_model_path
+    from Speckle2SelfLib.engine.models import load_model, resolve_model_path
     meta = load_model(resolve_model_path(args.model)).metadata
     target = meta.get("working_view_difference")
     print(f"Model {meta.get('name')}: trained at working scale {meta.get('working_scale', 1.0)}, "
@@ -57,7 +58,7 @@ def main(argv=None) -> int:
     print("|---|---:|---|---:|---:|---|---:|")
     for name, frames in datasets():
         diff = grain.view_difference(frames)
-        g = grain.estimate_grain(frames)
+        g = estimate_grain(frames)
         scale = grain.match_working_scale(frames, target) if target else 1.0
         g_text = f"{g.axial_px:.1f} x {g.lateral_px:.1f}" if g else "-"
         print(f"| {name} | {len(frames)} | {frames.shape[2]}x{frames.shape[1]} | {diff.get(0.5, float('nan')):.3f} | "

@@ -38,7 +38,7 @@ def measure(model: str, device: str, backend: str, size: int, batch: int, thread
     import numpy as np
     import torch
 
-    from Speckle2SelfLib.inference import Despeckler
+    from Speckle2SelfLib.engine.inference import Despeckler
 
     if threads:
         torch.set_num_threads(threads)
@@ -69,8 +69,8 @@ def measure(model: str, device: str, backend: str, size: int, batch: int, thread
 def _model_path(args, tmp: Path) -> str:
     if args.model:
         return args.model
-    from Speckle2SelfLib.models import export_model
-    from Speckle2SelfLib.network import Speckle2SelfNet
+    from Speckle2SelfLib.engine.models import export_model
+    from Speckle2SelfLib.engine.network import Speckle2SelfNet
 
     # Speed does not depend on the weights: an untrained net of the requested shape will do.
     path = tmp / f"width{args.width}-depth{args.depth}.pt"
@@ -80,7 +80,7 @@ def _model_path(args, tmp: Path) -> str:
 
 
 def _usable_backends(requested, device: str):
-    from Speckle2SelfLib.backends import available_backends
+    from Speckle2SelfLib.engine.backends import available_backends
 
     usable = available_backends("cuda" if device.startswith("cuda") else device)
     skipped = [b for b in requested if b not in usable]

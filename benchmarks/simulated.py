@@ -30,9 +30,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "Speckle2Self"))
 
-from Speckle2SelfLib import filters, metrics  # noqa: E402
-from Speckle2SelfLib.simulation import (PAPER_FREQUENCIES_HZ, autocorrelation_fwhm_mm,  # noqa: E402
-                                        envelope_snr, grain_fwhm_mm, make_phantom, simulate_bmode)
+from benchlib import baselines as filters  # noqa: E402
+from benchlib.speckle_statistics import autocorrelation_fwhm_mm, envelope_snr  # noqa: E402
+from Speckle2SelfLib import metrics  # noqa: E402
+from Speckle2SelfLib.simulation import (PAPER_FREQUENCIES_HZ, grain_fwhm_mm, make_phantom,  # noqa: E402
+                                        simulate_bmode)
 
 TEST_KINDS = ("carotid", "thyroid", "layers", "points", "random", "carotid", "thyroid", "random")
 TEST_SEED_BASE = 2000
@@ -71,7 +73,7 @@ def simulate_set(kinds: Sequence[str], seed_base: int, size: int, fc: float):
 def load_models(paths: Sequence[str]) -> Dict[str, Method]:
     if not paths:
         return {}
-    from Speckle2SelfLib.inference import Despeckler
+    from Speckle2SelfLib.engine.inference import Despeckler
 
     models = {}
     for path in paths:

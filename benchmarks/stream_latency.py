@@ -43,7 +43,7 @@ def load_frames(size: int, count: int):
     from PIL import Image
 
     if PLUS_SEQUENCE.is_file():
-        from Speckle2SelfLib.imageio import read_frames
+        from Speckle2SelfLib.fileio.imageio import read_frames
 
         frames, source = read_frames(PLUS_SEQUENCE).frames, "PLUS SpinePhantomFreehand"
     else:
@@ -208,7 +208,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json", action="store_true", help="also print the rows as JSON")
     args = parser.parse_args(argv)
 
-    from Speckle2SelfLib.models import read_metadata, resolve_model_path
+    from Speckle2SelfLib.engine.models import read_metadata, resolve_model_path
 
     name = read_metadata(resolve_model_path(args.model)).get("name", "?")
     rows = [run_size(args, size) for size in args.sizes]

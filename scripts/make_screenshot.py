@@ -22,7 +22,7 @@ def main(argv=None) -> int:
     from PIL import Image, ImageDraw
     from scipy import ndimage
 
-    from Speckle2SelfLib.inference import Despeckler
+    from Speckle2SelfLib.engine.inference import Despeckler
     from Speckle2SelfLib.segmentation import seed_from_mask, segment
     from Speckle2SelfLib.simulation import simulate_phantom
 

@@ -17,7 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "Speckle2Self"))
 
-from Speckle2SelfLib.models import MANIFEST, MODELS_DIR, file_sha256, load_model  # noqa: E402
+from Speckle2SelfLib.engine.models import MANIFEST, MODELS_DIR, file_sha256, load_model  # noqa: E402
 
 
 def main() -> int:

@@ -1,17 +1,17 @@
-"""Image-quality metrics for despeckling: PSNR, SSIM, GLCM homogeneity, ENL, SNR, CNR and
-singular-value decay.
+"""Image-quality metrics for despeckling: PSNR, SSIM, GLCM homogeneity and speckle SNR.
 
 Full-reference metrics (PSNR, SSIM) compare an image with a reference of the same shape; the
 others are no-reference statistics of one image or of regions of it (boolean masks).
 
 LPIPS is not provided: it needs pretrained network weights that cannot be downloaded in the
 project's build environment, and torchvision (which the usual implementation imports) is not
-importable beside the CPU torch build used here.
+importable beside the CPU torch build used here. Metrics that only the benchmarks report (ENL,
+CNR, singular-value decay) are in benchmarks/benchlib/quality.py.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -23,7 +23,7 @@ GLCM_ANGLES_DEG = (0.0, 45.0, 90.0, 135.0)
 GLCM_LEVELS = 256
 
 
-def _as_image(img: np.ndarray, name: str = "image") -> np.ndarray:
+def as_image(img: np.ndarray, name: str = "image") -> np.ndarray:
     arr = np.asarray(img)
     if arr.ndim != 2:
         raise ValueError(f"{name} must be a 2D (H, W) array, got shape {arr.shape}")
@@ -51,8 +51,8 @@ def _default_data_range(*images: np.ndarray) -> float:
 
 
 def _pair(reference: np.ndarray, image: np.ndarray):
-    ref = _as_image(reference, "reference")
-    img = _as_image(image, "image")
+    ref = as_image(reference, "reference")
+    img = as_image(image, "image")
     if ref.shape != img.shape:
         raise ValueError(f"reference shape {ref.shape} differs from image shape {img.shape}")
     return ref, img
@@ -118,7 +118,7 @@ def glcm_homogeneity(image: np.ndarray, data_range: Optional[float] = None,
     135 degrees, symmetric and normalised matrices (scikit-image ``graycomatrix``), the property
     averaged over distances and angles. Smoother images score higher; a constant image scores 1.
     """
-    img = _as_image(image)
+    img = as_image(image)
     if levels < 2:
         raise ValueError(f"levels must be >= 2, got {levels}")
     quantised = _quantise(img, levels, data_range)
@@ -128,8 +128,8 @@ def glcm_homogeneity(image: np.ndarray, data_range: Optional[float] = None,
     return float(graycoprops(glcm, "homogeneity").mean())
 
 
-def _region(image: np.ndarray, mask: Optional[np.ndarray], name: str = "mask") -> np.ndarray:
-    img = _as_image(image)
+def region_values(image: np.ndarray, mask: Optional[np.ndarray], name: str = "mask") -> np.ndarray:
+    img = as_image(image)
     if mask is None:
         values = img.ravel()
     else:
@@ -144,55 +144,8 @@ def _region(image: np.ndarray, mask: Optional[np.ndarray], name: str = "mask") -
     return values.astype(np.float64)
 
 
-def enl(image: np.ndarray, mask: Optional[np.ndarray] = None) -> float:
-    """Equivalent number of looks mean^2 / var over ``mask`` (whole image when None).
-
-    For a Rayleigh amplitude it is 1 / (4 / pi - 1) = 3.66; for intensity (exponential) it is 1.
-    """
-    values = _region(image, mask)
-    var = values.var()
-    return float("inf") if var == 0.0 else float(values.mean() ** 2 / var)
-
-
 def speckle_snr(image: np.ndarray, mask: Optional[np.ndarray] = None) -> float:
     """Speckle signal-to-noise ratio mean / std over ``mask`` (1.91 for a Rayleigh amplitude)."""
-    values = _region(image, mask)
+    values = region_values(image, mask)
     std = values.std()
     return float("inf") if std == 0.0 else float(values.mean() / std)
-
-
-def cnr(image: np.ndarray, roi_a: np.ndarray, roi_b: np.ndarray) -> float:
-    """Contrast-to-noise ratio |mean_a - mean_b| / sqrt(var_a + var_b) of two boolean regions."""
-    a = _region(image, roi_a, "roi_a")
-    b = _region(image, roi_b, "roi_b")
-    spread = np.sqrt(a.var() + b.var())
-    difference = abs(a.mean() - b.mean())
-    if spread == 0.0:
-        return 0.0 if difference == 0.0 else float("inf")
-    return float(difference / spread)
-
-
-class SingularValueDecay(NamedTuple):
-    """Singular values of a patch normalised by the largest, and the share of energy
-    (sum of squared singular values) held by the first ``top_k``."""
-
-    values: np.ndarray
-    top_k_energy: float
-    top_k: int
-
-
-def singular_value_decay(patch: np.ndarray, top_k: int = 10) -> SingularValueDecay:
-    """Singular-value spectrum of a 2D patch: the clean image is low rank, speckle is not, so a
-    despeckled patch concentrates more energy in its first singular values (Speckle2Self's
-    low-rank + sparse argument).
-    """
-    arr = _as_image(patch, "patch").astype(np.float64)
-    if top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
-    values = np.linalg.svd(arr, compute_uv=False)
-    energy = values ** 2
-    if values[0] == 0.0:
-        raise ValueError("patch is all zeros; its singular values cannot be normalised")
-    k = min(top_k, values.size)
-    return SingularValueDecay(values=values / values[0], top_k_energy=float(energy[:k].sum() / energy.sum()),
-                              top_k=k)

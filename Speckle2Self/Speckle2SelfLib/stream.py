@@ -1,36 +1,32 @@
 """Live despeckling: frames as they arrive, the latest output kept, frames dropped rather than queued.
 
-Three layers, each usable on its own:
+Two layers, each usable on its own:
 
 * :class:`StreamDespeckler` -- a worker thread that despeckles submitted frames. Each stream
   (key, e.g. an OpenIGTLink device name) holds at most one pending frame: a frame that arrives
   while the previous one still waits replaces it and is counted as dropped. Memory stays bounded
   (per stream: one pending frame, one in work, the latest result) however slow inference is.
-* :class:`StreamRelay` -- an OpenIGTLink relay (``speckle2self stream``): receives IMAGE
-  messages on a listening socket, sends despeckled IMAGE messages to another host with the
-  device name suffixed, the same IJK-to-world matrix and the same timestamp (its raw 64 bits).
-  Other message types (TRANSFORM, ...) are forwarded unchanged, so tracking stays in step.
+* :class:`StreamRelay` -- an OpenIGTLink relay (``speckle2self stream``, :mod:`.cli.stream`):
+  receives IMAGE messages on a listening socket, sends despeckled IMAGE messages to another host
+  with the device name suffixed, the same IJK-to-world matrix and the same timestamp (its raw 64
+  bits). Other message types (TRANSFORM, ...) are forwarded unchanged, so tracking stays in step.
   Messages are encoded and decoded by ``pyigtl``; the sockets are handled here so that every
   incoming message is seen (and dropped frames are counted), no receive is polled with sleeps,
   and the relay runs in any thread (pyigtl's server hooks SIGINT/SIGTERM, main thread only).
-* :class:`LiveVolumeDespeckler` -- the Slicer side without Qt: snapshots a volume node (e.g.
-  ``Image_Reference`` of OpenIGTLinkIF) on the main thread, despeckles it in the worker thread
-  and writes the newest result into an output volume node, again on the main thread. The module's
-  "Live" check box calls :meth:`~LiveVolumeDespeckler.capture` and
-  :meth:`~LiveVolumeDespeckler.apply` from a QTimer; MRML is never touched off the main thread.
 
-torch, pyigtl and slicer are imported lazily.
+The Slicer side (a live volume node despeckled into an output node, MRML on the main thread
+only) is :class:`Speckle2SelfLib.scene.live.LiveVolumeDespeckler`.
+
+torch and pyigtl are imported lazily.
 """
 
 from __future__ import annotations
 
-import json
 import socket
-import sys
 import threading
 import time
 from collections import OrderedDict, deque
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Callable, Deque, Dict, Optional, Tuple
 
 import numpy as np
@@ -134,7 +130,7 @@ class _Item:
 class StreamDespeckler:
     """Despeckle frames as they arrive; the latest frame of each stream wins.
 
-    ``despeckler``: a :class:`~Speckle2SelfLib.inference.Despeckler` or any callable taking and
+    ``despeckler``: a :class:`~Speckle2SelfLib.engine.inference.Despeckler` or any callable taking and
     returning an array. ``on_output(result)`` and ``on_error(key, meta, error)`` run in the
     worker thread. Without :meth:`start`, call :meth:`process_pending` to work in the caller's
     thread. ``received == processed + dropped + failed + pending`` holds at any time.
@@ -324,7 +320,7 @@ def output_device_name(device_name: str, suffix: str = DEFAULT_SUFFIX) -> str:
 
 def image_frames(message) -> np.ndarray:
     """The (K, J, I) grey voxels of an IMAGE message (RGB(A) -> luminance in the same dtype)."""
-    from .imageio import luminance_like
+    from .fileio.imageio import luminance_like
 
     image = np.asarray(message.image)
     if image.ndim == 4:
@@ -749,168 +745,5 @@ class StreamRelay:
             self.log(f"cannot despeckle IMAGE '{key}': {err}")
 
 
-# ----------------------------------------------------------------------------- command line
-
-def run_stream(args) -> int:
-    """``speckle2self stream`` (arguments defined in cli.py)."""
-    import signal
-
-    from .inference import Despeckler
-
-    listen = parse_address(args.listen)
-    send = parse_address(args.send)
-    receive_from = parse_address(args.connect) if getattr(args, "connect", None) else None
-    if args.threads:
-        import torch
-        torch.set_num_threads(args.threads)
-    log = _quiet if args.quiet else (lambda message: print(f"[stream] {message}", file=sys.stderr, flush=True))
-    despeckler = Despeckler.from_file(args.model, args.device)
-    warm_up(despeckler)
-    relay = StreamRelay(despeckler, listen, send, suffix=args.suffix, max_frames=args.max_frames,
-                        max_seconds=args.max_seconds, forward_other=not args.no_forward,
-                        receive_from=receive_from, log=log)
-    name = despeckler.metadata.get("name", "model")
-    source = f"receiving from {receive_from[0]}:{receive_from[1]}" if receive_from else \
-        f"listening on {relay.listener.host}:{relay.port}"
-    print(f"{source}, sending to {send[0]}:{send[1]} (model {name}, device {despeckler.device})", flush=True)
-    previous = None
-    if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, lambda *_: relay.stop())
-    try:
-        stats = relay.run()
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-    print(json.dumps(asdict(stats)) if args.json else stats.summary(), flush=True)
-    return 0
-
-
-# ----------------------------------------------------------------------------- Slicer: live volume node
-
-class LiveVolumeDespeckler:
-    """Despeckle a live volume node into an output volume node, the latest frame winning.
-
-    Call :meth:`capture` (snapshot the input, on the main thread) when the input changed, and
-    :meth:`apply` (write the newest result, on the main thread) regularly, e.g. both from one
-    QTimer; :meth:`update` does both. With ``threaded`` the despeckling runs in a worker thread,
-    otherwise inside :meth:`capture`. RGB input is despeckled on its luminance (grey output).
-    The output node (``output_node``, or one made on the first :meth:`apply` and named
-    "<input> despeckled") gets the voxels, the IJK-to-RAS matrix of the captured frame and the
-    input's parent transform; its display settings are copied once.
-    """
-
-    def __init__(self, despeckler, input_node, output_node=None, *, threaded: bool = True,
-                 name: Optional[str] = None):
-        import slicer
-
-        if input_node is None or not isinstance(input_node, slicer.vtkMRMLVolumeNode) or \
-                isinstance(input_node, slicer.vtkMRMLLabelMapVolumeNode):
-            raise ValueError("live despeckling needs a grey or RGB volume node as input")
-        if output_node is not None and output_node is input_node:
-            raise ValueError("the output volume must not be the input volume")
-        if output_node is not None and output_node.IsA("vtkMRMLVectorVolumeNode"):
-            raise ValueError(f"'{output_node.GetName()}' is an RGB volume; live output is grey: choose "
-                             "another output volume or none (one is created)")
-        self.input_node = input_node
-        self.output_node = output_node
-        self.name = name
-        self.threaded = threaded
-        self.stream = StreamDespeckler(despeckler, max_streams=1)
-        self._last_key = None
-        self._applied = 0
-        self.updates = 0
-        if threaded:
-            self.stream.start(warm=True)
-
-    def capture(self) -> bool:
-        """Snapshot the input's voxels and geometry if they changed since the last capture and
-        hand them to the despeckler. False when there was nothing new (or no image yet)."""
-        from .imageio import luminance_like
-        from .mrml import volume_to_array
-
-        node = self.input_node
-        image = node.GetImageData() if node is not None else None
-        if image is None or image.GetNumberOfPoints() == 0 or image.GetPointData().GetScalars() is None:
-            return False
-        matrix = _ijk_to_ras(node)
-        key = (image.GetMTime(), matrix.tobytes())
-        if key == self._last_key:
-            return False
-        voxels = volume_to_array(node)
-        if voxels.ndim == 4:
-            voxels = luminance_like(voxels)
-        self._last_key = key
-        self.stream.submit(voxels, meta=matrix)
-        if not self.threaded:
-            self.stream.process_pending()
-        return True
-
-    def apply(self) -> bool:
-        """Write the newest despeckled frame into the output node; False when there is none new.
-        Raises the despeckler's error when the newest frame failed."""
-        error = self.stream.last_error
-        if error is not None:
-            self.stream.last_error = None
-            raise error
-        result = self.stream.latest()
-        if result is None or result.index <= self._applied:
-            return False
-        self._write(result.output, result.meta)
-        self._applied = result.index
-        self.updates += 1
-        return True
-
-    def update(self) -> bool:
-        """:meth:`capture` then :meth:`apply` (one timer tick)."""
-        self.capture()
-        return self.apply()
-
-    def stop(self, timeout: float = DRAIN_SECONDS) -> None:
-        self.stream.stop(timeout)
-
-    @property
-    def stats(self) -> StreamStats:
-        return self.stream.stats
-
-    def _write(self, voxels: np.ndarray, matrix: np.ndarray) -> None:
-        import vtk
-        from vtk.util import numpy_support
-
-        from .mrml import array_to_volume
-
-        node = self.output_node
-        if node is not None and node.GetScene() is None and self.input_node.GetScene() is not None:
-            node = None              # the output was deleted from the scene: make a new one
-        image = node.GetImageData() if node is not None else None
-        same = (image is not None and image.GetDimensions() == voxels.shape[::-1]
-                and image.GetNumberOfScalarComponents() == 1 and image.GetPointData().GetScalars() is not None
-                and image.GetScalarType() == numpy_support.get_vtk_array_type(voxels.dtype))
-        if same:                     # in place: no new image data, views keep their settings
-            scalars = image.GetPointData().GetScalars()
-            numpy_support.vtk_to_numpy(scalars).reshape(voxels.shape)[...] = voxels
-            scalars.Modified()
-            image.Modified()
-        else:
-            node = array_to_volume(voxels, self.input_node, node, name=self.name)
-            self.output_node = node
-        vtk_matrix = vtk.vtkMatrix4x4()
-        for row in range(4):
-            for col in range(4):
-                vtk_matrix.SetElement(row, col, float(matrix[row, col]))
-        node.SetIJKToRASMatrix(vtk_matrix)
-        parent = self.input_node.GetTransformNodeID()
-        if node.GetScene() is not None and node.GetTransformNodeID() != parent:
-            node.SetAndObserveTransformNodeID(parent)
-
-
-def _ijk_to_ras(node) -> np.ndarray:
-    import vtk
-
-    matrix = vtk.vtkMatrix4x4()
-    node.GetIJKToRASMatrix(matrix)
-    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
-
-
 __all__ = ["warm_up", "StreamDespeckler", "StreamResult", "StreamStats", "StreamRelay", "RelayStats",
-           "LiveVolumeDespeckler", "despeckled_message", "image_frames", "output_device_name", "parse_address",
-           "run_stream"]
+           "despeckled_message", "image_frames", "output_device_name", "parse_address"]

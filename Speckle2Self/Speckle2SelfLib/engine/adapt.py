@@ -3,20 +3,20 @@
 The method needs no clean images, so the volumes and cine sequences already loaded in the
 scene are enough. The frames are read on the calling (main) thread into numpy
 (:func:`frames_from_nodes`: MRML is touched there only); the fine-tuning itself
-(:func:`Speckle2SelfLib.training.train`, starting from the chosen model) runs in a
+(:func:`Speckle2SelfLib.engine.training.train`, starting from the chosen model) runs in a
 background thread (:class:`AdaptJob`) that reports progress, the loss terms, a loss plot and
 an "input | output" preview of one frame, and can be stopped at any step: the weights with
 the lowest smoothed loss so far are kept. The result is a TorchScript model with full
 metadata (``adaptation``: source nodes, frame counts, spacing; the starting model and its
 checksum; steps, device, time) written to the user models folder
-(:mod:`Speckle2SelfLib.user_models`) and registered there with its checksum.
+(:mod:`Speckle2SelfLib.engine.user_models`) and registered there with its checksum.
 
 Guard rails (:attr:`AdaptJob.warnings`): too few frames; images mostly black, or with static
 or coloured overlays; a loss that indicates copying (output = input) or collapse (flat output).
 
 Console API (Slicer's Python console)::
 
-    from Speckle2SelfLib.adapt import adapt, start_adaptation
+    from Speckle2SelfLib.engine.adapt import adapt, start_adaptation
     result = adapt([getNode('Image_Image')], minutes=30)          # blocks; result.path, result.warnings
     job = start_adaptation([getNode('Sequence')], minutes=30, init=None, device='cuda')  # background
     job.snapshot().step; job.stop(); job.wait(); job.result.path
@@ -91,7 +91,7 @@ def frames_from_nodes(nodes: Sequence, all_frames: bool = True, crop_to_content:
     Each node's frames are cropped to the content (rows and columns that are not black in any
     frame: the margins around a sector or a screen capture teach nothing).
     """
-    from . import mrml
+    from ..scene.nodes import read_input
 
     if nodes is None:
         raise ValueError("no input nodes; select one or more volume or sequence nodes")
@@ -105,7 +105,7 @@ def frames_from_nodes(nodes: Sequence, all_frames: bool = True, crop_to_content:
     warnings: List[str] = []
     seen = set()
     for node in nodes:
-        source, items, geometry_node = _read_node(node, all_frames, mrml)
+        source, items, geometry_node = read_input(node, all_frames)
         key = source.GetID() or id(source)
         if key in seen:
             continue
@@ -128,20 +128,6 @@ def frames_from_nodes(nodes: Sequence, all_frames: bool = True, crop_to_content:
         warnings.insert(0, f"only {len(frames)} frame(s) to adapt on (fewer than {MIN_FRAMES}): the model may learn "
                            "these images by heart; add more frames or sequences of the same scanner if you can")
     return AdaptData(frames, summaries, warnings)
-
-
-def _read_node(node, all_frames: bool, mrml):
-    """(node named in the metadata, list of mrml._Pixels, node whose spacing is recorded)."""
-    import slicer
-
-    if isinstance(node, (slicer.vtkMRMLSequenceNode, slicer.vtkMRMLSequenceBrowserNode)):
-        sequence, _browser, _proxy = mrml.resolve_sequence(node)
-        return sequence, mrml._read_sequence_items(sequence), sequence.GetNthDataNode(0)
-    found = mrml.find_sequence(node) if all_frames else None
-    if found is not None:
-        sequence = found[0]
-        return sequence, mrml._read_sequence_items(sequence), sequence.GetNthDataNode(0)
-    return node, [mrml._read_pixels(node)], node
 
 
 def _prepare_node_frames(grey: np.ndarray, rgb: Optional[np.ndarray], crop_to_content: bool):
@@ -167,11 +153,9 @@ def _prepare_node_frames(grey: np.ndarray, rgb: Optional[np.ndarray], crop_to_co
         unchanged = (content.max(axis=0) == content.min(axis=0)) & inside.all(axis=0)
         checks["static_share"] = round(float(unchanged.sum()) / max(1, int(inside.any(axis=0).sum())), 3)
     if rgb is not None:
-        from .mrml import COLOUR_THRESHOLD
+        from ..scene.nodes import coloured_pixels
 
-        spread = rgb.max(axis=-1).astype(np.float64) - rgb.min(axis=-1)
-        full = float(np.iinfo(rgb.dtype).max) if rgb.dtype.kind in "ui" else float(np.ptp(rgb)) or 1.0
-        checks["colour_share"] = round(float((spread > COLOUR_THRESHOLD * full).mean()), 3)
+        checks["colour_share"] = round(float(coloured_pixels(rgb).mean()), 3)
     frames = []
     for frame in content:
         f_lo, f_hi = float(frame.min()), float(frame.max())

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from . import __version__
+from .. import __version__
 
 METADATA_FILE = "speckle2self.json"
 FORMAT_NAME = "speckle2self-model"
@@ -29,9 +29,9 @@ def _find_models_dir() -> Path:
     a pip wheel (package data ``Speckle2SelfLib/bundled_models``), a Slicer extension (the
     module's ``Resources/Models``, installed there by CMake) or the source tree (the
     repository's top-level ``Resources/Models``, also what an editable install sees)."""
-    here = Path(__file__).resolve().parent
-    candidates = (here / "bundled_models", here.parent / "Resources" / "Models",
-                  here.parents[1] / "Resources" / "Models")
+    lib = Path(__file__).resolve().parents[1]        # Speckle2SelfLib (this file is engine/models.py)
+    candidates = (lib / "bundled_models", lib.parent / "Resources" / "Models",
+                  lib.parents[1] / "Resources" / "Models")
     return next((c for c in candidates if (c / "models.json").is_file()), candidates[-1])
 
 
@@ -151,7 +151,7 @@ def load_model(path, device: str = "cpu") -> LoadedModel:
             "model cannot be loaded; export one with `speckle2self train ... --out MODEL.pt`") from err
     if not extra[METADATA_FILE]:
         raise ModelFormatError(f"{path}: TorchScript file without Speckle2Self metadata ({METADATA_FILE}); "
-                               "export models with Speckle2SelfLib.models.export_model")
+                               "export models with Speckle2SelfLib.engine.models.export_model")
     metadata = _parse_metadata(path, extra[METADATA_FILE])
     if weights_sha256(module) != metadata["weights_sha256"]:
         raise ModelFormatError(f"{path}: weights do not match the checksum in the metadata; the file is corrupt")
@@ -339,3 +339,26 @@ def resolve_model_path(model: Optional[str]) -> Path:
     if candidate.suffix or candidate.exists():
         return candidate
     return bundled_model_path(model)
+
+
+def describe_model(metadata: Dict[str, Any]) -> str:
+    """One-paragraph summary of model metadata: name, width, training steps and data."""
+    training = metadata.get("training") or {}
+    data = training.get("data") or {}
+    data_text = ", ".join(f"{k}: {v}" for k, v in data.items()) if isinstance(data, dict) else str(data)
+    parts = [f"{metadata.get('name', '?')}",
+             f"width {metadata.get('width', '?')}",
+             f"scales {metadata.get('scales', '?')}",
+             f"{training.get('steps_done', '?')} training steps"]
+    if metadata.get("working_view_difference"):
+        parts.append(f"grain-adaptive (view difference {metadata['working_view_difference']:.3f} "
+                     f"at working scale {metadata.get('working_scale', 1.0):g})")
+    elif metadata.get("working_scale", 1.0) != 1.0:
+        parts.append(f"working scale {metadata['working_scale']:g}")
+    if training.get("minutes_done") is not None:
+        parts.append(f"{training['minutes_done']} min on {training.get('device_used', '?')}")
+    if data_text:
+        parts.append(f"data: {data_text}")
+    if metadata.get("created"):
+        parts.append(f"created {metadata['created']}")
+    return "; ".join(parts)

@@ -29,7 +29,7 @@ import warnings
 from pathlib import Path
 from typing import Callable, List, Optional, Tuple
 
-from . import __version__
+from .. import __version__
 
 BACKENDS = ("auto", "fp32", "bf16", "openvino", "onnxruntime")
 RUNTIMES = ("openvino", "onnxruntime")

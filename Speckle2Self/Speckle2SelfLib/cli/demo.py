@@ -26,9 +26,9 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from .inference import Despeckler
+    from ..engine.inference import Despeckler
 
-    from .safeio import check_output_path
+    from ..fileio.safeio import check_output_path
 
     out = check_output_path(args.out, folder=True, what="--out")
     engine = Despeckler.from_file(args.model, args.device)
@@ -54,8 +54,8 @@ def _timed(engine, image: np.ndarray):
 
 
 def _phantom_case(engine, out: Path, seed: int) -> Dict:
-    from . import metrics
-    from .simulation import simulate_phantom
+    from .. import metrics
+    from ..simulation import simulate_phantom
 
     phantom, sim = simulate_phantom("carotid", seed=seed, size=(512, 512))
     noisy = np.round(sim.bmode * 255).astype(np.uint8)
@@ -85,8 +85,8 @@ def _phantom_case(engine, out: Path, seed: int) -> Dict:
 def _dicom_case(engine, out: Path):
     from pydicom.data import get_testdata_file
 
-    from . import metrics
-    from .imageio import read_frames, write_like
+    from .. import metrics
+    from ..fileio.imageio import read_frames, write_like
 
     path = get_testdata_file(DEMO_DICOM)
     if path is None:
@@ -115,13 +115,13 @@ def _dicom_case(engine, out: Path):
 
 def affine_fit(image: np.ndarray, reference: np.ndarray) -> np.ndarray:
     """``gain * image + offset`` fitted to ``reference`` by least squares, clipped to 0..255."""
-    from .metrics import affine_fit as fit
+    from ..metrics import affine_fit as fit
     return fit(image, reference, (0.0, 255.0))
 
 
 def tiled_homogeneity(image: np.ndarray, mask: np.ndarray, tile: int = 32) -> float:
     """Mean GLCM homogeneity of the tiles that lie fully inside ``mask``."""
-    from . import metrics
+    from .. import metrics
 
     values = [metrics.glcm_homogeneity(np.ascontiguousarray(image[r:r + tile, c:c + tile]), 255)
               for r in range(0, image.shape[0] - tile + 1, tile)
@@ -174,7 +174,7 @@ def _conclusions(rows: List[Dict]) -> str:
 def _save(path: Path, img: np.ndarray) -> None:
     from PIL import Image
 
-    from .imageio import to_uint8
+    from ..fileio.imageio import to_uint8
     Image.fromarray(to_uint8(img)).save(path)
 
 
@@ -182,7 +182,7 @@ def _side_by_side(out: Path, rows: List[Dict], height: int = 384) -> None:
     """One row per case, its panels scaled to a common height."""
     from PIL import Image, ImageDraw
 
-    from .imageio import to_uint8
+    from ..fileio.imageio import to_uint8
 
     lines = []
     for row in rows:

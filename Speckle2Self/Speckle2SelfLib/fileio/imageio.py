@@ -196,12 +196,6 @@ def _nifti_problem(path: Path) -> Optional[str]:
     return None
 
 
-def _looks_like_dicom(path: Path) -> bool:
-    with open(path, "rb") as fh:
-        head = fh.read(132)
-    return len(head) == 132 and head[128:132] == b"DICM"
-
-
 def _grey(arr: np.ndarray, channel_axis_last: bool, path: Path) -> tuple:
     """Return (grey array, was_rgb); colour must sit in a last axis of 3 or 4 components."""
     if channel_axis_last and arr.ndim >= 3 and arr.shape[-1] in (3, 4):
@@ -371,7 +365,7 @@ def write_like(out_path, frames: np.ndarray, like: ImageData) -> Path:
     """Write grey frames (N, H, W) or (H, W) in the input's format with its geometry.
 
     The file is written under a temporary name in the destination folder and renamed into
-    place (Speckle2SelfLib.safeio.atomic_output): a killed run never leaves a partial file
+    place (Speckle2SelfLib.fileio.safeio.atomic_output): a killed run never leaves a partial file
     under the output's name, and a failed write leaves an earlier file of that name as it was.
     """
     from .safeio import atomic_output

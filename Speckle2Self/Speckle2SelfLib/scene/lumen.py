@@ -14,6 +14,11 @@ and a seed in RAS (as a markup point gives it) or IJK. It runs
   frame was flagged: do not trust it);
 * for several frames, a diameter-over-frames plot (``vtkMRMLPlotSeriesNode`` + chart).
 
+:func:`prepare_segmentation` reads the frames and places the seed on the main thread and gives
+a :class:`SegmentJob` (:mod:`.jobs`): it segments frame by frame in a worker thread that never
+touches MRML (progress per frame, cancel within a frame), and writes all outputs into the
+scene when polled on the main thread, or none when it is cancelled or fails.
+
 Needs slicer-core's MRML classes only (``import slicer``, ``vtk``); never Qt or slicer.app.
 """
 
@@ -24,9 +29,13 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .mrml import browser_item_number, grey_frames, resolve_sequence
-from .segmentation import (DEFAULT_METHOD, DEFAULT_TOLERANCE, MAX_AREA_CHANGE, Measurement, SequenceResult,
-                           segment_sequence)
+from ..segmentation import (DEFAULT_METHOD, DEFAULT_TOLERANCE, MAX_AREA_CHANGE, Measurement, SequenceResult,
+                            segment_sequence)
+from ..vtkimage import image_from_array
+from .jobs import BackgroundJob
+from .nodes import (CreatedNodes, base_name, browser_item_number, check_still_in_scene, display_name,
+                    nodes_of_class, read_pixels, read_sequence_items, remove_with_display_nodes, resolve_sequence,
+                    synchronized_sequences)
 
 LUMEN_SEGMENT_NAME = "Carotid lumen"
 LUMEN_COLOR = (0.85, 0.15, 0.15)
@@ -96,30 +105,79 @@ def segment_lumen(volume_node, seed_ras: Optional[Sequence[float]] = None, *,
     ``options`` go to the segmentation method (e.g. ``neighborhood_radius_px`` for flood).
     Implausible frames are kept but flagged (table columns ``flagged`` and ``note``); a radial
     seed on bright tissue raises :class:`~Speckle2SelfLib.segmentation.SeedNotInLumenError`.
+    Blocks until done: :func:`prepare_segmentation` gives the same as a background job.
     """
-    scene = volume_node.GetScene() if volume_node is not None else None
-    if scene is None:
+    return prepare_segmentation(volume_node, seed_ras, seed_ijk=seed_ijk, method=method, tolerance=tolerance,
+                                frame=frame, all_frames=all_frames, segmentation_node=segmentation_node,
+                                table_node=table_node, max_area_change=max_area_change, plot=plot, **options).run()
+
+
+def prepare_segmentation(volume_node, seed_ras: Optional[Sequence[float]] = None, *,
+                         seed_ijk: Optional[Sequence[float]] = None, method: str = DEFAULT_METHOD,
+                         tolerance: float = DEFAULT_TOLERANCE, frame: Optional[int] = None,
+                         all_frames: bool = True, segmentation_node=None, table_node=None,
+                         max_area_change: float = MAX_AREA_CHANGE, plot: bool = True,
+                         **options) -> "SegmentJob":
+    """:func:`segment_lumen` as a :class:`SegmentJob`: the frames are read, the seed placed and the
+    output nodes checked now (call on the main thread); ``start()`` segments in a worker thread
+    and ``poll()`` writes the result into the scene on the main thread."""
+    if volume_node is None or volume_node.GetScene() is None:
         raise ValueError("volume_node must be a volume or sequence node that is in an MRML scene")
+    _check_output_nodes(segmentation_node, table_node)
     frames = _read_frames(volume_node)
     start = _start_frame(frames, frame, seed_ras, seed_ijk)
     i, j, _ = _seed_ijk(frames.geometry(start), seed_ras, seed_ijk, frames.transform_node)
-    seed = (i, j, start)
-    spacing_mm = _frame_spacing_rc(frames.geometry(start))
-    wanted = range(len(frames.pixels)) if all_frames else [start]
-    result = segment_sequence(frames.pixels, (seed[1], seed[0]), method, tolerance, spacing_mm,
-                              start_frame=start, max_area_change=max_area_change,
-                              frames_to_segment=wanted, **options)
-    segmented = sorted(wanted)
-    table_node = _fill_table(scene, table_node, _table_name(volume_node), result, segmented)
-    lumen = LumenResult(None, table_node, "", tuple(int(v) for v in seed), segmented, result)
-    if frames.slice_frames:
-        lumen.segmentation_node, lumen.segment_id = _write_segmentation(
-            scene, segmentation_node, volume_node, result.masks, frames.transform_node)
-    else:
-        _write_sequence_segmentations(scene, lumen, frames, segmentation_node, start)
-    if plot and len(segmented) > 1:
-        lumen.plot_series_node, lumen.plot_chart_node = _add_plot(scene, table_node, _table_name(volume_node))
-    return lumen
+    return SegmentJob(volume_node.GetScene(), volume_node, frames, (i, j, start), range(len(frames.pixels)) if all_frames else [start],
+                      dict(method=method, tolerance=tolerance, spacing_mm=_frame_spacing_rc(frames.geometry(start)),
+                           max_area_change=max_area_change, **options),
+                      segmentation_node, table_node, plot)
+
+
+class SegmentJob(BackgroundJob):
+    """Lumen segmentation of frames read on the main thread, in a worker thread that never
+    touches MRML; progress counts segmented frames and :meth:`cancel` takes effect after the
+    current frame. :meth:`poll` (main thread) writes the table, segmentation(s) and plot, all
+    of them or, when the job was cancelled or failed, none (nodes it made are removed again)."""
+
+    what = "lumen segmentation"
+
+    def __init__(self, scene, volume_node, frames: _Frames, seed_ijk: Tuple[int, int, int], wanted, options: dict,
+                 segmentation_node=None, table_node=None, plot: bool = True):
+        super().__init__(len(wanted))
+        self.scene, self.volume_node, self.frames = scene, volume_node, frames
+        self.seed_ijk = tuple(int(v) for v in seed_ijk)
+        self.wanted, self.options = list(wanted), options
+        self.segmentation_node, self.table_node, self.plot = segmentation_node, table_node, plot
+
+    def compute(self) -> SequenceResult:
+        """Worker thread: numpy, scipy and VTK filters only."""
+        self.check_cancel()
+        i, j, start = self.seed_ijk
+        return segment_sequence(self.frames.pixels, (j, i), start_frame=start, frames_to_segment=self.wanted,
+                                progress=self._progress, **self.options)
+
+    def _progress(self, done: int, _total: int) -> None:
+        self.done = done
+        self.check_cancel()
+
+    def store(self, result: SequenceResult) -> LumenResult:
+        """Main thread: the outputs, all or none."""
+        scene, frames = self.scene, self.frames
+        check_still_in_scene(scene, "segmented", input=self.volume_node, browser=frames.browser_node,
+                             segmentation=self.segmentation_node, table=self.table_node)
+        segmented = sorted(self.wanted)
+        name = base_name(self.volume_node)
+        with CreatedNodes(scene) as created:
+            table_node = _fill_table(created, self.table_node, name, result, segmented)
+            lumen = LumenResult(None, table_node, "", self.seed_ijk, segmented, result)
+            if frames.slice_frames:
+                lumen.segmentation_node, lumen.segment_id = _write_segmentation(
+                    created, self.segmentation_node, self.volume_node, result.masks, frames.transform_node)
+            else:
+                _write_sequence_segmentations(created, lumen, frames, self.segmentation_node, self.seed_ijk[2])
+            if self.plot and len(segmented) > 1:
+                lumen.plot_series_node, lumen.plot_chart_node = _add_plot(created, table_node, name)
+        return lumen
 
 
 def last_seed_ras(markups_node) -> Optional[Tuple[float, float, float]]:
@@ -137,42 +195,40 @@ def last_seed_ras(markups_node) -> Optional[Tuple[float, float, float]]:
     return None
 
 
+
 # ----------------------------------------------------------------------------- reading
+
+def _check_output_nodes(segmentation_node, table_node) -> None:
+    """Before any work: given output nodes must be of the right class."""
+    import slicer
+
+    if segmentation_node is not None and not isinstance(segmentation_node, slicer.vtkMRMLSegmentationNode):
+        raise ValueError(f"segmentation_node {display_name(segmentation_node)} is not a vtkMRMLSegmentationNode")
+    if table_node is not None and not isinstance(table_node, slicer.vtkMRMLTableNode):
+        raise ValueError(f"table_node {display_name(table_node)} is not a vtkMRMLTableNode")
+
 
 def _read_frames(node) -> _Frames:
     import slicer
 
     if isinstance(node, slicer.vtkMRMLSequenceNode):
         return _read_sequence(node)
-    if not isinstance(node, slicer.vtkMRMLVolumeNode) or node.GetImageData() is None:
-        raise ValueError(f"{_node_name(node)} is not a volume with image data; "
-                         "give a scalar volume node or a sequence node of volumes")
-    return _Frames(grey_frames(node), [node], True, transform_node=node.GetParentTransformNode())
+    return _Frames(read_pixels(node).grey, [node], True, transform_node=node.GetParentTransformNode())
 
 
 def _read_sequence(sequence_node) -> _Frames:
-    import slicer
-
-    count = sequence_node.GetNumberOfDataNodes()
-    if count == 0:
-        raise ValueError(f"sequence {_node_name(sequence_node)} has no frames")
+    items = read_sequence_items(sequence_node)
+    for i, item in enumerate(items):
+        if item.grey.shape[0] != 1:
+            raise ValueError(f"sequence {display_name(sequence_node)} item {i} has {item.grey.shape[0]} slices; "
+                             "each item must be one 2D frame")
+    count = len(items)
     nodes = [sequence_node.GetNthDataNode(i) for i in range(count)]
-    pixels = []
-    for i, node in enumerate(nodes):
-        if not isinstance(node, slicer.vtkMRMLVolumeNode) or node.GetImageData() is None:
-            raise ValueError(f"sequence {_node_name(sequence_node)} item {i} is not a volume; "
-                             "give a sequence of 2D volume frames")
-        frame = grey_frames(node)
-        if frame.shape[0] != 1:
-            raise ValueError(f"sequence item {i} has {frame.shape[0]} slices; each item must be one 2D frame")
-        if pixels and frame.shape != pixels[0].shape:
-            raise ValueError(f"sequence item {i} is {frame.shape[1:]} pixels, item 0 is {pixels[0].shape[1:]}; "
-                             "all frames must have the same size")
-        pixels.append(frame)
     values = [sequence_node.GetNthIndexValue(i) for i in range(count)]
     _sequence, browser, proxy = resolve_sequence(sequence_node)
     transform = proxy.GetParentTransformNode() if proxy is not None else None
-    return _Frames(np.concatenate(pixels), nodes, False, sequence_node, values, transform, browser)
+    return _Frames(np.concatenate([item.grey for item in items]), nodes, False, sequence_node, values, transform,
+                   browser)
 
 
 def _start_frame(frames: _Frames, frame: Optional[int], seed_ras, seed_ijk) -> int:
@@ -209,7 +265,7 @@ def _seed_ijk(volume_node, seed_ras, seed_ijk, transform_node=None) -> Tuple[int
     if not all(0 <= v < d for v, d in zip(rounded, dims)):
         where = f"RAS {tuple(seed_ras)}" if seed_ras is not None else "IJK"
         raise ValueError(f"seed {where} -> IJK {tuple(round(v, 2) for v in ijk)} is outside the volume "
-                         f"{_node_name(volume_node)} of {dims[0]}x{dims[1]}x{dims[2]} voxels; "
+                         f"{display_name(volume_node)} of {dims[0]}x{dims[1]}x{dims[2]} voxels; "
                          "place the seed inside the image")
     return rounded
 
@@ -243,17 +299,14 @@ def _frame_spacing_rc(volume_node) -> Tuple[float, float]:
 
 # ----------------------------------------------------------------------------- writing
 
-def _write_segmentation(scene, segmentation_node, volume_node, masks: np.ndarray, transform_node=None):
+def _write_segmentation(created: CreatedNodes, segmentation_node, volume_node, masks: np.ndarray,
+                        transform_node=None):
     """Put (k, j, i) masks as the "Carotid lumen" segment of a segmentation in the volume's
     geometry, under ``transform_node`` (the volume's parent transform)."""
-    import slicer
-
     if segmentation_node is None:
-        segmentation_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode",
-                                                    f"{volume_node.GetName() or 'Volume'} lumen")
+        segmentation_node = created.add("vtkMRMLSegmentationNode", f"{base_name(volume_node)} lumen")
         segmentation_node.CreateDefaultDisplayNodes()
-    if not isinstance(segmentation_node, slicer.vtkMRMLSegmentationNode):
-        raise ValueError(f"segmentation_node {_node_name(segmentation_node)} is not a vtkMRMLSegmentationNode")
+        created.track_display(segmentation_node)
     segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
     segmentation_node.SetAndObserveTransformNodeID(transform_node.GetID() if transform_node is not None else None)
     segment_id = _import_lumen(segmentation_node, _oriented_labelmap(masks, volume_node))
@@ -273,7 +326,7 @@ def _import_lumen(segmentation_node, labelmap) -> str:
     ok = slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(
         labelmap, segmentation_node, LUMEN_SEGMENT_NAME)
     if not ok:
-        raise RuntimeError(f"importing the lumen labelmap into {_node_name(segmentation_node)} failed")
+        raise RuntimeError(f"importing the lumen labelmap into {display_name(segmentation_node)} failed")
     new_ids = [sid for sid in _segment_ids(segmentation) if sid not in before]
     if new_ids:
         segment_id = new_ids[0]
@@ -293,26 +346,23 @@ def _oriented_labelmap(masks: np.ndarray, volume_node):
     """(k, j, i) bool -> vtkOrientedImageData with the volume's IJKToRAS (label 1 = lumen)."""
     import slicer
     import vtk
-    from vtk.util import numpy_support
 
-    labels = np.ascontiguousarray(masks.astype(np.uint8))
-    image = slicer.vtkOrientedImageData()
-    image.SetDimensions(labels.shape[2], labels.shape[1], labels.shape[0])
-    image.GetPointData().SetScalars(numpy_support.numpy_to_vtk(labels.ravel(), deep=True))
+    image = image_from_array(masks.astype(np.uint8), slicer.vtkOrientedImageData())
     ijk_to_ras = vtk.vtkMatrix4x4()
     volume_node.GetIJKToRASMatrix(ijk_to_ras)
     image.SetImageToWorldMatrix(ijk_to_ras)
     return image
 
 
-def _write_sequence_segmentations(scene, lumen: LumenResult, frames: _Frames, segmentation_node,
+def _write_sequence_segmentations(created: CreatedNodes, lumen: LumenResult, frames: _Frames, segmentation_node,
                                   start: int) -> None:
     """One segmentation per frame into the sequence of an earlier run (else a new one); the
     browser playing the input plays it with the scene's segmentation node as its proxy."""
-    source, browser = frames.sequence_node, frames.browser_node
+    scene, source, browser = created.scene, frames.sequence_node, frames.browser_node
+    stem = base_name(source, "Sequence")
     sequence, segmentation_node = _earlier_lumen_sequence(browser, segmentation_node, source)
     if sequence is None:
-        sequence = scene.AddNewNodeByClass("vtkMRMLSequenceNode", f"{source.GetName() or 'Sequence'} lumen")
+        sequence = created.add("vtkMRMLSequenceNode", f"{stem} lumen")
     else:
         sequence.RemoveAllDataNodes()
     sequence.SetIndexName(source.GetIndexName())
@@ -321,18 +371,18 @@ def _write_sequence_segmentations(scene, lumen: LumenResult, frames: _Frames, se
     sequence.SetAttribute(LUMEN_SOURCE_ATTRIBUTE, source.GetID() or "")
     # Each frame's segmentation is built in the scene (the import makes display nodes there),
     # copied into the sequence, then removed with its display nodes: the usual way to record items.
-    frame_segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "__lumen frame__")
+    frame_segmentation = created.add("vtkMRMLSegmentationNode", "__lumen frame__")
     try:
         for k in lumen.frames:
             frame_segmentation.SetReferenceImageGeometryParameterFromVolumeNode(frames.geometry(k))
             _import_lumen(frame_segmentation, _oriented_labelmap(lumen.sequence.masks[k][None], frames.geometry(k)))
-            frame_segmentation.SetName(f"{source.GetName() or 'Sequence'} lumen {k}")
+            frame_segmentation.SetName(f"{stem} lumen {k}")
             sequence.SetDataNodeAtValue(frame_segmentation, frames.index_values[k])
     finally:
-        _remove_with_display_nodes(scene, frame_segmentation)
+        remove_with_display_nodes(scene, frame_segmentation)
     lumen.segmentation_sequence_node = sequence
     lumen.segmentation_node, lumen.segment_id = _write_segmentation(
-        scene, segmentation_node, frames.geometry(start), lumen.sequence.masks[start][None], frames.transform_node)
+        created, segmentation_node, frames.geometry(start), lumen.sequence.masks[start][None], frames.transform_node)
     if browser is not None:
         _play_as_proxy(browser, sequence, lumen.segmentation_node)
         lumen.segment_id = lumen.segmentation_node.GetSegmentation().GetSegmentIdBySegmentName(
@@ -343,8 +393,6 @@ def _earlier_lumen_sequence(browser, segmentation_node, source):
     """(lumen sequence of an earlier run on ``source`` played by ``browser``, the segmentation
     node to use as its proxy). A given segmentation node that is the proxy of another sequence
     is not taken over: a new one is made (None)."""
-    import vtk
-
     if browser is None:
         return None, segmentation_node
     if segmentation_node is not None:
@@ -354,10 +402,7 @@ def _earlier_lumen_sequence(browser, segmentation_node, source):
         if shown.GetAttribute(LUMEN_SOURCE_ATTRIBUTE) == source.GetID():
             return shown, segmentation_node
         return None, None
-    synchronised = vtk.vtkCollection()
-    browser.GetSynchronizedSequenceNodes(synchronised, True)
-    for i in range(synchronised.GetNumberOfItems()):
-        sequence = synchronised.GetItemAsObject(i)
+    for sequence in synchronized_sequences(browser):
         proxy = browser.GetProxyNode(sequence)
         if sequence.GetAttribute(LUMEN_SOURCE_ATTRIBUTE) == source.GetID() and proxy is not None and \
                 proxy.IsA("vtkMRMLSegmentationNode"):
@@ -379,23 +424,12 @@ def _play_as_proxy(browser, sequence, proxy) -> None:
         browser.EndModify(modifying)
 
 
-def _remove_with_display_nodes(scene, node) -> None:
-    displays = [node.GetNthDisplayNode(i) for i in range(node.GetNumberOfDisplayNodes())]
-    scene.RemoveNode(node)
-    for display in displays:
-        if display is not None and display.GetScene() is scene:
-            scene.RemoveNode(display)
-
-
-def _fill_table(scene, table_node, name: str, result: SequenceResult, frames: List[int]):
+def _fill_table(created: CreatedNodes, table_node, name: str, result: SequenceResult, frames: List[int]):
     """(Re)fill a table: the :data:`TABLE_COLUMNS`, one row per frame."""
-    import slicer
     import vtk
 
     if table_node is None:
-        table_node = scene.AddNewNodeByClass("vtkMRMLTableNode", f"{name} lumen measurements")
-    if not isinstance(table_node, slicer.vtkMRMLTableNode):
-        raise ValueError(f"table_node {_node_name(table_node)} is not a vtkMRMLTableNode")
+        table_node = created.add("vtkMRMLTableNode", f"{name} lumen measurements")
     columns = (vtk.vtkIntArray(), vtk.vtkDoubleArray(), vtk.vtkDoubleArray(), vtk.vtkDoubleArray(),
                vtk.vtkDoubleArray(), vtk.vtkIntArray(), vtk.vtkStringArray())
     for column, column_name in zip(columns, TABLE_COLUMNS):
@@ -425,21 +459,21 @@ def _fill_table(scene, table_node, name: str, result: SequenceResult, frames: Li
     return table_node
 
 
-def _add_plot(scene, table_node, name: str):
+def _add_plot(created: CreatedNodes, table_node, name: str):
     """Equivalent diameter over frames, as a plot series and chart (shown by Slicer's Plots)."""
     import slicer
 
+    scene = created.scene
     series = _plot_series_of(scene, table_node)      # reused: a rerun must not add series and charts
     if series is None:
-        series = scene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", f"{name} lumen diameter")
+        series = created.add("vtkMRMLPlotSeriesNode", f"{name} lumen diameter")
         series.SetAttribute(PLOT_ATTRIBUTE, "diameter")
     series.SetAndObserveTableNodeID(table_node.GetID())
     series.SetXColumnName("frame")
     series.SetYColumnName("diameter_mm")
     series.SetPlotType(slicer.vtkMRMLPlotSeriesNode.PlotTypeScatter)
-    chart = _nodes_of_class(scene, "vtkMRMLPlotChartNode",
-                            lambda c: c.HasPlotSeriesNodeID(series.GetID()))
-    chart = chart[0] if chart else scene.AddNewNodeByClass("vtkMRMLPlotChartNode", f"{name} lumen diameter chart")
+    chart = nodes_of_class(scene, "vtkMRMLPlotChartNode", lambda c: c.HasPlotSeriesNodeID(series.GetID()))
+    chart = chart[0] if chart else created.add("vtkMRMLPlotChartNode", f"{name} lumen diameter chart")
     if not chart.HasPlotSeriesNodeID(series.GetID()):
         chart.AddAndObservePlotSeriesNodeID(series.GetID())
     chart.SetTitle("Carotid lumen diameter")
@@ -450,27 +484,6 @@ def _add_plot(scene, table_node, name: str):
 
 def _plot_series_of(scene, table_node):
     """The diameter series an earlier run made for ``table_node``, None when there is none."""
-    found = _nodes_of_class(scene, "vtkMRMLPlotSeriesNode", lambda n: n.GetAttribute(PLOT_ATTRIBUTE) == "diameter"
-                            and n.GetTableNodeID() == table_node.GetID())
+    found = nodes_of_class(scene, "vtkMRMLPlotSeriesNode", lambda n: n.GetAttribute(PLOT_ATTRIBUTE) == "diameter"
+                           and n.GetTableNodeID() == table_node.GetID())
     return found[0] if found else None
-
-
-def _nodes_of_class(scene, class_name: str, accept) -> list:
-    """Nodes of a class that ``accept``; the collection GetNodesByClass hands over is released."""
-    collection = scene.GetNodesByClass(class_name)
-    try:
-        nodes = [collection.GetItemAsObject(i) for i in range(collection.GetNumberOfItems())]
-    finally:
-        collection.UnRegister(None)
-    return [node for node in nodes if accept(node)]
-
-
-def _table_name(node) -> str:
-    return node.GetName() or "Volume"
-
-
-def _node_name(node) -> str:
-    if node is None:
-        return "None"
-    get_name = getattr(node, "GetName", None)
-    return f"'{get_name()}'" if get_name and get_name() else type(node).__name__

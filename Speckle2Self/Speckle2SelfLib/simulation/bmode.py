@@ -41,9 +41,10 @@ fc (MHz)  MUST FWHM ax/lat (mm)  this model, default (mm)    MUST mean/std
 
 The MUST patches are small (a few hundred grains), so their figures carry several percent of
 noise; their mean/std below 1.91 probably reflects the finite scatterer density (about 5-10
-per resolution cell). :func:`simulate_patch_must` reruns such a patch when the optional
-``pymust`` package is installed; this model's own figures come from
-``benchmarks/simulated.py --speckle-stats`` (mean/std 1.91-1.92 at all four frequencies).
+per resolution cell). ``simulate_patch_must`` (benchmarks/benchlib/speckle_statistics.py)
+reruns such a patch when the optional ``pymust`` package is installed; this model's own
+figures come from ``benchmarks/simulated.py --speckle-stats`` (mean/std 1.91-1.92 at all four
+frequencies). Phantoms (clean images to simulate) are :mod:`.phantoms`.
 
 Besides the clean image, :class:`SimulationResult` carries ``reference``: the expected B-mode
 without speckle (PSF-blurred echogenicity, log-compressed with the same display mapping and the
@@ -52,16 +53,13 @@ Rayleigh log bias). It is what an ideal despeckler can reach, so benchmarks scor
 
 from __future__ import annotations
 
-import argparse
 import math
-import sys
 from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
-from typing import Optional, Sequence, Tuple, Union
+from typing import Optional, Tuple
 
 import numpy as np
-from scipy import ndimage, optimize, signal, special
+from scipy import optimize, signal, special
 
 SOUND_SPEED_M_S = 1540.0
 REFERENCE_FC_HZ = 7.5e6
@@ -69,7 +67,6 @@ REFERENCE_FC_HZ = 7.5e6
 REFERENCE_GRAIN_FWHM_MM = (0.14, 0.33)
 PAPER_FREQUENCIES_HZ = (3.75e6, 5.63e6, 7.5e6, 9.38e6)
 PLANE_WAVE_TILTS_DEG = tuple(np.linspace(-2.0, 2.0, 9))
-PHANTOM_KINDS = ("carotid", "thyroid", "layers", "points", "random")
 LATERAL_SCALINGS = ("must", "wavelength")
 # L12-3V (Verasonics) element width and pulse-echo 6 dB fractional bandwidth, as in MUST's getparam.
 L12_3V_ELEMENT_WIDTH_M = 0.17e-3
@@ -85,7 +82,6 @@ RAYLEIGH_LOG_BIAS_DB = -10.0 * math.log10(math.e) * float(np.euler_gamma)
 SAMPLES_PER_SIGMA = 1.0
 PSF_HALF_WIDTH_SIGMAS = 4.0
 
-Region = Union[np.ndarray, Tuple[int, int, int, int], Tuple[slice, slice]]
 
 
 @dataclass
@@ -100,15 +96,6 @@ class SimulationResult:
     fc: float  # centre frequency in Hz
     grain_fwhm_mm: Tuple[float, float]  # designed envelope autocorrelation FWHM (axial, lateral)
 
-
-@dataclass
-class PhantomResult:
-    """A clean phantom image with regions of interest."""
-
-    clean: np.ndarray  # float32 in [0, 1]
-    lumen_mask: Optional[np.ndarray]  # bool, anechoic vessel lumen (carotid, thyroid) else None
-    homogeneous_mask: np.ndarray  # bool, a constant-echogenicity region for speckle statistics
-    name: str
 
 
 # ----------------------------------------------------------------------------- PSF design
@@ -185,7 +172,7 @@ def _fwhm_of_profile(profile: np.ndarray, step: float) -> float:
     full = np.concatenate([profile[:0:-1], profile])
     corr = np.correlate(full, full, mode="full")[full.size - 1:]
     rho_env = _envelope_correlation((corr / corr[0]) ** 2)
-    return 2.0 * _half_width(rho_env) * step
+    return 2.0 * half_width(rho_env) * step
 
 
 @lru_cache(maxsize=64)
@@ -353,181 +340,6 @@ def _expected_bmode(mean_intensity: np.ndarray, dynamic_range_db: float) -> np.n
     return np.clip(display, 0.0, 1.0).astype(np.float32)
 
 
-# ----------------------------------------------------------------------------- phantoms
-
-
-class _Canvas:
-    """Physical coordinates (mm) of the pixel centres of a 45 x 50 mm image, x = 0 in the middle."""
-
-    def __init__(self, size: Tuple[int, int], width_mm: float = 45.0, depth_mm: float = 50.0):
-        height, width = size
-        z = (np.arange(height) + 0.5) * depth_mm / height
-        x = (np.arange(width) + 0.5) * width_mm / width - width_mm / 2.0
-        self.z, self.x = np.meshgrid(z, x, indexing="ij")
-        self.pixel_mm = (depth_mm / height, width_mm / width)
-
-    def ellipse(self, x0: float, z0: float, ax: float, az: float, angle_deg: float = 0.0) -> np.ndarray:
-        a = np.deg2rad(angle_deg)
-        dx, dz = self.x - x0, self.z - z0
-        u = dx * np.cos(a) + dz * np.sin(a)
-        v = -dx * np.sin(a) + dz * np.cos(a)
-        return (u / ax) ** 2 + (v / az) ** 2 <= 1.0
-
-    def band(self, z0: float, z1: float, slope: float = 0.0) -> np.ndarray:
-        """Rows between depths z0 and z1 (mm), optionally tilted by ``slope`` mm per mm."""
-        z = self.z - slope * self.x
-        return (z >= z0) & (z < z1)
-
-    def erode(self, mask: np.ndarray, margin_mm: float) -> np.ndarray:
-        """Shrink ``mask`` by ``margin_mm`` so speckle statistics stay clear of edges and blur."""
-        radius = (max(1, round(margin_mm / self.pixel_mm[0])), max(1, round(margin_mm / self.pixel_mm[1])))
-        structure = np.ones((2 * radius[0] + 1, 2 * radius[1] + 1), bool)
-        return ndimage.binary_erosion(mask, structure=structure, border_value=0)
-
-
-def _vessel(canvas: _Canvas, img: np.ndarray, x0: float, z0: float, radius: float,
-            wall_mm: float, wall_grey: float, ellipticity: float = 1.0) -> np.ndarray:
-    """Draw an anechoic vessel with a bright wall; return the lumen mask."""
-    outer = canvas.ellipse(x0, z0, (radius + wall_mm) * ellipticity, radius + wall_mm)
-    lumen = canvas.ellipse(x0, z0, radius * ellipticity, radius)
-    img[outer] = wall_grey
-    img[lumen] = 0.0
-    return lumen
-
-
-def _phantom_carotid(canvas: _Canvas, rng: np.random.Generator, randomise: bool):
-    jitter = (lambda lo, hi: rng.uniform(lo, hi)) if randomise else (lambda lo, hi: 0.5 * (lo + hi))
-    background = 0.55
-    img = np.full(canvas.z.shape, background, np.float32)
-    img[canvas.band(0.0, 1.5)] = 0.85                       # skin
-    img[canvas.band(1.5, 4.0 + jitter(-0.5, 0.5))] = 0.35   # subcutaneous fat
-    muscle = canvas.ellipse(jitter(-4, 4), 7.0, 30.0, 3.5 + jitter(-0.5, 0.5))
-    img[muscle] = 0.85                                       # fascia around the muscle
-    img[canvas.erode(muscle, 0.4)] = 0.42                    # sternocleidomastoid
-    x0, z0 = jitter(-5.0, 5.0), jitter(19.0, 23.0)
-    radius = jitter(3.0, 4.0)
-    jugular = canvas.ellipse(x0 + jitter(6.5, 8.5), z0 - jitter(3.0, 5.0), jitter(4.0, 6.0), jitter(1.8, 3.0))
-    img[jugular] = 0.04
-    lumen = _vessel(canvas, img, x0, z0, radius, wall_mm=jitter(0.7, 1.1), wall_grey=0.95,
-                    ellipticity=jitter(0.95, 1.1))
-    img[canvas.band(34.0 + jitter(-2, 2), 35.5 + jitter(-2, 2), slope=jitter(-0.05, 0.05))] = 0.9
-    img[canvas.band(36.0 + jitter(-2, 2), 50.0)] = 0.3                 # deep muscle
-    homogeneous = canvas.erode(img == background, 1.5) & canvas.band(10.0, 33.0)
-    return img, lumen, homogeneous
-
-
-def _phantom_thyroid(canvas: _Canvas, rng: np.random.Generator, randomise: bool):
-    jitter = (lambda lo, hi: rng.uniform(lo, hi)) if randomise else (lambda lo, hi: 0.5 * (lo + hi))
-    img = np.full(canvas.z.shape, 0.45, np.float32)
-    img[canvas.band(0.0, 1.5)] = 0.85
-    img[canvas.band(1.5, 5.5 + jitter(-0.5, 0.5))] = 0.38    # strap muscles
-    gland_grey = 0.7
-    gland = canvas.ellipse(jitter(-8, -5), jitter(14, 17), jitter(10, 12), jitter(6, 8), jitter(-10, 10))
-    img[gland] = gland_grey
-    nodule = canvas.ellipse(jitter(-10, -4), jitter(13, 18), jitter(2, 3.5), jitter(1.5, 3.0))
-    img[nodule] = 0.3                                          # hypoechoic nodule
-    trachea_x, trachea_z = jitter(11, 15), jitter(11, 14)
-    inside = canvas.ellipse(trachea_x, trachea_z, 6.0, 6.0)
-    arc = canvas.ellipse(trachea_x, trachea_z, 7.0, 7.0) & ~inside & (canvas.z < trachea_z)
-    # Air reflects everything: a bright arc with shadow and reverberation beneath it.
-    shadow = inside | ((np.abs(canvas.x - trachea_x) < 7.0) & (canvas.z >= trachea_z))
-    img[arc] = 1.0
-    img[shadow] = 0.12
-    lumen = _vessel(canvas, img, jitter(-20, -18), jitter(15, 19), jitter(2.8, 3.5), 0.8, 0.95)
-    img[canvas.band(38.0 + jitter(-2, 2), 50.0) & ~shadow] = 0.3
-    homogeneous = canvas.erode((img == gland_grey) & gland, 1.5)
-    return img, lumen, homogeneous
-
-
-def _phantom_layers(canvas: _Canvas, rng: np.random.Generator, randomise: bool):
-    depths = np.array([0.0, 6.0, 14.0, 20.0, 30.0, 38.0, 50.0])
-    greys = np.array([0.8, 0.4, 0.65, 0.25, 0.55, 0.9])
-    if randomise:
-        depths[1:-1] += rng.uniform(-1.5, 1.5, depths.size - 2)
-        greys = rng.uniform(0.1, 0.95, greys.size)
-    img = np.empty(canvas.z.shape, np.float32)
-    for z0, z1, grey in zip(depths[:-1], depths[1:], greys):
-        img[canvas.band(z0, z1)] = grey
-    thickest = int(np.argmax(np.diff(depths)))
-    homogeneous = canvas.erode(canvas.band(depths[thickest], depths[thickest + 1]), 1.5)
-    return img, None, homogeneous
-
-
-def _phantom_points(canvas: _Canvas, rng: np.random.Generator, randomise: bool):
-    background = 0.5
-    img = np.full(canvas.z.shape, background, np.float32)
-    shift = rng.uniform(-1.0, 1.0, 2) if randomise else np.zeros(2)
-    for depth in np.arange(5.0, 50.0, 5.0):                     # axial column of point targets
-        img[canvas.ellipse(-15.0 + shift[0], depth + shift[1], 0.25, 0.25)] = 1.0
-    for lateral in np.arange(-8.0, 20.0, 4.0):                  # lateral row of point targets
-        img[canvas.ellipse(lateral + shift[0], 8.0 + shift[1], 0.25, 0.25)] = 1.0
-    for i, diameter in enumerate((2.0, 4.0, 6.0)):              # anechoic cysts
-        img[canvas.ellipse(-4.0 + 8.0 * i + shift[0], 20.0 + shift[1], diameter / 2, diameter / 2)] = 0.0
-    for i, diameter in enumerate((3.0, 5.0)):                   # hyperechoic inclusions
-        img[canvas.ellipse(0.0 + 10.0 * i + shift[0], 32.0 + shift[1], diameter / 2, diameter / 2)] = 0.85
-    homogeneous = canvas.erode(img == background, 1.5) & canvas.band(38.0, 48.0) & (canvas.x > -10.0)
-    return img, None, homogeneous
-
-
-def _phantom_random(canvas: _Canvas, rng: np.random.Generator, randomise: bool):
-    background = float(rng.uniform(0.3, 0.7))
-    img = np.full(canvas.z.shape, background, np.float32)
-    for _ in range(int(rng.integers(5, 13))):
-        grey = float(rng.uniform(0.0, 1.0))
-        shape = canvas.ellipse(rng.uniform(-20, 20), rng.uniform(3, 47), rng.uniform(1, 8),
-                               rng.uniform(1, 6), rng.uniform(0, 180))
-        img[shape] = grey
-    homogeneous = canvas.erode(img == background, 1.5)
-    return img, None, homogeneous
-
-
-_PHANTOMS = {"carotid": _phantom_carotid, "thyroid": _phantom_thyroid, "layers": _phantom_layers,
-             "points": _phantom_points, "random": _phantom_random}
-
-
-def make_phantom(kind: str, size: Sequence[int] = (512, 512), seed: Optional[int] = None) -> PhantomResult:
-    """A clean phantom of a 45 mm (lateral) x 50 mm (axial) field of view.
-
-    kind: "carotid" (transverse carotid: anechoic lumen, bright wall, jugular vein, layers),
-    "thyroid" (gland with a nodule, trachea with shadow, carotid), "layers" (horizontal tissue
-    layers with step edges), "points" (point targets, cysts, inclusions), "random" (ellipses).
-    seed: None gives the canonical layout; an integer randomises positions, sizes and grey levels.
-    """
-    if kind not in _PHANTOMS:
-        raise ValueError(f"unknown phantom {kind!r}; choose one of {PHANTOM_KINDS}")
-    size = tuple(int(s) for s in size)
-    if len(size) != 2 or min(size) < 16:
-        raise ValueError(f"size must be (height, width) with both >= 16, got {size}")
-    canvas = _Canvas(size)
-    rng = np.random.default_rng(0 if seed is None else seed)
-    img, lumen, homogeneous = _PHANTOMS[kind](canvas, rng, seed is not None)
-    if not homogeneous.any():
-        raise ValueError(f"size {size} is too small to keep a homogeneous region in the {kind} phantom")
-    return PhantomResult(clean=np.clip(img, 0.0, 1.0).astype(np.float32),
-                         lumen_mask=None if lumen is None else lumen.astype(bool),
-                         homogeneous_mask=homogeneous.astype(bool), name=kind)
-
-
-def simulate_phantom(kind: str, fc: float = 7.5e6, seed: Optional[int] = 0,
-                     size: Sequence[int] = (512, 512)) -> Tuple[PhantomResult, SimulationResult]:
-    """Phantom ``kind`` and its simulated B-mode image; ``seed`` sets both the layout and the
-    speckle (None: canonical layout, fresh speckle)."""
-    phantom = make_phantom(kind, size=size, seed=seed)
-    return phantom, simulate_bmode(phantom.clean, fc=fc, seed=seed)
-
-
-def simulated_set(n: int, size: int = 128, seed: int = 0,
-                  kinds: Sequence[str] = ("carotid", "thyroid", "layers", "random")):
-    """``n`` speckled frames (float32 [0, 1]) and their clean phantoms, cycling through ``kinds``
-    with seeds ``seed``, ``seed + 1``, ...: training and test sets for quick experiments."""
-    noisy, clean = [], []
-    for i in range(n):
-        phantom, sim = simulate_phantom(kinds[i % len(kinds)], seed=seed + i, size=(size, size))
-        noisy.append(sim.bmode.astype(np.float32))
-        clean.append(phantom.clean.astype(np.float32))
-    return noisy, clean
-
-
 # ----------------------------------------------------------------------------- statistics
 
 
@@ -548,29 +360,7 @@ def speckle_contrast(img: np.ndarray, mask: np.ndarray) -> float:
     return float(values.std() / values.mean())
 
 
-def envelope_snr(envelope: np.ndarray, mask: np.ndarray) -> float:
-    """Envelope SNR mean / std inside ``mask``: 1.91 for fully developed (Rayleigh) speckle."""
-    values = _region_values(envelope, mask)
-    return float(values.mean() / values.std())
-
-
-def _region_mask(shape: Tuple[int, int], region: Region) -> np.ndarray:
-    if isinstance(region, np.ndarray) and region.dtype == bool:
-        if region.shape != shape:
-            raise ValueError(f"mask shape {region.shape} does not match image shape {shape}")
-        return region
-    mask = np.zeros(shape, bool)
-    if len(region) == 2 and all(isinstance(s, slice) for s in region):
-        mask[region] = True
-    elif len(region) == 4:
-        r0, r1, c0, c1 = (int(v) for v in region)
-        mask[r0:r1, c0:c1] = True
-    else:
-        raise ValueError("region must be a bool mask, (row0, row1, col0, col1) or (slice, slice)")
-    return mask
-
-
-def _half_width(rho: np.ndarray) -> float:
+def half_width(rho: np.ndarray) -> float:
     """Lag (in samples) where a correlation profile starting at rho[0] = 1 falls to 0.5.
 
     Between the bracketing lags log(rho) is interpolated linearly in lag^2, exact for a Gaussian
@@ -585,138 +375,3 @@ def _half_width(rho: np.ndarray) -> float:
         return float(lag - 1 + (hi - 0.5) / (hi - lo))
     t = (math.log(0.5) - math.log(hi)) / (math.log(lo) - math.log(hi))
     return float(math.sqrt((lag - 1) ** 2 + t * (lag ** 2 - (lag - 1) ** 2)))
-
-
-def autocorrelation(envelope: np.ndarray, region: Region) -> np.ndarray:
-    """Normalised autocovariance of ``envelope`` over ``region`` (a mask of any shape), indexed
-    by non-negative lags [axial, lateral] (index [0, 0] = lag 0, value 1).
-
-    Each lag averages the products of all pixel pairs that both lie in the region.
-    """
-    env = np.asarray(envelope, dtype=np.float64)
-    if env.ndim != 2:
-        raise ValueError(f"envelope must be 2D, got shape {env.shape}")
-    mask = _region_mask(env.shape, region)
-    rows, cols = np.nonzero(mask)
-    if rows.size < 16:
-        raise ValueError("region has fewer than 16 pixels; choose a larger region")
-    box = (slice(rows.min(), rows.max() + 1), slice(cols.min(), cols.max() + 1))
-    m = mask[box].astype(np.float64)
-    e = np.where(m > 0, env[box] - env[box][m > 0].mean(), 0.0)
-    shape = (2 * m.shape[0], 2 * m.shape[1])
-    num = np.fft.irfft2(np.abs(np.fft.rfft2(e, shape)) ** 2, shape)
-    pairs = np.fft.irfft2(np.abs(np.fft.rfft2(m, shape)) ** 2, shape)
-    acf = num[: m.shape[0], : m.shape[1]] / np.maximum(pairs[: m.shape[0], : m.shape[1]], 0.5)
-    return acf / acf[0, 0]
-
-
-def autocorrelation_fwhm_mm(envelope: np.ndarray, region: Region,
-                            pixel_mm: Tuple[float, float]) -> Tuple[float, float]:
-    """Speckle grain size: FWHM (axial, lateral) in mm of the envelope autocovariance in ``region``.
-
-    region: bool mask, (row0, row1, col0, col1) or (slice, slice); pixel_mm: (axial, lateral).
-    """
-    acf = autocorrelation(envelope, region)
-    return (2.0 * _half_width(acf[:, 0]) * pixel_mm[0], 2.0 * _half_width(acf[0, :]) * pixel_mm[1])
-
-
-# ----------------------------------------------------------------------------- exact backend
-
-
-def simulate_patch_must(fc: float = 7.5e6, width_mm: float = 5.0, depth_range_mm=(18.0, 21.0),
-                        seed: int = 0, scatterers_per_mm2: float = 200.0,
-                        tilts_deg: Sequence[float] = PLANE_WAVE_TILTS_DEG,
-                        pixel_mm: Tuple[float, float] = (0.02, 0.04), n_elements: int = 192):
-    """Homogeneous speckle patch simulated with MUST (optional ``pymust`` package; slow).
-
-    L12-3V probe (``n_elements`` central elements), plane waves at ``tilts_deg`` coherently
-    compounded, DAS onto a grid of ``pixel_mm`` covering the inner part of the scatterer patch
-    (1 mm margin). Returns (envelope (H, W), pixel_mm). Cost: ~2 ms per scatterer and tilt with
-    192 elements on one core.
-    """
-    try:
-        import pymust
-    except ImportError as exc:  # pragma: no cover - depends on the optional package
-        raise ImportError("simulate_patch_must needs the optional package pymust: pip install pymust") from exc
-    rng = np.random.default_rng(seed)
-    param = pymust.getparam("L12-3V")
-    param.fc = fc
-    param.fs = 4.0 * fc
-    param.Nelements = int(n_elements)
-    z0, z1 = (d * 1e-3 for d in depth_range_mm)
-    half_width = width_mm * 1e-3 / 2.0
-    count = int(scatterers_per_mm2 * width_mm * (depth_range_mm[1] - depth_range_mm[0]))
-    xs = rng.uniform(-half_width, half_width, count)
-    zs = rng.uniform(z0, z1, count)
-    rc = rng.standard_normal(count)
-    dz, dx = pixel_mm[0] * 1e-3, pixel_mm[1] * 1e-3
-    margin = 1e-3
-    xg, zg = np.meshgrid(np.arange(-half_width + margin, half_width - margin, dx),
-                         np.arange(z0 + margin, z1 - margin, dz))
-    compound = np.zeros(xg.shape, np.complex128)
-    for tilt in np.deg2rad(np.asarray(tilts_deg, dtype=float)):
-        delays = pymust.txdelay(param, float(tilt))
-        rf, _ = pymust.simus(xs, zs, rc, delays, param)
-        iq = pymust.rf2iq(rf, param)
-        param.fnumber = None  # let dasmtx choose the receive f-number
-        das = pymust.dasmtx(1j * np.array(iq.shape), xg, zg, delays, param)
-        compound += (das @ iq.reshape(-1, order="F")).reshape(xg.shape, order="F")
-    return np.abs(compound).astype(np.float32), tuple(pixel_mm)
-
-
-# ----------------------------------------------------------------------------- CLI
-
-
-def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``speckle2self simulate``."""
-    parser.add_argument("--phantom", choices=PHANTOM_KINDS, default="carotid", help="clean phantom to image")
-    parser.add_argument("--fc", type=float, default=7.5e6, help="centre frequency in Hz (default 7.5e6)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed of phantom layout and speckle")
-    parser.add_argument("--size", type=int, nargs="+", default=[512], metavar="N",
-                        help="output size: N (square) or H W (default 512)")
-    parser.add_argument("--out", required=True, help="noisy B-mode image to write (8-bit PNG)")
-    parser.add_argument("--clean", help="clean image to write (8-bit PNG)")
-    parser.add_argument("--reference", help="expected speckle-free B-mode to write (8-bit PNG)")
-    parser.add_argument("--envelope", help="linear pre-log envelope to write (.npy, float32)")
-    parser.add_argument("--dynamic-range-db", type=float, default=60.0, help="display dynamic range (dB)")
-    parser.add_argument("--lateral-scaling", choices=LATERAL_SCALINGS, default="must",
-                        help="lateral grain vs fc: MUST's receive f-number rule (default) or plain c/fc")
-
-
-def _write_png(path: str, img01: np.ndarray) -> None:
-    from PIL import Image
-
-    Image.fromarray(np.round(np.clip(img01, 0.0, 1.0) * 255.0).astype(np.uint8)).save(path)
-
-
-def run_simulate(args: argparse.Namespace) -> int:
-    """Run ``speckle2self simulate``; returns the exit status (2 on bad arguments)."""
-    size = list(args.size)
-    if len(size) == 1:
-        size = size * 2
-    if len(size) != 2 or min(size) < 16:
-        print(f"error: --size takes N or H W with values >= 16, got {args.size}", file=sys.stderr)
-        return 2
-    if not args.fc > 0:
-        print(f"error: --fc must be a positive frequency in Hz (e.g. 7.5e6), got {args.fc}", file=sys.stderr)
-        return 2
-    for path in (args.out, args.clean, args.reference):
-        if path is not None and Path(path).suffix.lower() != ".png":
-            print(f"error: {path}: images are written as PNG; use a .png file name", file=sys.stderr)
-            return 2
-    if args.envelope is not None and Path(args.envelope).suffix.lower() != ".npy":
-        print(f"error: {args.envelope}: the envelope is written as NumPy .npy; use a .npy name", file=sys.stderr)
-        return 2
-    phantom = make_phantom(args.phantom, size=size, seed=args.seed)
-    sim = simulate_bmode(phantom.clean, fc=args.fc, seed=args.seed, dynamic_range_db=args.dynamic_range_db,
-                         lateral_scaling=args.lateral_scaling)
-    outputs = ((args.out, sim.bmode), (args.clean, sim.clean), (args.reference, sim.reference))
-    for path, image in outputs:
-        if path is not None:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            _write_png(path, image)
-    if args.envelope is not None:
-        Path(args.envelope).parent.mkdir(parents=True, exist_ok=True)
-        np.save(args.envelope, sim.envelope)
-    print(f"simulated {args.phantom} phantom at {args.fc / 1e6:.2f} MHz, {size[0]}x{size[1]} px -> {args.out}")
-    return 0

@@ -1,26 +1,22 @@
-"""Speckle grain: how many pixels one speckle spot spans, and the scale a model should work at.
+"""Speckle grain: the scale at which a model should see new frames.
 
 Scanner B-mode images come at every pixel spacing: the same transducer gives spots of 2
 pixels in one export and 8 in another. Speckle2Self's views only differ where the speckle is
 finer than the perturbation's downsampling, so a network trained on one grain copies, or
-over-smooths, another. The grain is measured here as the full width at half maximum of the
-speckle's autocorrelation (axial = rows, lateral = columns), on textured tiles of the image
-after removing the anatomy's slow variation; models store the grain they were trained at
-and frames are resampled to it before inference.
-
-Also here: the view-difference statistic (how much the 0.5 and 0.25 MSP views differ from the
-full view, relative to its spread), the direct measure of how much the views disagree.
+over-smooths, another. The grain is measured here by the view-difference statistic (how much
+the 0.5 and 0.25 MSP views differ from the full view, relative to its spread), the direct
+measure of how much the views disagree: models store the view difference of their training
+data, and frames are resampled to the scale at which theirs matches it
+(:func:`match_working_scale`). The speckle spot size in pixels (autocorrelation width) that the
+grain benchmark reports is benchmarks/benchlib/grain_size.py.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Dict, Optional, Sequence
 
 import numpy as np
 
-TILE = 64                 # autocorrelation tile (pixels)
-HIGHPASS_SIGMA = 12.0     # anatomy removal: larger than any speckle spot we expect to see
 MAX_FRAMES = 8            # frames of a stack sampled for the estimate
 #: Working scales are kept within these limits: beyond them resampling would either
 #: throw away real resolution or cost more than the result is worth.
@@ -29,97 +25,6 @@ SCALE_LIMITS = (0.25, 2.0)
 SCALE_TOLERANCE = 0.2
 #: View differences within this relative distance of the model's count as a match.
 MATCH_TOLERANCE = 0.1
-
-
-@dataclass(frozen=True)
-class Grain:
-    axial_px: float
-    lateral_px: float
-    tiles: int
-
-    @property
-    def px(self) -> float:
-        """One number: the geometric mean of the axial and lateral widths."""
-        return float(np.sqrt(self.axial_px * self.lateral_px))
-
-
-def _highpass(frame: np.ndarray, sigma) -> np.ndarray:
-    from scipy import ndimage
-    f = frame.astype(np.float64)
-    return f - ndimage.gaussian_filter(f, sigma, mode="reflect")
-
-
-def _textured_tiles(frame: np.ndarray, residual: np.ndarray, tile: int):
-    """Tiles inside the image (margins hold scanner annotations) that carry speckle: not
-    near-black (outside the sector, anechoic lumen) and not saturated."""
-    h, w = frame.shape
-    margin_r, margin_c = h // 10, w // 10
-    lo, hi = np.percentile(frame, [1, 99])
-    span = max(hi - lo, 1e-12)
-    out = []
-    for r in range(margin_r, h - margin_r - tile + 1, tile):
-        for c in range(margin_c, w - margin_c - tile + 1, tile):
-            patch = frame[r:r + tile, c:c + tile]
-            level = (np.median(patch) - lo) / span
-            if 0.1 < level < 0.9 and residual[r:r + tile, c:c + tile].std() > 1e-9:
-                out.append(residual[r:r + tile, c:c + tile])
-    return out
-
-
-def _mean_autocorrelation(tiles) -> np.ndarray:
-    acc = None
-    for t in tiles:
-        t = (t - t.mean()) / t.std()
-        n0, n1 = t.shape
-        spec = np.fft.rfft2(t, s=(2 * n0, 2 * n1))       # zero-padded: linear, not circular
-        ac = np.fft.irfft2(np.abs(spec) ** 2, s=(2 * n0, 2 * n1))
-        acc = ac if acc is None else acc + ac
-    return acc / acc[0, 0]
-
-
-def _half_width(profile: np.ndarray) -> float:
-    """Lag where a decreasing profile (profile[0] == 1) first falls to 0.5, interpolated."""
-    below = np.nonzero(profile < 0.5)[0]
-    if len(below) == 0:
-        return float(len(profile))
-    k = int(below[0])
-    a, b = profile[k - 1], profile[k]
-    return float(k - 1 + (a - 0.5) / (a - b))
-
-
-def estimate_grain(frames, tile: int = TILE, iterations: int = 3) -> Optional[Grain]:
-    """Speckle grain of an (H, W) image or (N, H, W) stack; None where there is too little
-    speckle to tell (tiny, flat or almost black images).
-
-    The anatomy filter and the tile grow with the grain found (a few rounds), so that the
-    estimate scales with the image: the same scan at twice the pixels gives twice the grain.
-    """
-    arr = np.asarray(frames)
-    stack = arr[None] if arr.ndim == 2 else arr
-    if stack.ndim != 3 or min(stack.shape[1:]) < 2 * tile:
-        return None
-    pick = np.unique(np.linspace(0, len(stack) - 1, min(MAX_FRAMES, len(stack))).round().astype(int))
-    sigma, grain = (HIGHPASS_SIGMA, HIGHPASS_SIGMA), None
-    for _ in range(iterations):
-        tiles = []
-        for k in pick:
-            frame = stack[k].astype(np.float64)
-            if not np.isfinite(frame).all() or frame.max() <= frame.min():
-                continue
-            tiles += _textured_tiles(frame, _highpass(frame, sigma), tile)
-        if len(tiles) < 4:
-            return grain
-        ac = _mean_autocorrelation(tiles)
-        axial = 2.0 * _half_width(ac[:tile, 0])
-        lateral = 2.0 * _half_width(ac[0, :tile])
-        grain = Grain(round(axial, 3), round(lateral, 3), len(tiles))
-        new_sigma = (float(np.clip(3.0 * axial, 3, 64)), float(np.clip(3.0 * lateral, 3, 64)))
-        new_tile = int(np.clip(2 ** np.ceil(np.log2(4.0 * max(axial, lateral))), 32, 256))
-        new_tile = min(new_tile, int(2 ** np.floor(np.log2(min(stack.shape[1:]) / 2))))
-        if np.allclose(new_sigma, sigma, rtol=0.1) and new_tile == tile:
-            break
-        sigma, tile = new_sigma, new_tile
-    return grain
 
 
 def view_difference_at(frames, scale: float, region: int = 384, view_scale: float = 0.5) -> Optional[float]:

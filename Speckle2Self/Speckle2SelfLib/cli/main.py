@@ -1,4 +1,4 @@
-"""Command line: ``speckle2self train | denoise | info | export | simulate | segment``.
+"""Command line: ``speckle2self train | denoise | info | export | simulate | segment | demo | stream``.
 
 Every option is checked when it is parsed and every input and output path before any
 computation. A failure is one line on stderr (``error: <file>: <cause>``; ``--debug`` adds
@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from . import __version__
+from .. import __version__
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
 MODEL_SUFFIXES = (".pt", ".pth", ".ts", ".zip")
@@ -107,7 +107,7 @@ def _working_scale_arg(text: str):
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected auto, off or a number, got {text!r}") from None
-    from .grain import SCALE_LIMITS
+    from ..engine.grain import SCALE_LIMITS
     if not (math.isfinite(value) and SCALE_LIMITS[0] <= value <= SCALE_LIMITS[1]):
         raise argparse.ArgumentTypeError(f"expected auto, off or a number in [{SCALE_LIMITS[0]:g}, "
                                          f"{SCALE_LIMITS[1]:g}], got {text!r}")
@@ -159,9 +159,9 @@ def _add_train(sub) -> None:
 
 
 def _run_train(args) -> int:
-    from .models import resolve_model_path
-    from .safeio import check_input_path, check_output_path
-    from .training import TrainConfig, config_from_model, load_checkpoint_config, train
+    from ..engine.models import resolve_model_path
+    from ..fileio.safeio import check_input_path, check_output_path
+    from ..engine.training import TrainConfig, config_from_model, load_checkpoint_config, train
 
     # 1. Everything that can be checked without reading the data: options, inputs, outputs.
     for path in args.inputs:
@@ -213,9 +213,9 @@ def _run_train(args) -> int:
 
 def _training_pool(inputs: List[str]):
     """Frames of every readable input file; unreadable files are named on stderr and skipped."""
-    from .imageio import iter_inputs
-    from .safeio import name_file, one_line
-    from .training import FramePool
+    from ..fileio.imageio import iter_inputs
+    from ..fileio.safeio import name_file, one_line
+    from ..engine.training import FramePool
 
     frames, files, skipped, failed = [], [], [], []
     for path in iter_inputs(list(inputs)):
@@ -243,8 +243,8 @@ def _training_pool(inputs: List[str]):
 
 def _check_training_memory(cfg, pool) -> None:
     """Refuse, before the first step, a run whose estimated peak memory does not fit."""
-    from .inference import pick_device
-    from .resources import (USABLE_SHARE, InsufficientMemory, available_memory, estimate_training,
+    from ..engine.inference import pick_device
+    from ..engine.resources import (USABLE_SHARE, InsufficientMemory, available_memory, estimate_training,
                             fitting_settings, gib)
 
     device = pick_device(cfg.device)
@@ -283,9 +283,9 @@ def _add_denoise(sub) -> None:
 
 
 def _run_denoise(args) -> int:
-    from .imageio import WRITABLE_SUFFIXES, iter_inputs
-    from .inference import Despeckler
-    from .safeio import check_input_path, check_output_path
+    from ..fileio.imageio import WRITABLE_SUFFIXES, iter_inputs
+    from ..engine.inference import Despeckler
+    from ..fileio.safeio import check_input_path, check_output_path
 
     src, dst = check_input_path(args.input), Path(args.output)
     folder_run = src.is_dir()
@@ -313,9 +313,9 @@ def _run_denoise(args) -> int:
 
 def _read_checked(src: Path, out: Path):
     """Check the output path, read the input and check that it can be written there."""
-    from .imageio import WRITABLE_SUFFIXES, check_output_format, read_frames
-    from .inference import check_frames
-    from .safeio import check_output_path
+    from ..fileio.imageio import WRITABLE_SUFFIXES, check_output_format, read_frames
+    from ..engine.inference import check_frames
+    from ..fileio.safeio import check_output_path
 
     check_output_path(out, [src], suffixes=WRITABLE_SUFFIXES)
     data = read_frames(src)
@@ -329,7 +329,7 @@ def _read_checked(src: Path, out: Path):
 
 def _denoise_file(engine, src: Path, out: Path, options: dict, data=None) -> None:
     """Read, check the output format, despeckle, write atomically; errors name the file."""
-    from .imageio import write_like
+    from ..fileio.imageio import write_like
 
     data = _read_checked(src, out) if data is None else data
     result = engine.denoise(data.frames, **options)
@@ -339,7 +339,7 @@ def _denoise_file(engine, src: Path, out: Path, options: dict, data=None) -> Non
 
 def _denoise_folder(engine, pairs, options: dict, skip_existing: bool) -> int:
     """Every file of a folder run: a bad file is named with its reason and the run goes on."""
-    from .safeio import name_file, one_line
+    from ..fileio.safeio import name_file, one_line
 
     written, skipped, failed = 0, 0, []
     for src, out in pairs:
@@ -366,8 +366,8 @@ def _add_info(sub) -> None:
 
 
 def _run_info(args) -> int:
-    from .models import load_model, resolve_model_path
-    from .network import count_parameters
+    from ..engine.models import load_model, resolve_model_path
+    from ..engine.network import count_parameters
 
     loaded = load_model(resolve_model_path(args.model))
     info = dict(loaded.metadata)
@@ -386,8 +386,8 @@ def _add_export(sub) -> None:
 
 
 def _run_export(args) -> int:
-    from .safeio import check_input_path, check_output_path, one_line
-    from .training import export_checkpoint
+    from ..fileio.safeio import check_input_path, check_output_path, one_line
+    from ..engine.training import export_checkpoint
 
     check_input_path(args.checkpoint, "checkpoint")
     check_output_path(args.out, [args.checkpoint], suffixes=MODEL_SUFFIXES, what="--out")
@@ -410,7 +410,7 @@ def _run_export(args) -> int:
 
 
 def _add_optional(sub, module: str, name: str, help_text: str, load: bool = True) -> None:
-    """Subcommands that live in other Lib modules register themselves through add_*/run_*.
+    """Subcommands that live in their own modules of this package register through add_*/run_*.
 
     ``load=False`` (another subcommand was asked for) registers the name only: importing the
     module (scipy, slicer, ...) would add seconds to every start of the command line.
@@ -439,32 +439,6 @@ def _set_threads(threads: Optional[int]) -> None:
     if threads:
         import torch
         torch.set_num_threads(threads)
-
-
-def _add_stream(sub) -> None:
-    p = sub.add_parser("stream", help="live OpenIGTLink relay: receive IMAGE messages, send them despeckled")
-    p.add_argument("--listen", default="18945", metavar="[HOST:]PORT",
-                   help="where the relay accepts the image stream (default 127.0.0.1:18945; 0.0.0.0:PORT for "
-                        "every interface; port 0: any free port, printed)")
-    p.add_argument("--send", default="127.0.0.1:18944", metavar="HOST:PORT",
-                   help="where despeckled images go, e.g. 3D Slicer's OpenIGTLinkIF server (default 127.0.0.1:18944)")
-    p.add_argument("--connect", metavar="HOST:PORT",
-                   help="instead of listening, receive by connecting to this OpenIGTLink server (e.g. PlusServer)")
-    p.add_argument("--model", help="model file or bundled model name (default: the bundled default model)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
-    p.add_argument("--suffix", default="_S2S", help="appended to the device name of despeckled images (default _S2S)")
-    p.add_argument("--max-frames", type=int, help="stop after this many IMAGE messages were received and handled")
-    p.add_argument("--max-seconds", type=float, help="stop after this many seconds")
-    p.add_argument("--no-forward", action="store_true", help="do not pass other messages (TRANSFORM, ...) through")
-    p.add_argument("--threads", type=int, help="CPU threads for torch")
-    p.add_argument("--json", action="store_true", help="print the final statistics as JSON")
-    p.add_argument("--quiet", action="store_true", help="no connection messages on stderr")
-
-    def run(args) -> int:
-        from .stream import run_stream
-        return run_stream(args)
-
-    p.set_defaults(func=run)
 
 
 def _with_debug(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -500,11 +474,11 @@ def build_parser(argv: Optional[List[str]] = None) -> argparse.ArgumentParser:
     _add_export(sub)
     wanted = _command_in(argv)
     for module, name, help_text in (
-            ("simulation", "simulate", "simulate a B-mode phantom with its clean target"),
-            ("segmentation", "segment", "segment the carotid lumen from a seed point"),
-            ("demo", "demo", "despeckle a simulated phantom and a real DICOM with the bundled model")):
+            ("simulate", "simulate", "simulate a B-mode phantom with its clean target"),
+            ("segment", "segment", "segment the carotid lumen from a seed point"),
+            ("demo", "demo", "despeckle a simulated phantom and a real DICOM with the bundled model"),
+            ("stream", "stream", "live OpenIGTLink relay: receive IMAGE messages, send them despeckled")):
         _add_optional(sub, module, name, help_text, load=wanted in ("", name))
-    _add_stream(sub)
     for subparser in sub.choices.values():
         _with_debug(subparser)
     return parser
@@ -516,7 +490,7 @@ class _Terminated(BaseException):
 
 #: Errors that mean "bad input, options or paths" (exit 2); anything else is a failed run (exit 1).
 def _is_bad_input(err: BaseException) -> bool:
-    from .resources import InsufficientMemory
+    from ..engine.resources import InsufficientMemory
     return isinstance(err, (ValueError, TypeError, KeyError, FileNotFoundError, PermissionError,
                             IsADirectoryError, NotADirectoryError, InsufficientMemory)) \
         and not isinstance(err, (FloatingPointError, MemoryError))
@@ -534,7 +508,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     import threading
     import warnings
 
-    from .safeio import one_line
+    from ..fileio.safeio import one_line
 
     try:
         args = build_parser(argv).parse_args(argv)

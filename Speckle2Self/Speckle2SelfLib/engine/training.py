@@ -15,7 +15,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from .imageio import iter_inputs, read_frames
+from ..fileio.imageio import iter_inputs, read_frames
 from .losses import LossConfig, speckle2self_loss
 from .perturbation import DEFAULT_SCALES, minmax_normalise, multiscale_views, resample_to_working_scale
 
@@ -187,7 +187,7 @@ class FramePool:
         return views
 
     def view_difference(self, working_scale: float = 1.0, max_frames: int = 16) -> Optional[float]:
-        """Mean view difference (0.5 view vs full view, Speckle2SelfLib.grain) of up to
+        """Mean view difference (0.5 view vs full view, Speckle2SelfLib.engine.grain) of up to
         ``max_frames`` frames at the working scale: what the model learns to work at."""
         from .grain import view_difference_at
 

@@ -7,6 +7,7 @@ Only one batch at a time lives on the device, so memory stays bounded for long c
 
 from __future__ import annotations
 
+import threading
 import warnings
 from typing import Callable, Iterable, List, Optional, Union
 
@@ -23,7 +24,7 @@ MAX_AUTO_BATCH = 256
 TILE_ABOVE_BYTES = 384 * 2 ** 20
 UNTILED_BYTES_PER_PIXEL_CHANNEL = 9
 
-CancelFlag = Union[Callable[[], bool], "threading.Event", None]  # noqa: F821
+CancelFlag = Union[Callable[[], bool], threading.Event, None]
 ProgressFn = Optional[Callable[[int, int], None]]
 
 
@@ -84,7 +85,7 @@ def check_frames(array: np.ndarray) -> np.ndarray:
         raise TypeError(f"unsupported dtype {array.dtype}; pass integer or floating-point intensities")
     if array.ndim == 3 and array.shape[-1] in (3, 4) and array.shape[0] >= MIN_SIDE:
         raise ValueError(f"shape {array.shape} looks like an RGB(A) image; convert it to grey first "
-                         "(Speckle2SelfLib.imageio.to_luminance) or pass frames as (N, H, W)")
+                         "(Speckle2SelfLib.fileio.imageio.to_luminance) or pass frames as (N, H, W)")
     if array.ndim not in (2, 3):
         raise ValueError(f"expected a 2D image (H, W) or a stack of frames (N, H, W), got {array.ndim}D "
                          f"shape {array.shape}; split 4D/5D data into 3D stacks")
@@ -167,7 +168,7 @@ class Despeckler:
     """A loaded model bound to a device. Thread-safe for one call at a time."""
 
     def __init__(self, loaded: LoadedModel, device: str = "auto", backend: str = "auto"):
-        """``backend``: auto, fp32, bf16, openvino or onnxruntime (Speckle2SelfLib.backends)."""
+        """``backend``: auto, fp32, bf16, openvino or onnxruntime (Speckle2SelfLib.engine.backends)."""
         from .backends import select_backend
 
         self.loaded = loaded
@@ -330,7 +331,7 @@ class Despeckler:
         """The resampling factor for these (N, H, W) frames.
 
         "auto": where the model records the view difference it was trained at, the factor
-        that gives these frames the same (Speckle2SelfLib.grain); else the model's fixed
+        that gives these frames the same (Speckle2SelfLib.engine.grain); else the model's fixed
         working scale (1 for models without one).
         """
         from . import grain
@@ -352,7 +353,7 @@ class Despeckler:
         import torch
 
         if getattr(self, "_runner", None) is not None and self.device == "cpu":
-            return self._runner(x)          # bf16 / OpenVINO / ONNX Runtime (Speckle2SelfLib.backends)
+            return self._runner(x)          # bf16 / OpenVINO / ONNX Runtime (Speckle2SelfLib.engine.backends)
         cuda = self.device.startswith("cuda")
         x = x.to(self.device, non_blocking=cuda)
         if cuda:
@@ -380,7 +381,7 @@ class Despeckler:
         return estimate > TILE_ABOVE_BYTES
 
     def _strip_plan(self):
-        """The network as a layer-by-layer strip plan (Speckle2SelfLib.tiling), or None when this
+        """The network as a layer-by-layer strip plan (Speckle2SelfLib.engine.tiling), or None when this
         model's structure is not one the executor reproduces exactly (checked once on a probe)."""
         if not hasattr(self, "_plan"):
             from .tiling import UnsupportedNetwork, build_plan, self_check
@@ -402,8 +403,3 @@ class Despeckler:
         if plan is None:
             return self._run_module(x)
         return run_plan(plan, x.to(self.device)).float().cpu()
-
-
-def despeckle(array, model=None, device: str = "auto", backend: str = "auto", **kwargs):
-    """One-call convenience: ``despeckle(img)`` with the bundled default model."""
-    return Despeckler.from_file(model, device, backend).denoise(array, **kwargs)

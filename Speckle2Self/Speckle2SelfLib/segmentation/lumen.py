@@ -1,0 +1,206 @@
+"""One-click lumen segmentation of a frame or a cine loop, with measurements and quality flags.
+
+:func:`segment` segments one frame with the "radial" method (default, :mod:`.radial`) or one
+of Slicer's effects ("flood", "growcut", :mod:`.editor_effects`) and returns the mask with its
+measurements (area, equivalent and ellipse diameters) and a flag with the reason when it is
+implausible. :func:`segment_sequence` runs any method on every frame of a cine loop; the seed
+follows the lumen centroid of the last accepted frame (whose boundary is the radial method's
+prior) and implausible frames are flagged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .editor_effects import DEFAULT_TOLERANCE, flood_fill, grow_from_seeds
+from .masks import (Measurement, RowCol, _as_image2d, check_seed, leak_reason, measure, seed_from_mask,
+                    warn_if_seed_on_wall)
+from .radial import SeedNotInLumenError, radial_boundary, radial_segment
+
+#: Relative area change between consecutive accepted frames above which a frame is flagged.
+MAX_AREA_CHANGE = 0.5
+#: Segmentation methods: "radial" (the default: a star-shaped boundary around the seed, robust
+#: to wall gaps), and Slicer's own "flood" (flood filling) and "growcut" (grow from seeds).
+METHODS = ("radial", "flood", "growcut")
+DEFAULT_METHOD = "radial"
+
+
+# ----------------------------------------------------------------------------- one frame / sequences
+
+def segment_frame(image2d: np.ndarray, seed_rc: RowCol, method: str = DEFAULT_METHOD,
+                  tolerance: float = DEFAULT_TOLERANCE, check: bool = True, **options) -> np.ndarray:
+    """Lumen mask of one frame with ``method`` "radial" (:func:`radial_segment`, the default),
+    "flood" (:func:`flood_fill`) or "growcut" (:func:`grow_from_seeds`); ``tolerance`` is the
+    flood fill's (radial ignores it). :func:`segment` also returns measurements and flags."""
+    if method == "radial":
+        return radial_segment(image2d, seed_rc, check=check, **options)
+    if method == "flood":
+        return flood_fill(image2d, seed_rc, tolerance, check=check, **options)
+    if method == "growcut":
+        return grow_from_seeds(image2d, seed_rc, tolerance=tolerance, check=check, **options)
+    raise ValueError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
+
+
+@dataclass
+class LumenFrame:
+    """One frame's lumen: the mask, its measurements and, if implausible, why."""
+
+    mask: np.ndarray                        # (H, W) bool
+    measurement: Measurement
+    seed_rc: Tuple[int, int]
+    reason: str = ""                        # '' when plausible, else why not to trust the mask
+
+    @property
+    def flagged(self) -> bool:
+        return bool(self.reason)
+
+
+def segment(image2d: np.ndarray, seed_rc: RowCol, method: str = DEFAULT_METHOD,
+            spacing_mm: Sequence[float] = (1.0, 1.0), tolerance: float = DEFAULT_TOLERANCE,
+            prior_mask: Optional[np.ndarray] = None, **options) -> LumenFrame:
+    """One-click lumen segmentation of a 2D frame: mask, measurements and plausibility.
+
+    ``method``: "radial" (default, :func:`radial_boundary`), "flood" or "growcut" (Slicer's
+    effects, ``tolerance`` in grey levels). Never returns an implausible mask silently: the
+    result's ``reason`` says why it should not be trusted (leak, weak boundary, not a dark
+    lumen, empty). A radial seed on bright tissue raises :class:`SeedNotInLumenError`.
+    ``prior_mask`` (radial only) is a previous boundary to stay close to.
+    """
+    seed = check_seed(seed_rc, np.shape(image2d))
+    mask, reason = _segment_checked(image2d, seed, method, tolerance, options, prior_mask)
+    m = measure(mask, spacing_mm)
+    if m.area_px == 0 and not reason:
+        reason = "empty mask"
+    return LumenFrame(mask, m, seed, reason)
+
+
+def _segment_checked(image2d, seed, method, tolerance, options, prior_mask=None) -> Tuple[np.ndarray, str]:
+    """(mask, reason it is implausible or '') without warnings."""
+    if method == "radial":
+        contour = radial_boundary(image2d, seed, prior_mask=prior_mask, **options)
+        return contour.mask, contour.reason
+    if prior_mask is not None:
+        raise ValueError(f"prior_mask is used by the radial method only, not {method!r}")
+    mask = segment_frame(image2d, seed, method, tolerance, check=False, **options)
+    leak = leak_reason(mask)
+    return mask, f"leaked: {leak}" if leak else ""
+
+
+@dataclass
+class SequenceResult:
+    """Per-frame lumen masks, seeds, measurements and quality flags of a cine loop."""
+
+    masks: np.ndarray                       # (N, H, W) bool
+    seeds_rc: np.ndarray                    # (N, 2) int: the seed each frame was grown from
+    measurements: List[Measurement]
+    flagged: np.ndarray                     # (N,) bool: implausible frame, do not trust
+    flag_reasons: List[str] = field(default_factory=list)   # '' for accepted frames
+
+    @property
+    def areas_mm2(self) -> np.ndarray:
+        return np.array([m.area_mm2 for m in self.measurements])
+
+
+def segment_sequence(frames: np.ndarray, seed_rc: RowCol, method: str = DEFAULT_METHOD,
+                     tolerance: float = DEFAULT_TOLERANCE, spacing_mm: Sequence[float] = (1.0, 1.0),
+                     start_frame: int = 0, max_area_change: float = MAX_AREA_CHANGE,
+                     frames_to_segment: Optional[Iterable[int]] = None,
+                     progress: Optional[Callable[[int, int], None]] = None, **options) -> SequenceResult:
+    """Segment every frame of (N, H, W) ``frames``, starting at ``start_frame`` with ``seed_rc``
+    and going forwards, then backwards from it.
+
+    Each frame is seeded at the lumen centroid of the last accepted frame (the lumen moves with
+    the probe and pulsates); with the radial method that frame's boundary is also the prior
+    (``prior_mask`` of :func:`radial_boundary`). A frame is flagged -- kept in ``masks`` but
+    marked in ``flagged`` with a reason, and not used to seed the next one -- when its mask is
+    empty, implausible (a leak, see :func:`leak_reason`; for radial also :func:`radial_reason`;
+    a seed that fell on bright tissue), or its area differs from the last accepted frame's by
+    more than ``max_area_change`` (0.5 = 50%). ``frames_to_segment`` limits the work to some
+    frames (others stay empty and unflagged). ``options`` go to the method's function.
+    ``progress(done, total)`` is called after each segmented frame (total: the frames to
+    segment); an exception it raises (e.g. a cancellation) stops the run and propagates.
+    A radial seed on bright tissue in the start frame raises :class:`SeedNotInLumenError`.
+    """
+    frames = np.asarray(frames)
+    if frames.ndim != 3:
+        raise ValueError(f"frames must be (N, H, W), got shape {frames.shape}")
+    n = frames.shape[0]
+    if not 0 <= start_frame < n:
+        raise ValueError(f"start_frame {start_frame} is outside 0..{n - 1}")
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
+    start_seed = check_seed(seed_rc, frames.shape)
+    if method != "radial":       # radial refuses such a seed with SeedNotInLumenError instead
+        warn_if_seed_on_wall(_as_image2d(frames[start_frame]), start_seed)
+    wanted = set(range(n)) if frames_to_segment is None else {int(k) for k in frames_to_segment}
+    result = SequenceResult(np.zeros(frames.shape, bool), np.full((n, 2), -1, int),
+                            [measure(np.zeros(frames.shape[1:], bool), spacing_mm)] * n,
+                            np.zeros(n, bool), [""] * n)
+    run = dict(method=method, tolerance=tolerance, spacing_mm=spacing_mm,
+               max_area_change=max_area_change, options=options)
+    total, done = sum(1 for k in wanted if 0 <= k < n), 0
+
+    def segment_one(k: int, state: _Track, first: bool) -> _Track:
+        nonlocal done
+        state = _segment_into(result, frames, k, state, first=first, **run)
+        done += 1
+        if progress is not None:
+            progress(done, total)
+        return state
+
+    start_state = _Track(start_seed)
+    if start_frame in wanted:
+        start_state = segment_one(start_frame, start_state, True)
+    for order in (range(start_frame + 1, n), range(start_frame - 1, -1, -1)):
+        state = start_state
+        for k in order:
+            if k in wanted:
+                state = segment_one(k, state, False)
+    return result
+
+
+@dataclass(frozen=True)
+class _Track:
+    """What the next frame starts from: the last accepted frame's centroid, area and mask."""
+
+    seed: Tuple[int, int]
+    area_mm2: Optional[float] = None
+    mask: Optional[np.ndarray] = None
+
+
+def _segment_into(result: SequenceResult, frames: np.ndarray, k: int, state: _Track, first: bool,
+                  method: str, tolerance: float, spacing_mm: Sequence[float], max_area_change: float,
+                  options: dict) -> _Track:
+    """Segment frame k into ``result``; return the state for the next frame: the new centroid,
+    area and mask if the frame is accepted, else the ones it was given."""
+    prior = state.mask if method == "radial" else None
+    try:
+        mask, reason = _segment_checked(frames[k], state.seed, method, tolerance, options, prior)
+    except SeedNotInLumenError as err:
+        if first:
+            raise
+        mask, reason = np.zeros(frames.shape[1:], bool), f"lost the lumen: {err}"
+    m = measure(mask, spacing_mm)
+    reason = reason or _flag_reason(mask, m, state.area_mm2, max_area_change)
+    result.masks[k], result.seeds_rc[k], result.measurements[k] = mask, state.seed, m
+    result.flagged[k], result.flag_reasons[k] = bool(reason), reason
+    if reason:
+        return state
+    return _Track(seed_from_mask(mask), m.area_mm2, mask)
+
+
+def _flag_reason(mask: np.ndarray, m: Measurement, reference_area: Optional[float],
+                 max_area_change: float) -> str:
+    if m.area_px == 0:
+        return "empty mask"
+    leak = leak_reason(mask)
+    if leak:
+        return f"leaked: {leak}"
+    if reference_area:
+        change = m.area_mm2 / reference_area - 1.0
+        if abs(change) > max_area_change:
+            return f"area changed {100 * change:+.0f}% vs the previous accepted frame"
+    return ""
