@@ -146,6 +146,10 @@ class Speckle2SelfWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.segmentButton.connect("clicked(bool)", self.onSegmentButton)
         self.ui.openSegmentEditorButton.connect("clicked(bool)", self.onOpenSegmentEditor)
 
+        try:   # again here: onReload drops the Lib's modules, and with them the user models default folder
+            userModelsDirectory()
+        except Exception as err:
+            logging.warning(f"Speckle2Self: user models folder not set up ({err})")
         self.populateModelCombo()
         self.initializeParameterNode()
         self.setupLive()
@@ -156,6 +160,9 @@ class Speckle2SelfWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if getattr(self, "_job", None) is not None:
             self._job.cancel()
         self.stopSegmentation()
+        for timer in (self._jobTimer, self._segmentTimer):   # a reloaded widget must not poll on
+            if timer is not None:
+                timer.stop()
         self.stopLive()
         self.stopAdapt()
         self.removeObservers()
@@ -246,6 +253,8 @@ class Speckle2SelfWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             problem = _("Select an input volume")
         elif not self.currentModel() and not self.logic.has_bundled_model():
             problem = _("No bundled model: choose 'Load model file...'")
+        elif self._segmentJob is not None:   # Apply locks the lumen panel, and with it Segment's Cancel
+            problem = _("Wait for the lumen segmentation to end (or cancel it)")
         self.ui.applyButton.enabled = problem is None
         self.ui.applyButton.toolTip = problem or _("Despeckle the input (click again to cancel)")
         if self._segmentJob is not None:
@@ -368,13 +377,17 @@ class Speckle2SelfWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         self._jobTimer.stop()
         self._job = None
-        if state.cancelled:
-            self.ui.statusLabel.text = _("Cancelled; nothing was added to the scene.")
-        elif state.error is not None:
-            self._showDespeckleError(state.error)
-        else:
-            self.showResult(DespeckleRun.from_result(state.result, self.logic.last_seconds))
-        self.setRunning(False)
+        try:
+            if state.cancelled:
+                self.ui.statusLabel.text = _("Cancelled; nothing was added to the scene.")
+            elif state.error is not None:
+                self._showDespeckleError(state.error)
+            else:
+                self.showResult(DespeckleRun.from_result(state.result, self.logic.last_seconds))
+        except Exception as err:  # showing the result failed: say so, and never leave Apply as Cancel
+            self._showDespeckleError(err)
+        finally:
+            self.setRunning(False)
 
     def _showDespeckleError(self, err) -> None:
         self.ui.statusLabel.text = _("Failed: {error}").format(error=err)
@@ -805,7 +818,11 @@ class Speckle2SelfWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.lumenStatusLabel.text = _("Failed: {error}").format(error=state.error)
             self._showError(_("Lumen segmentation failed:\n{error}").format(error=state.error), state.error)
         else:
-            self.showLumenResult(state.result)
+            try:
+                self.showLumenResult(state.result)
+            except Exception as err:  # the nodes are in the scene; showing them failed: say why
+                self.ui.lumenStatusLabel.text = _("Failed: {error}").format(error=err)
+                self._showError(_("Showing the lumen segmentation failed:\n{error}").format(error=err), err)
 
     def setSegmenting(self, running: bool) -> None:
         """While segmenting, Segment becomes Cancel and the lumen inputs are locked."""
@@ -821,8 +838,7 @@ class Speckle2SelfWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if running:
             self.ui.lumenStatusLabel.setStyleSheet("")
             self.ui.lumenStatusLabel.text = _("Segmenting...")
-        else:
-            self.updateButtons()
+        self.updateButtons()              # also Apply: unavailable while segmenting
 
     def stopSegmentation(self) -> None:
         job = getattr(self, "_segmentJob", None)
@@ -841,7 +857,8 @@ class Speckle2SelfWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.lumenTableView.setMRMLTableNode(result.table_node)
         flaggedRows = [row for row, k in enumerate(result.frames) if result.sequence.flagged[k]]
         self._paintRowsRed(flaggedRows, len(result.frames))
-        first = result.measurements[0] if result.measurements else None
+        seedFrame = result.seed_ijk[2]      # table order starts at frame 0, not necessarily at the seed
+        first = result.sequence.measurements[seedFrame] if seedFrame < len(result.sequence.measurements) else None
         if first is not None:
             text = _("{frames} frame(s) segmented; seed frame: area {area:.1f} mm2, diameter {diameter:.2f} mm").format(
                 frames=len(result.frames), area=first.area_mm2, diameter=first.equivalent_diameter_mm)
