@@ -144,3 +144,32 @@ def test_killed_folder_runs_leave_only_complete_outputs_and_skip_existing_finish
         assert all(p.read_bytes() == kept[p.name] for p in finals if p.name in kept), "earlier outputs untouched"
         assert [p.name for p in out.iterdir() if p.name.startswith(".")] == [], "stale temporaries removed"
     assert snapshot(big_folder) == inputs
+
+
+def _dead_pid() -> int:
+    """The process id of a process that has ended (and been reaped)."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+@pytest.mark.parametrize("folder_run", [True, False], ids=["folder", "single file"])
+def test_skip_existing_removes_the_temporary_of_a_run_killed_after_its_rename(
+        tmp_path, untrained_model, capsys, folder_run):
+    """A run killed between moving its output into place and removing its temporary folder leaves
+    a complete output and a stale temporary; the rerun skips the output and removes the temporary."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    Image.fromarray(speckle((40, 48))).save(src / "a.png")
+    out.mkdir()
+    Image.fromarray(speckle((40, 48), seed=3)).save(out / "a.png")
+    kept = (out / "a.png").read_bytes()
+    stale = out / f".a.png.speckle2self-partial-{_dead_pid()}"
+    stale.mkdir()
+    (stale / "a.png").write_bytes(kept)
+    args = [src, out] if folder_run else [src / "a.png", out / "a.png"]
+    result = run_cli(["denoise", *args, "--model", untrained_model, "--device", "cpu", "--skip-existing"], capsys)
+    assert result.code == 0, result.err
+    assert "skipped" in result.out
+    assert not stale.exists(), "stale temporary removed"
+    assert (out / "a.png").read_bytes() == kept, "the complete output is untouched"

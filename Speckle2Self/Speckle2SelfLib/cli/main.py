@@ -285,7 +285,7 @@ def _add_denoise(sub) -> None:
 def _run_denoise(args) -> int:
     from ..fileio.imageio import WRITABLE_SUFFIXES, iter_inputs
     from ..engine.inference import Despeckler
-    from ..fileio.safeio import check_input_path, check_output_path
+    from ..fileio.safeio import check_input_path, check_output_path, remove_stale_partials
 
     src, dst = check_input_path(args.input), Path(args.output)
     folder_run = src.is_dir()
@@ -302,6 +302,7 @@ def _run_denoise(args) -> int:
     options = dict(batch_size=args.batch, gamma=args.gamma, blend=args.blend, working_scale=args.working_scale)
     if not folder_run:
         if args.skip_existing and dst.exists():
+            remove_stale_partials(dst)
             print(f"{src} -> {dst} skipped (exists)")
             return EXIT_OK
         data = _read_checked(src, dst)          # a bad input is refused before the model is loaded
@@ -339,11 +340,14 @@ def _denoise_file(engine, src: Path, out: Path, options: dict, data=None) -> Non
 
 def _denoise_folder(engine, pairs, options: dict, skip_existing: bool) -> int:
     """Every file of a folder run: a bad file is named with its reason and the run goes on."""
-    from ..fileio.safeio import name_file, one_line
+    from ..fileio.safeio import name_file, one_line, remove_stale_partials
 
     written, skipped, failed = 0, 0, []
     for src, out in pairs:
         if skip_existing and out.exists():
+            # A run killed between moving its output into place and removing its temporary
+            # folder leaves both; the output is complete, only the temporary must go.
+            remove_stale_partials(out)
             skipped += 1
             continue
         try:
