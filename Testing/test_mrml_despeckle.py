@@ -497,12 +497,13 @@ def test_browser_item_number_matches_by_index_value_not_item_number(scene, phant
 
 # ----------------------------------------------------------------------------- background job (issue #11)
 
-def run_job(job, timeout=60.0):
+def run_job(job, timeout=60.0, start=True):
     """Poll as the GUI's QTimer does, until the job has ended; returns the states seen."""
     import time
 
     states, deadline = [], time.monotonic() + timeout
-    job.start()
+    if start:
+        job.start()
     while time.monotonic() < deadline:
         states.append(job.poll())
         if not states[-1].running:
@@ -580,6 +581,43 @@ def test_job_batches_are_about_half_a_second_and_cancel_takes_effect_within_a_se
     state = job.poll()
     assert state.cancelled and not state.finished and state.error is None and state.done < 40
     assert node_ids(scene) == ids
+
+
+def test_cancel_during_a_slow_model_load_ends_the_job_at_once_and_the_next_job_runs(
+        scene, untrained_model, phantoms, monkeypatch):
+    """Loading a model cannot be interrupted; Cancel still frees the GUI at once, the load's
+    result is never stored, and the next job (same logic) waits for that load and reuses it."""
+    import threading
+    import time
+
+    frames, _ = phantoms
+    volume = make_volume(scene, frames[:2])
+    loads, release = [], threading.Event()
+    real_load = Despeckler.from_file
+
+    def slow_load(*args, **kwargs):
+        loads.append(args[0])
+        release.wait(10)                     # a model that takes long to load (big file, slow disk)
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(Despeckler, "from_file", staticmethod(slow_load))
+    logic = Speckle2SelfLogic(untrained_model)
+    ids = node_ids(scene)
+    job = logic.prepare_job(volume)
+    job.start()
+    while not loads:
+        time.sleep(0.01)
+    asked = time.monotonic()
+    job.cancel()
+    state = job.poll()
+    assert time.monotonic() - asked < 0.5 and state.cancelled and not state.running and not state.finished
+    second = logic.prepare_job(volume)
+    second.start()
+    release.set()                            # the first load ends; its job stops without storing
+    states = run_job(second, start=False)
+    assert job.wait(30) and job.poll() is state, "the cancelled job stays cancelled"
+    assert states[-1].finished and len(loads) == 1, "the second job reused the model the first one loaded"
+    assert len(node_ids(scene)) == len(ids) + 2, "only the second job's output (volume + display)"
 
 
 def test_job_whose_input_left_the_scene_reports_an_error_and_adds_nothing(scene, fast, phantoms):

@@ -81,7 +81,8 @@ class BackgroundJob:
         return self.store(self.compute())
 
     def cancel(self) -> None:
-        """Stop after the current step; the scene is left as it was."""
+        """Stop after the current step; the scene is left as it was. The next :meth:`poll`
+        reports the job cancelled at once, even while the worker finishes a step."""
         self._cancel.set()
 
     @property
@@ -107,6 +108,11 @@ class BackgroundJob:
         from ..engine.inference import Cancelled
 
         if self._state is not None:
+            return self._state
+        if self._thread is not None and self._thread.is_alive() and self._cancel.is_set():
+            # Ended for the caller now: a step that cannot be interrupted (loading a model) may
+            # still be running; the worker stops at its next check and its output is never stored.
+            self._state = JobState(self.done, self._total, False, cancelled=True)
             return self._state
         if self._thread is None or self._thread.is_alive():
             return JobState(self.done, self._total, self._thread is not None)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Optional, Tuple
@@ -68,8 +69,8 @@ class Speckle2SelfLogic:
         self.device = device
         self.sequences_logic = sequences_logic
         self.backend = "auto"        # CPU inference path (Speckle2SelfLib.engine.backends)
-        self._despeckler = None
-        self._despeckler_key: Optional[Tuple[str, str, str]] = None
+        self._despeckler: Optional[Tuple[Tuple[str, str, str], Any]] = None     # (key, Despeckler)
+        self._despeckler_lock = threading.Lock()
         self.last_seconds = 0.0      # duration of the last successful call (despeckling + writing)
 
     # ------------------------------------------------------------------ parameter node
@@ -100,10 +101,13 @@ class Speckle2SelfLogic:
             return model
         device = device or self.device
         key = (str(model), device, self.backend)
-        if self._despeckler is None or self._despeckler_key != key:
-            self._despeckler = Despeckler.from_file(None if model is None else str(model), device, self.backend)
-            self._despeckler_key = key
-        return self._despeckler
+        # Worker threads call this: a cancelled job's thread may still be loading when the next
+        # job starts, so loads are serialised and the model is cached with its key in one step.
+        with self._despeckler_lock:
+            if self._despeckler is None or self._despeckler[0] != key:
+                loaded = Despeckler.from_file(None if model is None else str(model), device, self.backend)
+                self._despeckler = (key, loaded)
+            return self._despeckler[1]
 
     @staticmethod
     def bundled_models() -> list:
