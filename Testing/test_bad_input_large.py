@@ -26,7 +26,10 @@ def variants(untrained_model, tmp_path_factory):
     path = folder / "resize-d3-norm.pt"
     export_model(Speckle2SelfNet(width=4, depth=3, upsample="resize", head="norm_relu"), path,
                  scales=(1.0, 0.5), interpolation="bilinear")
-    found = {"transposed-d4": untrained_model, "resize-d3-norm_relu": path}
+    leaky = folder / "resize-d2-leaky.pt"
+    export_model(Speckle2SelfNet(width=4, depth=2, upsample="resize", head="norm_leaky"), leaky,
+                 scales=(1.0, 0.5), interpolation="bilinear")
+    found = {"transposed-d4": untrained_model, "resize-d3-norm_relu": path, "resize-d2-norm_leaky": leaky}
     try:
         found["bundled"] = resolve_model_path(None)
     except (FileNotFoundError, ValueError):
@@ -34,7 +37,7 @@ def variants(untrained_model, tmp_path_factory):
     return found
 
 
-@pytest.mark.parametrize("arch", ["transposed-d4", "resize-d3-norm_relu", "bundled"])
+@pytest.mark.parametrize("arch", ["transposed-d4", "resize-d3-norm_relu", "resize-d2-norm_leaky", "bundled"])
 def test_strip_execution_equals_the_plain_forward_pass(arch, variants):
     if arch not in variants:
         pytest.skip("no bundled model in this checkout")

@@ -89,6 +89,29 @@ def test_inference_net_pads_and_crops_back(shape):
     assert pad_to_multiple(torch.rand(shape)).shape[-2] % 16 == 0
 
 
+def test_leaky_head_passes_gradient_below_the_mean_where_the_relu_head_passes_none():
+    """The authors' IN + ReLU head maps everything below the image's mean to exactly 0 and gives
+    those pixels no gradient (flat black patches in dark tissue); the leaky head keeps it."""
+    torch.manual_seed(0)
+    grads = {}
+    for head in ("norm_relu", "norm_leaky"):
+        net = Speckle2SelfNet(width=4, depth=2, upsample="resize", head=head)
+        views = [v.requires_grad_(True) for v in multiscale_views(torch.rand(1, 1, 32, 32))]
+        out = net(views)[0]
+        below = out <= 0
+        assert below.float().mean() > 0.2, "instance norm puts part of the image below its mean"
+        grad_out, = torch.autograd.grad(out.sum(), out, retain_graph=True)
+        pre_head = net.decoder.layers[:-1](net.encoders[0](views[0]))
+        grad_pre, = torch.autograd.grad(net.decoder.layers[-1](pre_head).sum(), pre_head)
+        grads[head] = float(grad_pre[pre_head < 0].abs().min())
+        inf = net.inference_module().eval()
+        with torch.no_grad():
+            y = inf(torch.rand(1, 1, 40, 36))
+        assert 0.0 <= float(y.min()) and float(y.max()) <= 1.0
+    assert grads["norm_relu"] == 0.0
+    assert grads["norm_leaky"] == pytest.approx(0.2)
+
+
 def test_shared_encoder_and_resize_decoder_variants():
     net = Speckle2SelfNet(width=4, upsample="resize", shared_encoder=True)
     assert len(net.encoders) == 1

@@ -135,8 +135,9 @@ def _add_train(sub) -> None:
     p.add_argument("--shared-encoder", action="store_true", help="one encoder for all scales (ablation)")
     p.add_argument("--depth", type=int_between(2, 6), default=4,
                    help="stride-2 stages; 4 (paper) puts the bottleneck at 1/16 resolution")
-    p.add_argument("--head", default="linear", choices=["linear", "norm_relu"],
-                   help="output head: linear (clamped) or the authors' InstanceNorm + ReLU")
+    p.add_argument("--head", default="linear", choices=["linear", "norm_relu", "norm_leaky"],
+                   help="output head: linear (clamped), the authors' InstanceNorm + ReLU, or InstanceNorm + "
+                        "LeakyReLU (no flat black patches in dark tissue)")
     p.add_argument("--working-scale", type=float_between(0.05, 4.0), default=1.0,
                    help="resample frames by this factor before training (e.g. 0.5 for coarse B-mode speckle)")
     p.add_argument("--augment-prob", type=float_between(0.0, 1.0), default=0.3,

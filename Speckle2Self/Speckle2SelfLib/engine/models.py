@@ -195,7 +195,9 @@ def check_module_matches_metadata(module, metadata: Dict[str, Any], path="model"
         decoder_layers = [n for n in kinds if n.startswith("decoder.layers.") and n.count(".") == 2]
         last = kinds[decoder_layers[-1]] if decoder_layers else ""
         has_norm_head = len(decoder_layers) >= 2 and kinds[decoder_layers[-2]] == "InstanceNorm2d"
-        if decoder_layers and (metadata["head"] == "norm_relu") != (has_norm_head and last == "ReLU"):
+        ends = {"norm_relu": "ReLU", "norm_leaky": "LeakyReLU"}
+        found = last if has_norm_head and last in ends.values() else None
+        if decoder_layers and ends.get(metadata["head"]) != found:
             refuse(f"metadata says head {metadata['head']!r} but the decoder ends otherwise")
     multiple = int(getattr(module, "size_multiple", 0) or 0)
     if multiple and "size_multiple" in metadata and int(metadata["size_multiple"]) != multiple:
@@ -275,7 +277,7 @@ def _metadata_problem(m: Dict[str, Any]) -> Optional[str]:
         checks.append(f"interpolation = {m['interpolation']!r}")
     if "upsample" in m and m["upsample"] not in ("transposed", "resize"):
         checks.append(f"upsample = {m['upsample']!r}")
-    if "head" in m and m["head"] not in ("linear", "norm_relu"):
+    if "head" in m and m["head"] not in ("linear", "norm_relu", "norm_leaky"):
         checks.append(f"head = {m['head']!r}")
     if not isinstance(m["weights_sha256"], str):
         checks.append("weights_sha256 is not a string")

@@ -19,7 +19,11 @@ UPSAMPLE_MODES = ("transposed", "resize")
 #: "linear": the last layer's output is clamped to [0, 1] at inference.
 #: "norm_relu": the authors' head, InstanceNorm (no affine) + ReLU after the last layer; it
 #: maps the darkest speckle (e.g. in an anechoic lumen) to exactly zero.
-HEADS = ("linear", "norm_relu")
+#: "norm_leaky": InstanceNorm + LeakyReLU(LEAKY_SLOPE), clamped to [0, 1] at inference: the
+#: ReLU passes no gradient below the image's mean, so tissue a little darker than the mean is
+#: never pulled back up and ends as flat black patches; the leak keeps that gradient.
+HEADS = ("linear", "norm_relu", "norm_leaky")
+LEAKY_SLOPE = 0.2
 
 
 def _conv_norm_relu(in_ch: int, out_ch: int, stride: int = 1) -> nn.Sequential:
@@ -99,6 +103,8 @@ class Decoder(nn.Module):
                        nn.Conv2d(width, 1, 3, padding=1)]
         if head == "norm_relu":
             layers += [nn.InstanceNorm2d(1, affine=False), nn.ReLU()]
+        elif head == "norm_leaky":
+            layers += [nn.InstanceNorm2d(1, affine=False), nn.LeakyReLU(LEAKY_SLOPE)]
         self.layers = nn.Sequential(*layers)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
