@@ -86,6 +86,38 @@ def test_fine_tuning_starts_from_the_given_model(trained_model, tmp_path):
     np.testing.assert_allclose(a, b, atol=2e-3)
 
 
+def test_fine_tuning_with_another_head_and_scales_keeps_the_model_before_the_head(trained_model, tmp_path):
+    """``train --init M --head norm_leaky --scales ...``: the encoder and decoder come from M, the new
+    head starts fresh (scale 1, shift 0), the new factors are stored; a model whose decoder does
+    not match is refused with its name."""
+    import torch
+
+    from Speckle2SelfLib.engine.network import Speckle2SelfNet
+    from Speckle2SelfLib.engine.training import build_net, config_from_model, init_from_model
+
+    cfg = config_from_model(trained_model, head="norm_leaky", scales=[1.0, 0.35, 0.18], crop=32, batch=2,
+                            steps=1, device="cpu", preview_every=0)
+    meta = load_model(trained_model).metadata
+    assert (cfg.head, cfg.scales, cfg.width, cfg.depth) == ("norm_leaky", [1.0, 0.35, 0.18], meta["width"],
+                                                            meta["depth"])
+    net = build_net(cfg)
+    init_from_model(net, trained_model)
+    source = load_model(trained_model).module.state_dict()
+    for name, value in net.decoder.state_dict().items():
+        if f"decoder.{name}" in source:
+            assert torch.equal(value, source[f"decoder.{name}"]), name
+    head_norm = net.decoder.layers[-2]
+    assert torch.equal(head_norm.weight, torch.ones(1)) and torch.equal(head_norm.bias, torch.zeros(1))
+    out = tmp_path / "leaky.pt"
+    train(cfg, FramePool(simulated_frames(n=2, size=64, seed=50)[0], {"frames": 2}), out, progress=False,
+          init_model=str(trained_model))
+    tuned = load_model(out).metadata
+    assert tuned["head"] == "norm_leaky" and tuned["scales"] == [1.0, 0.35, 0.18]
+    other = Speckle2SelfNet(width=meta["width"] * 2, depth=meta["depth"])
+    with pytest.raises(ValueError, match="encoder does not match"):
+        init_from_model(other, trained_model)
+
+
 def test_training_needs_a_stopping_rule_and_valid_crop():
     with pytest.raises(ValueError, match="stopping rule"):
         TrainConfig()

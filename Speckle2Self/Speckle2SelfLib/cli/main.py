@@ -128,16 +128,18 @@ def _add_train(sub) -> None:
     p.add_argument("--lr", type=float_between(0, 10, low_open=True), default=1e-3)
     p.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"],
                    help="constant (paper) or warm-up + cosine decay over the budget")
-    p.add_argument("--scales", type=scales_list, default="1.0,0.5,0.25", help="comma-separated perturbation scales")
+    p.add_argument("--scales", type=scales_list, default=None,
+                   help="comma-separated perturbation scales (default 1.0,0.5,0.25; with --init: the model's)")
     p.add_argument("--interpolation", default="bilinear", choices=["bilinear", "bicubic", "area", "nearest"])
     p.add_argument("--upsample", default="transposed", choices=["transposed", "resize"],
                    help="decoder upsampling: transposed convs (paper) or bilinear resize + conv")
     p.add_argument("--shared-encoder", action="store_true", help="one encoder for all scales (ablation)")
     p.add_argument("--depth", type=int_between(2, 6), default=4,
                    help="stride-2 stages; 4 (paper) puts the bottleneck at 1/16 resolution")
-    p.add_argument("--head", default="linear", choices=["linear", "norm_relu", "norm_leaky"],
-                   help="output head: linear (clamped), the authors' InstanceNorm + ReLU, or InstanceNorm + "
-                        "LeakyReLU (no flat black patches in dark tissue)")
+    p.add_argument("--head", default=None, choices=["linear", "norm_relu", "norm_leaky"],
+                   help="output head: linear (clamped; the default), the authors' InstanceNorm + ReLU, or "
+                        "InstanceNorm + LeakyReLU (no flat black patches in dark tissue); with --init: the "
+                        "model's unless given (a new head starts from scratch, the rest from the model)")
     p.add_argument("--working-scale", type=float_between(0.05, 4.0), default=1.0,
                    help="resample frames by this factor before training (e.g. 0.5 for coarse B-mode speckle)")
     p.add_argument("--augment-prob", type=float_between(0.0, 1.0), default=0.3,
@@ -151,7 +153,8 @@ def _add_train(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", help="checkpoint (.ckpt) to continue from")
     p.add_argument("--init", help="fine-tune this model (file, bundled name, or 'default'); its architecture "
-                                  "replaces --width/--scales/--interpolation/--upsample")
+                                  "replaces --width/--depth/--interpolation/--upsample; --scales and --head "
+                                  "replace the model's when given")
     p.add_argument("--checkpoint-every", type=int_at_least(1), default=200, help="steps between checkpoints")
     p.add_argument("--preview-every", type=int_at_least(0), default=500, help="steps between preview PNGs (0: never)")
     p.add_argument("--name", default=None, help="model name stored in the metadata (default: file stem)")
@@ -162,6 +165,7 @@ def _add_train(sub) -> None:
 def _run_train(args) -> int:
     from ..engine.models import resolve_model_path
     from ..fileio.safeio import check_input_path, check_output_path
+    from ..engine.perturbation import DEFAULT_SCALES
     from ..engine.training import TrainConfig, config_from_model, load_checkpoint_config, train
 
     # 1. Everything that can be checked without reading the data: options, inputs, outputs.
@@ -195,11 +199,12 @@ def _run_train(args) -> int:
                         lr_schedule=args.lr_schedule, augment_prob=args.augment_prob, rotate_degrees=args.rotate_degrees)
         if args.init:
             init = resolve_model_path(None if args.init == "default" else args.init)
-            cfg = config_from_model(init, **settings)
+            changed = {k: v for k, v in (("scales", args.scales), ("head", args.head)) if v is not None}
+            cfg = config_from_model(init, **settings, **changed)
         else:
-            cfg = TrainConfig(width=args.width, scales=list(args.scales),
+            cfg = TrainConfig(width=args.width, scales=list(args.scales or DEFAULT_SCALES),
                               interpolation=args.interpolation, upsample=args.upsample,
-                              shared_encoder=args.shared_encoder, depth=args.depth, head=args.head,
+                              shared_encoder=args.shared_encoder, depth=args.depth, head=args.head or "linear",
                               working_scale=args.working_scale, **settings)
     if cfg.crop % 2 ** int(cfg.depth):
         raise ValueError(f"--crop {cfg.crop} is not a multiple of 2^depth = {2 ** int(cfg.depth)}")

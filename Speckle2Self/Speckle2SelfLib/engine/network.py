@@ -19,9 +19,11 @@ UPSAMPLE_MODES = ("transposed", "resize")
 #: "linear": the last layer's output is clamped to [0, 1] at inference.
 #: "norm_relu": the authors' head, InstanceNorm (no affine) + ReLU after the last layer; it
 #: maps the darkest speckle (e.g. in an anechoic lumen) to exactly zero.
-#: "norm_leaky": InstanceNorm + LeakyReLU(LEAKY_SLOPE), clamped to [0, 1] at inference: the
-#: ReLU passes no gradient below the image's mean, so tissue a little darker than the mean is
-#: never pulled back up and ends as flat black patches; the leak keeps that gradient.
+#: "norm_leaky": InstanceNorm with a learned scale and shift + LeakyReLU(LEAKY_SLOPE), clamped to
+#: [0, 1] at inference. The ReLU head passes no gradient below the image's mean, so tissue a
+#: little darker than the mean is never pulled back up and ends as flat black patches; the leak
+#: keeps that gradient, and the learned scale lets the output match the views' grey levels (a
+#: unit-variance output with a leak cannot: only the ReLU's dead zone absorbs that variance).
 HEADS = ("linear", "norm_relu", "norm_leaky")
 LEAKY_SLOPE = 0.2
 
@@ -104,7 +106,7 @@ class Decoder(nn.Module):
         if head == "norm_relu":
             layers += [nn.InstanceNorm2d(1, affine=False), nn.ReLU()]
         elif head == "norm_leaky":
-            layers += [nn.InstanceNorm2d(1, affine=False), nn.LeakyReLU(LEAKY_SLOPE)]
+            layers += [nn.InstanceNorm2d(1, affine=True), nn.LeakyReLU(LEAKY_SLOPE)]
         self.layers = nn.Sequential(*layers)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:

@@ -249,14 +249,20 @@ def _amp_dtype(device: str):
     return torch.bfloat16 if cpu_has_native_bf16() else None
 
 
-def config_from_model(model_path, **overrides) -> TrainConfig:
-    """A TrainConfig whose architecture matches an exported model (for fine-tuning it)."""
+def config_from_model(model_path, scales: Optional[Sequence[float]] = None, head: Optional[str] = None,
+                      **overrides) -> TrainConfig:
+    """A TrainConfig whose architecture matches an exported model (for fine-tuning it).
+
+    ``scales`` and ``head`` replace the model's when given: every scale's encoder starts from the
+    model's full-resolution one anyway, and a new head's parameters start fresh while everything
+    before it comes from the model."""
     from .models import load_model
 
     meta = load_model(model_path).metadata
-    arch = dict(width=int(meta["width"]), scales=list(meta["scales"]), interpolation=meta["interpolation"],
+    arch = dict(width=int(meta["width"]), scales=list(scales or meta["scales"]),
+                interpolation=meta["interpolation"],
                 upsample=meta.get("upsample", "transposed"), shared_encoder=bool(meta.get("shared_encoder", False)),
-                depth=int(meta.get("depth", 4)), head=meta.get("head", "linear"),
+                depth=int(meta.get("depth", 4)), head=head or meta.get("head", "linear"),
                 working_scale=float(meta.get("working_scale", 1.0)))
     return TrainConfig(**{**overrides, **arch})
 
@@ -273,8 +279,16 @@ def init_from_model(net, model_path) -> None:
     enc = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
     dec = {k[len("decoder."):]: v for k, v in state.items() if k.startswith("decoder.")}
     for encoder in net.encoders:
-        encoder.load_state_dict(enc)
-    net.decoder.load_state_dict(dec)
+        try:
+            encoder.load_state_dict(enc)
+        except RuntimeError as err:       # shapes or layers differ: another width or depth
+            raise ValueError(f"{model_path}: its encoder does not match this network "
+                             f"({str(err).splitlines()[-1].strip()})") from err
+    missing, unexpected = net.decoder.load_state_dict(dec, strict=False)
+    head_layers = f"layers.{len(net.decoder.layers) - 2}."      # the head's norm (another head: fresh)
+    if unexpected or any(not k.startswith(head_layers) for k in missing):
+        raise ValueError(f"{model_path}: its decoder does not match this network "
+                         f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
 
 
 def train(cfg: TrainConfig, pool: FramePool, out_path, resume: Optional[str] = None,
