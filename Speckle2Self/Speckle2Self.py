@@ -73,7 +73,8 @@ class Speckle2SelfParameterNode:
     """What the user chose; saved with the scene and restored when it is loaded.
 
     model: "" for the default bundled model, a bundled model's name, or a model file path.
-    batchSize: 0 means automatic. lumen*: the 'Segment lumen' section.
+    batchSize: 0 means automatic. inputGreyLevels: the output keeps each input frame's brightness
+    and contrast (off: the network's own grey levels). lumen*: the 'Segment lumen' section.
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
@@ -85,6 +86,7 @@ class Speckle2SelfParameterNode:
     batchSize: Annotated[int, WithinRange(0, 256)] = 0
     blend: Annotated[float, WithinRange(0.0, 1.0)] = 0.0
     gamma: Annotated[float, WithinRange(0.2, 3.0)] = 1.0
+    inputGreyLevels: bool = True
     keepColour: bool = False
     lumenVolume: vtkMRMLScalarVolumeNode
     seedPoints: vtkMRMLMarkupsFiducialNode
@@ -351,7 +353,7 @@ class Speckle2SelfWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._job = self.logic.start_process(
                 p.inputVolume, p.outputVolume, all_frames=p.allFrames, model=p.model or None,
                 device=p.device.lower(), backend=BACKENDS[p.backend], batch_size=p.batchSize or None, gamma=p.gamma,
-                blend=p.blend, keep_colour=p.keepColour)
+                blend=p.blend, keep_colour=p.keepColour, grey_levels="auto" if p.inputGreyLevels else "network")
         except Exception as err:  # shown to the user with the details; the scene is left as it was
             self._showDespeckleError(err)
             return

@@ -136,3 +136,20 @@ def test_denoise_a_real_plus_sequence_keeps_its_header(cli_model, tmp_path):
     assert b.GetPixelID() == a.GetPixelID()
     seq_keys = [k for k in a.GetMetaDataKeys() if k.startswith("Seq_Frame")]
     assert seq_keys and all(b.GetMetaData(k) == a.GetMetaData(k) for k in seq_keys)
+
+
+def test_denoise_grey_levels_option_reaches_the_output(tmp_path, capsys):
+    from conftest import simulated_frames
+
+    frame = np.rint(simulated_frames(n=1, size=96, seed=4)[0][0] * 255).astype(np.uint8)
+    Image.fromarray(frame).save(tmp_path / "a.png")
+    outputs = {}
+    for levels in ("auto", "network"):
+        out = tmp_path / f"{levels}.png"
+        assert main(["denoise", str(tmp_path / "a.png"), str(out), "--device", "cpu", "--grey-levels", levels]) == 0
+        outputs[levels] = np.asarray(Image.open(out), dtype=np.float64)
+    # The bundled model's own grey levels are stretched; by default they follow the input's.
+    assert abs(outputs["auto"].mean() - frame.mean()) < abs(outputs["network"].mean() - frame.mean())
+    assert main(["denoise", str(tmp_path / "a.png"), str(tmp_path / "b.png"), "--grey-levels", "fit"]) == 2
+    assert "invalid choice: 'fit'" in capsys.readouterr().err
+    assert not (tmp_path / "b.png").exists()

@@ -12,6 +12,7 @@ import torch
 from Speckle2SelfLib.engine.inference import Cancelled, Despeckler, check_frames
 from Speckle2SelfLib.engine.models import METADATA_FILE, ModelFormatError, export_model, load_model
 from Speckle2SelfLib.engine.network import Speckle2SelfNet
+from conftest import simulated_frames
 
 
 @pytest.fixture(scope="module")
@@ -157,3 +158,69 @@ def test_bad_inputs_name_the_problem(engine, bad, message):
 def test_unknown_device_is_refused(untrained_model):
     with pytest.raises(ValueError, match="unknown device"):
         Despeckler.from_file(untrained_model, device="tpu")
+
+
+# ----------------------------------------------------------------------------- output grey levels
+
+def _stretched_like_the_authors_head(clean: np.ndarray) -> np.ndarray:
+    """What an InstanceNorm + ReLU head makes of a clean image: standardised, below-mean black."""
+    return np.clip((clean - clean.mean()) / clean.std(), 0.0, 1.0)
+
+
+def test_fit_grey_levels_gives_a_stretched_output_back_the_inputs_brightness_and_contrast():
+    from Speckle2SelfLib.engine.inference import fit_grey_levels
+
+    noisy, clean = simulated_frames(n=1, size=128, seed=3)
+    frame, truth = noisy[0].astype(np.float64), clean[0].astype(np.float64)
+    stretched = _stretched_like_the_authors_head(truth)
+    fitted = fit_grey_levels(stretched, frame)
+    # The fitted output predicts the input better than the stretched one, is nearer the clean
+    # image's grey levels, and keeps the input's mean brightness.
+    assert np.mean((fitted - frame) ** 2) < 0.5 * np.mean((stretched - frame) ** 2)
+    assert np.mean(np.abs(fitted - truth)) < 0.5 * np.mean(np.abs(stretched - truth))
+    assert abs(fitted.mean() - frame.mean()) < 0.01
+    assert fitted.min() >= 0.0 and fitted.max() <= 1.0
+    # Grey-level order is kept (a positive slope): the map is monotonic.
+    order = np.argsort(stretched.ravel(), kind="stable")
+    assert np.all(np.diff(fitted.ravel()[order]) >= -1e-12)
+
+
+def test_fit_grey_levels_leaves_a_flat_or_inverted_output_as_it_is():
+    from Speckle2SelfLib.engine.inference import fit_grey_levels
+
+    frame = np.random.default_rng(0).random((32, 32))
+    flat = np.full((32, 32), 0.3)
+    np.testing.assert_array_equal(fit_grey_levels(flat, frame), flat)
+    inverted = 1.0 - frame
+    np.testing.assert_array_equal(fit_grey_levels(inverted, frame), inverted)
+
+
+def test_bundled_model_keeps_the_input_grey_levels_by_default_and_its_own_on_request():
+    noisy, _clean = simulated_frames(n=2, size=128, seed=5)
+    frames = np.rint(np.stack(noisy) * 255).astype(np.uint8)
+    eng = Despeckler.from_file(None, device="cpu", backend="fp32")
+    assert eng.metadata["head"] == "norm_relu" and eng.fits_grey_levels("auto")
+    fitted = eng.denoise(frames).astype(np.float64)
+    np.testing.assert_array_equal(eng.denoise(frames, grey_levels="input"), fitted)
+    own = eng.denoise(frames, grey_levels="network").astype(np.float64)
+    for f, o, x in zip(fitted, own, frames.astype(np.float64)):
+        # The network's own output is contrast-stretched: far more black pixels and a wider
+        # spread than the input; the fitted output has the input's mean within 2 grey levels.
+        assert abs(f.mean() - x.mean()) < 2.0 < abs(o.mean() - x.mean())
+        assert np.mean(o <= x.min()) > 4 * max(np.mean(f <= x.min()), 0.01)
+        assert np.mean((f - x) ** 2) < np.mean((o - x) ** 2)
+        assert np.corrcoef(f.ravel(), o.ravel())[0, 1] > 0.99     # same image, other grey levels
+
+
+def test_linear_head_models_keep_their_grey_levels_unless_asked(engine):
+    frames = np.rint(np.stack(simulated_frames(n=1, size=64, seed=2)[0]) * 255).astype(np.uint8)
+    assert engine.metadata["head"] == "linear" and not engine.fits_grey_levels("auto")
+    np.testing.assert_array_equal(engine.denoise(frames), engine.denoise(frames, grey_levels="network"))
+    assert engine.fits_grey_levels("input")
+
+
+@pytest.mark.parametrize("bad", ["fit", "", None, 1])
+def test_unknown_grey_levels_option_is_refused_before_any_computation(engine, bad):
+    frames = np.zeros((1, 32, 32), np.uint8)
+    with pytest.raises(ValueError, match="grey_levels must be one of auto, input, network"):
+        engine.denoise(frames, grey_levels=bad)

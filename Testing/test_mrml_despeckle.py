@@ -666,3 +666,26 @@ def test_logic_reads_model_metadata_without_loading_the_model(untrained_model):
         default = next(e for e in logic.bundled_models() if e.get("default"))
         assert logic.model_metadata(None)["name"] == logic.model_metadata(default["name"])["name"]
     assert "width 4" in describe_model(logic.model_metadata(str(untrained_model)))
+
+
+def test_logic_output_keeps_the_input_grey_levels_unless_the_network_levels_are_asked_for(scene, phantoms):
+    from Speckle2SelfLib.scene.logic import DespeckleRun
+
+    frames, _ = phantoms
+    volume = make_volume(scene, frames[:2])
+    logic = Speckle2SelfLogic(Despeckler.from_file(None, device="cpu", backend="fp32"),
+                              sequences_logic=scene.sequences_logic)
+    fitted = nodes.volume_to_array(logic.process(volume).output_node).astype(np.float64)
+    own = nodes.volume_to_array(logic.process(volume, grey_levels="network").output_node).astype(np.float64)
+    original = frames[:2].astype(np.float64)
+    # The bundled model's head stretches contrast; by default the output has the input's brightness.
+    assert abs(fitted.mean() - original.mean()) < 2.0 < abs(own.mean() - original.mean())
+    job = logic.start_process(volume, grey_levels="network")
+    assert job.wait(60)
+    run = DespeckleRun.from_result(job.poll().result, logic.last_seconds)
+    np.testing.assert_array_equal(nodes.volume_to_array(run.output_node), own)
+    ids = node_ids(scene)
+    for call in (logic.process, logic.start_process):
+        with pytest.raises(ValueError, match="grey_levels must be one of auto, input, network"):
+            call(volume, grey_levels="stretched")
+    assert node_ids(scene) == ids, "a refused option adds no node"

@@ -84,11 +84,13 @@ def apply_cached(method: str, fn: Callable, case: carotid.CarotidCase, image: np
     """The method's output (uint8) and seconds taken (0 when read from the cache)."""
     from PIL import Image
 
+    import inspect
+
     tag = method
-    if method in model_files:   # a retrained model under the same name must not hit old results
-        tag += str(model_files[method].stat().st_mtime_ns)
+    if method in model_files:   # a retrained model under the same name must not hit old results,
+        from Speckle2SelfLib.engine import inference     # nor a model run by changed inference code
+        tag += str(model_files[method].stat().st_mtime_ns) + inspect.getsource(inference)
     elif method != "raw":       # nor a baseline whose defaults or code changed
-        import inspect
         tag += inspect.getsource(inspect.getmodule(fn))
     path = cache / f"{_cache_key(tag, case.image)}.png" if cache else None
     if path is not None and path.is_file():

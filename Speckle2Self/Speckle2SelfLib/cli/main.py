@@ -276,6 +276,10 @@ def _add_denoise(sub) -> None:
     p.add_argument("--batch", type=int_between(1, 4096), help="frames per batch (default: automatic)")
     p.add_argument("--gamma", type=float_between(0, 100, low_open=True), help="display gamma applied to the output (the authors use 1.5)")
     p.add_argument("--blend", type=float_between(0.0, 1.0), default=0.0, help="0..1 share of the input mixed back in")
+    p.add_argument("--grey-levels", default="auto", choices=["auto", "input", "network"],
+                   help="input: the output keeps each input frame's brightness and contrast; network: the "
+                        "network's own (contrast-stretched by the authors' output head); auto (default): input "
+                        "for models with that head")
     p.add_argument("--working-scale", default="auto", type=_working_scale_arg,
                    help="auto (default): resample so the speckle grain matches the model's training data; "
                         "off: the input's own resolution; or a factor in [0.25, 2]")
@@ -305,7 +309,8 @@ def _run_denoise(args) -> int:
         check_output_path(dst, [src], suffixes=WRITABLE_SUFFIXES)
         pairs = [(src, dst)]
     _set_threads(args.threads)
-    options = dict(batch_size=args.batch, gamma=args.gamma, blend=args.blend, working_scale=args.working_scale)
+    options = dict(batch_size=args.batch, gamma=args.gamma, blend=args.blend, working_scale=args.working_scale,
+                   grey_levels=args.grey_levels)
     if not folder_run:
         if args.skip_existing and dst.exists():
             remove_stale_partials(dst)

@@ -18,6 +18,10 @@ from .models import LoadedModel, load_model, resolve_model_path
 MIN_SIDE = 8           # smaller frames carry no speckle statistics worth filtering
 CPU_BATCH = 4          # CPU throughput barely changes above this; small batches keep Cancel responsive
 MAX_AUTO_BATCH = 256
+#: Output grey levels: "input" fits them to the input's (see :func:`fit_grey_levels`),
+#: "network" keeps the network's own, "auto" fits for models whose head ends in an InstanceNorm.
+GREY_LEVELS = ("auto", "input", "network")
+NORMALISED_HEADS = ("norm_relu", "norm_leaky")
 #: Frames whose plain forward pass would take more than this run layer by layer in strips
 #: (bounded memory, same result). The estimate: bytes per pixel and network channel of the
 #: plain pass, measured on CPU (about 140 B/px at width 16).
@@ -140,13 +144,48 @@ def normalise_frame(frame: np.ndarray, out: np.ndarray) -> None:
     np.clip(out, 0.0, 1.0, out=out)
 
 
-def _restore(out01: np.ndarray, frame: np.ndarray, gamma: Optional[float], blend: float) -> np.ndarray:
-    """Map a [0, 1] network output back to the frame's range and dtype (computed in float64)."""
+def check_grey_levels(grey_levels) -> str:
+    """``grey_levels`` if it is one of :data:`GREY_LEVELS`, else a ValueError naming them."""
+    if not isinstance(grey_levels, str) or grey_levels not in GREY_LEVELS:
+        raise ValueError(f"grey_levels must be one of {', '.join(GREY_LEVELS)}, got {grey_levels!r}")
+    return grey_levels
+
+
+def fit_grey_levels(out01: np.ndarray, frame01: np.ndarray) -> np.ndarray:
+    """``out01`` under the grey-level map a * out + b (a > 0) with which it best predicts
+    ``frame01`` (least squares), clipped to [0, 1]; unchanged when no such map exists.
+
+    A despeckled image is the input without its speckle, so its best linear predictor of the
+    input has the input's brightness and contrast. Output heads that end in an InstanceNorm
+    (the authors' InstanceNorm + ReLU) throw both away: their raw output is contrast-stretched,
+    with every grey level below the image mean shown black.
+    """
+    y = out01.astype(np.float64, copy=False)
+    x = frame01.astype(np.float64, copy=False)
+    y_mean, x_mean = float(y.mean()), float(x.mean())
+    dy = y - y_mean
+    variance = float(np.mean(dy * dy))
+    if not variance > 1e-12:
+        return out01
+    slope = float(np.mean(dy * (x - x_mean))) / variance
+    if not (np.isfinite(slope) and slope > 0):
+        return out01
+    dy *= slope
+    dy += x_mean
+    return np.clip(dy, 0.0, 1.0, out=dy)
+
+
+def _restore(out01: np.ndarray, frame: np.ndarray, gamma: Optional[float], blend: float,
+             fit_levels: bool = False) -> np.ndarray:
+    """Map a [0, 1] network output back to the frame's range and dtype (computed in float64);
+    ``fit_levels``: first give it the frame's grey levels (:func:`fit_grey_levels`)."""
     lo, hi = frame_range(frame)
     if not hi > lo:
         return frame.copy()      # a constant frame has no speckle
     half = hi * 0.5 - lo * 0.5          # finite even where hi - lo overflows float64
     y = out01.astype(np.float64)
+    if fit_levels:
+        y = fit_grey_levels(y, (frame.astype(np.float64) * 0.5 - lo * 0.5) / half)
     if gamma is not None and gamma != 1.0:
         np.power(y, gamma, out=y)
     if blend > 0:
@@ -192,7 +231,7 @@ class Despeckler:
     # ------------------------------------------------------------------ public API
     def denoise(self, array, batch_size: Optional[int] = None, progress: ProgressFn = None,
                 cancel: CancelFlag = None, gamma: Optional[float] = None, blend: float = 0.0,
-                working_scale: Union[str, float, None] = "auto"):
+                working_scale: Union[str, float, None] = "auto", grey_levels: str = "auto"):
         """Despeckle (H, W), (N, H, W) or an iterable of (H, W) frames.
 
         Returns the same shape and dtype in each frame's own intensity range. Raises
@@ -200,6 +239,9 @@ class Despeckler:
         ``working_scale``: "auto" resamples the frames so their speckle grain matches the
         model's training data (one factor for the whole call); a number forces a factor;
         None or 1 runs at the frames' own resolution.
+        ``grey_levels``: "input" gives each output frame the brightness and contrast of its
+        input frame (:func:`fit_grey_levels`), "network" keeps the network's own (the authors'
+        head stretches contrast), "auto" (default) fits them where the model's head needs it.
         """
         if isinstance(blend, bool) or not isinstance(blend, (int, float, np.floating, np.integer)) \
                 or not 0.0 <= blend <= 1.0:
@@ -210,8 +252,10 @@ class Despeckler:
         if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))
                                        or batch_size < 1):
             raise ValueError(f"batch size must be a whole number of at least 1, got {batch_size!r}")
+        fit_levels = self.fits_grey_levels(grey_levels)
         if not isinstance(array, np.ndarray):
-            return self._denoise_iterable(array, batch_size, progress, cancel, gamma, blend, working_scale)
+            return self._denoise_iterable(array, batch_size, progress, cancel, gamma, blend, working_scale,
+                                          grey_levels)
         frames = check_frames(array)
         self.last_working_scale = self.resolve_working_scale(frames, working_scale)
         out = np.empty_like(frames)
@@ -227,7 +271,7 @@ class Despeckler:
                 raise FloatingPointError(f"the model produced NaN or infinite values (frames {done}.."
                                          f"{done + len(chunk) - 1}); the model file is probably broken")
             for i, (res, frame) in enumerate(zip(results, chunk)):
-                out[done + i] = _restore(res, frame, gamma, blend)
+                out[done + i] = _restore(res, frame, gamma, blend, fit_levels)
                 if is_flat(frame):
                     flat += 1
             done += len(chunk)
@@ -239,7 +283,7 @@ class Despeckler:
         return out[0] if array.ndim == 2 else out
 
     def _denoise_iterable(self, frames: Iterable, batch_size, progress, cancel, gamma, blend,
-                          working_scale="auto") -> List[np.ndarray]:
+                          working_scale="auto", grey_levels: str = "auto") -> List[np.ndarray]:
         total = len(frames) if hasattr(frames, "__len__") else -1
         outputs: List[np.ndarray] = []
         pending: List[np.ndarray] = []
@@ -249,7 +293,7 @@ class Despeckler:
             stack = np.stack(pending)
             if working_scale == "auto":     # one factor for the whole stream, from its first frames
                 working_scale = self.resolve_working_scale(stack, "auto")
-            outputs.extend(self.denoise(stack, batch_size, None, cancel, gamma, blend, working_scale))
+            outputs.extend(self.denoise(stack, batch_size, None, cancel, gamma, blend, working_scale, grey_levels))
             pending.clear()
             if progress is not None:
                 progress(len(outputs), total)
@@ -266,6 +310,13 @@ class Despeckler:
         if pending:
             flush()
         return outputs
+
+    def fits_grey_levels(self, grey_levels: str = "auto") -> bool:
+        """Whether :meth:`denoise` with this ``grey_levels`` fits the output's grey levels to the input's."""
+        check_grey_levels(grey_levels)
+        if grey_levels == "auto":
+            return self.metadata.get("head") in NORMALISED_HEADS
+        return grey_levels == "input"
 
     # ------------------------------------------------------------------ internals
     def _batch_size(self, requested: Optional[int], hw) -> int:
