@@ -212,15 +212,26 @@ def test_bundled_model_keeps_the_input_grey_levels_by_default_and_its_own_on_req
         assert np.corrcoef(f.ravel(), o.ravel())[0, 1] > 0.99     # same image, other grey levels
 
 
-def test_linear_head_models_keep_their_grey_levels_unless_asked(engine):
+def test_linear_head_models_keep_their_grey_levels_unless_asked(trained_model):
+    engine = Despeckler.from_file(trained_model, device="cpu", backend="fp32")
     frames = np.rint(np.stack(simulated_frames(n=1, size=64, seed=2)[0]) * 255).astype(np.uint8)
     assert engine.metadata["head"] == "linear" and not engine.fits_grey_levels("auto")
-    np.testing.assert_array_equal(engine.denoise(frames), engine.denoise(frames, grey_levels="network"))
+    own = engine.denoise(frames, grey_levels="network")
+    np.testing.assert_array_equal(engine.denoise(frames), own)
     assert engine.fits_grey_levels("input")
+    fitted = engine.denoise(frames, grey_levels="input")     # asked for: fitted like any other model
+    assert not np.array_equal(fitted, own)
+    assert abs(fitted.astype(float).mean() - frames.mean()) <= abs(own.astype(float).mean() - frames.mean()) + 0.5
 
 
 @pytest.mark.parametrize("bad", ["fit", "", None, 1])
-def test_unknown_grey_levels_option_is_refused_before_any_computation(engine, bad):
-    frames = np.zeros((1, 32, 32), np.uint8)
+def test_unknown_grey_levels_option_is_refused_before_any_computation(engine, bad, monkeypatch):
+    def must_not_run(*_args, **_kwargs):
+        raise AssertionError("the network ran before the option was checked")
+
+    monkeypatch.setattr(engine, "_run_batch", must_not_run)
+    frames = np.random.default_rng(0).integers(0, 255, (1, 32, 32)).astype(np.uint8)
     with pytest.raises(ValueError, match="grey_levels must be one of auto, input, network"):
         engine.denoise(frames, grey_levels=bad)
+    with pytest.raises(ValueError, match="grey_levels must be one of auto, input, network"):
+        engine.denoise(list(frames), grey_levels=bad)

@@ -274,7 +274,7 @@ def _add_denoise(sub) -> None:
     p.add_argument("--model", help="model file or bundled model name (default: the bundled default model)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     p.add_argument("--batch", type=int_between(1, 4096), help="frames per batch (default: automatic)")
-    p.add_argument("--gamma", type=float_between(0, 100, low_open=True), help="display gamma applied to the output (the authors use 1.5)")
+    p.add_argument("--gamma", type=float_between(0, 100, low_open=True), help="display gamma applied to the output (the authors use 1.5 on their head's own, contrast-stretched output)")
     p.add_argument("--blend", type=float_between(0.0, 1.0), default=0.0, help="0..1 share of the input mixed back in")
     p.add_argument("--grey-levels", default="auto", choices=["auto", "input", "network"],
                    help="input: the output keeps each input frame's brightness and contrast; network: the "
