@@ -541,7 +541,7 @@ def write_preview(net, pool: FramePool, path, size: int = 512) -> None:
         x = minmax_normalise(torch.from_numpy(np.ascontiguousarray(patch))[None, None].to(device))
         y = net.inference_module()(x)[0, 0].float().cpu().numpy()
     net.train(was_training)
-    if getattr(net, "head", "linear") in NORMALISED_HEADS:     # as the engine shows it (grey_levels="auto")
+    if net.head in NORMALISED_HEADS:     # as the engine shows it (grey_levels="auto")
         y = fit_grey_levels(y, x[0, 0].float().cpu().numpy()).astype(np.float32)
     side = np.concatenate([patch, np.ones((patch.shape[0], 4), np.float32), y], axis=1)
     Image.fromarray(np.round(np.clip(side, 0, 1) * 255).astype(np.uint8)).save(path)

@@ -302,7 +302,7 @@ class DespeckleJob(BackgroundJob):
         self._logic, self._pixels, self._store = logic, pixels, store
         self._colour_out, self._colour_threshold = colour_out, colour_threshold
         self._model, self._device, self._batch_size = model, device, batch_size
-        self._gamma, self._blend, self._grey_levels = gamma, blend, check_grey_levels(grey_levels)
+        self._gamma, self._blend, self._grey_levels = gamma, blend, grey_levels   # checked by prepare_job
         self.batches: List[int] = []                # frames per batch, in order (for tests and logs)
 
     def compute(self) -> np.ndarray:

@@ -29,8 +29,8 @@ from .masks import (RowCol, _as_image2d, _as_mask2d, _disk, _spacing2, check_see
 DEFAULT_TOLERANCE = 3.0
 #: The same, tuned (benchmarks/carotid.py, 30 tuning-subject images) on images despeckled by the
 #: bundled default model, whose lumen is smooth: used when `speckle2self segment` despeckles first.
-#: Still right for v2's output on the input's grey levels (fourth session, test subjects, centroid
-#: seed): mean IoU 0.362 at 1 (v1, bundled before: 0.320).
+#: Not re-tuned for v2's output on the input's grey levels; at 1 it scores mean IoU 0.362 there
+#: (fourth session, test subjects, centroid seed; v1, bundled before: 0.320).
 DESPECKLED_TOLERANCE = 1.0
 #: Slicer's flood-fill neighbourhood fraction: a voxel joins if half its neighbourhood is in range.
 NEIGHBORHOOD_FRACTION = 0.5
