@@ -112,3 +112,29 @@ def test_singular_value_decay():
     assert quality.singular_value_decay(speckled, 3).top_k_energy < 0.99
     with pytest.raises(ValueError, match="zeros"):
         quality.singular_value_decay(np.zeros((4, 4)))
+
+
+def test_homogeneity_breakdown_counts_tissue_pairs_only():
+    import homogeneity_breakdown as hb
+
+    # A 40 x 48 frame: floor (1) surround on the left 18 columns, tissue to its right whose
+    # columns alternate between 50 and 53 (horizontal differences of 3), a "lumen" block.
+    image = np.full((40, 48), 1, np.uint8)
+    image[:, 18:] = 50
+    image[:, 19::2] = 53
+    lumen = np.zeros(image.shape, bool)
+    lumen[15:25, 30:40] = True
+    surround = hb.background_mask(image)
+    assert surround[:, :8].all() and not surround[:, 18:].any()
+    total, counts = hb.pair_statistics(image, lumen | surround)
+    assert total == 40 * 47
+    # Tissue pairs differ by 3, less the 11 per row that touch the lumen; the surround's own
+    # blurred rim stays in (equal pairs) with its one step of 49 into tissue per row.
+    assert counts[3] == 40 * 29 - 10 * 11
+    assert counts[4] == 40 and counts[1] == counts[2] == 0
+    flat = image.copy()
+    flat[:, 18:] = 50
+    row = hb.breakdown([flat], [lumen | surround])
+    assert row["diff 0"] == pytest.approx(100.0 * (counts.sum() - 40) / counts.sum())
+    assert row["diff >5"] == pytest.approx(100.0 * 40 / counts.sum())
+    assert row["homogeneity"] > hb.breakdown([image], [lumen | surround])["homogeneity"]
