@@ -24,6 +24,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "Speckle2Self"))
 
 from benchlib import carotid_data as carotid  # noqa: E402
+from carotid import evenly  # noqa: E402  (benchmarks/carotid.py: the same image selection)
 from Speckle2SelfLib import metrics  # noqa: E402
 
 #: Upper edges of the difference classes: 0, 1, 2, 3-5, > 5 grey levels.
@@ -91,10 +92,7 @@ def main(argv=None) -> int:
             return 2
     import torch
     torch.set_num_threads(max(args.threads, 1))
-    cases = carotid.cases(args.split, with_mask=True)
-    if args.limit and args.limit < len(cases):
-        cases = [cases[i] for i in sorted(set(np.linspace(0, len(cases) - 1, args.limit).round().astype(int)))]
-    loaded = [c.load() for c in cases]
+    loaded = [c.load() for c in evenly(carotid.cases(args.split, with_mask=True), args.limit)]
     images = [i for i, _ in loaded]
     excluded = [m | background_mask(i) for i, m in loaded]
     header = ["homogeneity", "tissue pairs"] + [f"diff {label}" for label in DIFFERENCE_LABELS]
