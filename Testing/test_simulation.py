@@ -174,8 +174,10 @@ def test_cli_rejects_bad_arguments(tmp_path, capsys):
     args = parser.parse_args(["--out", str(tmp_path / "x.jpg"), "--size", "64"])
     assert simulate_cli.run_simulate(args) == 2
     assert ".png" in capsys.readouterr().err
-    args = parser.parse_args(["--out", str(tmp_path / "x.png"), "--fc", "-1"])
-    assert simulate_cli.run_simulate(args) == 2
+    for option in ("--fc", "--dynamic-range-db"):      # refused when parsed (argparse exits with 2)
+        with pytest.raises(SystemExit) as refused:
+            parser.parse_args(["--out", str(tmp_path / "x.png"), option, "-1"])
+        assert refused.value.code == 2 and option in capsys.readouterr().err
 
 
 def test_fnumber_rule_matches_must_dasmtx():

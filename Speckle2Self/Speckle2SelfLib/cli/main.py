@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -122,41 +123,42 @@ def _add_train(sub) -> None:
     stop.add_argument("--minutes", type=positive_float, help="wall-clock budget, counting resumed time")
     stop.add_argument("--epochs", type=positive_float, help="passes over the frames (one crop per frame per epoch)")
     stop.add_argument("--steps", type=int_at_least(1, " (0 steps would write an untrained model)"), help="optimiser steps")
-    p.add_argument("--crop", type=crop_size, default=128, help="crop size, a multiple of 16 (default 128)")
-    p.add_argument("--width", type=int_between(1, 256), default=32, help="base width of the network (paper: 32)")
-    p.add_argument("--batch", type=int_between(1, 4096), default=16, help="batch size (paper: 16)")
-    p.add_argument("--lr", type=float_between(0, 10, low_open=True), default=1e-3)
-    p.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"],
+    p.add_argument("--crop", type=crop_size, help="crop size, a multiple of 16 (default 128)")
+    p.add_argument("--width", type=int_between(1, 256), help="base width of the network (paper: 32)")
+    p.add_argument("--batch", type=int_between(1, 4096), help="batch size (default and paper: 16)")
+    p.add_argument("--lr", type=float_between(0, 10, low_open=True), help="learning rate (default 1e-3)")
+    p.add_argument("--lr-schedule", choices=["constant", "cosine"],
                    help="constant (paper) or warm-up + cosine decay over the budget")
     p.add_argument("--scales", type=scales_list, default=None,
                    help="comma-separated perturbation scales (default 1.0,0.5,0.25; with --init: the model's)")
-    p.add_argument("--interpolation", default="bilinear", choices=["bilinear", "bicubic", "area", "nearest"])
-    p.add_argument("--upsample", default="transposed", choices=["transposed", "resize"],
+    p.add_argument("--interpolation", choices=["bilinear", "bicubic", "area", "nearest"],
+                   help="resampling of the perturbation views (default bilinear)")
+    p.add_argument("--upsample", choices=["transposed", "resize"],
                    help="decoder upsampling: transposed convs (paper) or bilinear resize + conv")
     p.add_argument("--shared-encoder", action="store_true", help="one encoder for all scales (ablation)")
-    p.add_argument("--depth", type=int_between(2, 6), default=4,
+    p.add_argument("--depth", type=int_between(2, 6),
                    help="stride-2 stages; 4 (paper) puts the bottleneck at 1/16 resolution")
     p.add_argument("--head", default=None, choices=["linear", "norm_relu", "norm_leaky"],
                    help="output head: linear (clamped; the default), the authors' InstanceNorm + ReLU, or "
                         "InstanceNorm + LeakyReLU (no flat black patches in dark tissue); with --init: the "
                         "model's unless given (a new head starts from scratch, the rest from the model)")
-    p.add_argument("--working-scale", type=float_between(0.05, 4.0), default=1.0,
+    p.add_argument("--working-scale", type=float_between(0.05, 4.0),
                    help="resample frames by this factor before training (e.g. 0.5 for coarse B-mode speckle)")
-    p.add_argument("--augment-prob", type=float_between(0.0, 1.0), default=0.3,
+    p.add_argument("--augment-prob", type=float_between(0.0, 1.0),
                    help="share of samples rotated after the views are made (default 0.3, as the authors)")
-    p.add_argument("--rotate-degrees", type=float_between(0.0, 180.0), default=10.0, help="largest rotation of augmented samples")
-    p.add_argument("--reconstruction", default="mse", choices=["mse", "l1"])
-    p.add_argument("--consistency", default="l1", choices=["l1", "mse", "none"])
+    p.add_argument("--rotate-degrees", type=float_between(0.0, 180.0), help="largest rotation of augmented samples (default 10)")
+    p.add_argument("--reconstruction", choices=["mse", "l1"], help="default mse (the paper's)")
+    p.add_argument("--consistency", choices=["l1", "mse", "none"], help="default l1 (the paper's)")
     p.add_argument("--device", default="auto", help="auto (CUDA > MPS > CPU), cpu, cuda, mps")
     p.add_argument("--no-amp", action="store_true",
                    help="disable mixed precision (CUDA fp16/bf16; CPU bf16 where the CPU has it natively)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, help="random seed (default 0)")
     p.add_argument("--resume", help="checkpoint (.ckpt) to continue from")
     p.add_argument("--init", help="fine-tune this model (file, bundled name, or 'default'); its architecture "
                                   "replaces --width/--depth/--interpolation/--upsample; --scales and --head "
                                   "replace the model's when given")
-    p.add_argument("--checkpoint-every", type=int_at_least(1), default=200, help="steps between checkpoints")
-    p.add_argument("--preview-every", type=int_at_least(0), default=500, help="steps between preview PNGs (0: never)")
+    p.add_argument("--checkpoint-every", type=int_at_least(1), help="steps between checkpoints (default 200)")
+    p.add_argument("--preview-every", type=int_at_least(0), help="steps between preview PNGs (0: never; default 500)")
     p.add_argument("--name", default=None, help="model name stored in the metadata (default: file stem)")
     p.add_argument("--threads", type=int_between(1, 1024), help="CPU threads for torch")
     p.set_defaults(func=_run_train)
@@ -180,17 +182,15 @@ def _run_train(args) -> int:
                           what=f"--out (the {beside.name} written beside it)")
     if args.resume and args.init:
         raise ValueError("give --resume or --init, not both")
+    _check_preview_outside_inputs(out, args.inputs, args.preview_every)
     _set_threads(args.threads)
     init = None
     if args.resume:
-        cfg = load_checkpoint_config(args.resume)
-        # Stopping rules and device may change on resume; the architecture may not.
-        for key in ("minutes", "epochs", "steps", "device"):
-            if getattr(args, key) is not None:
-                setattr(cfg, key, getattr(args, key))
+        cfg = _resumed_config(load_checkpoint_config(args.resume), args)
     else:
         if args.minutes is None and args.epochs is None and args.steps is None:
             raise ValueError("give a stopping rule: --minutes, --epochs or --steps")
+        _fill_training_defaults(args)
         settings = dict(crop=args.crop, batch=args.batch, lr=args.lr, steps=args.steps, epochs=args.epochs,
                         minutes=args.minutes, reconstruction=args.reconstruction,
                         consistency=args.consistency, seed=args.seed, device=args.device,
@@ -215,6 +215,58 @@ def _run_train(args) -> int:
     _, state = train(cfg, pool, args.out, resume=args.resume, init_model=init)
     print(f"wrote {args.out} after {state.step} steps ({state.elapsed_s / 60:.1f} min)")
     return 0
+
+
+#: Options a resumed run may change: how it trains, not what it trains.
+RESUMABLE_OPTIONS = ("crop", "batch", "lr", "lr_schedule", "augment_prob", "rotate_degrees", "checkpoint_every",
+                     "preview_every", "device", "name")
+#: Options the checkpoint fixes (network, views, loss, random stream).
+FIXED_ON_RESUME = ("width", "depth", "scales", "head", "interpolation", "upsample", "working_scale",
+                   "reconstruction", "consistency", "shared_encoder", "seed")
+STOPPING_OPTIONS = ("minutes", "epochs", "steps")
+
+
+def _check_preview_outside_inputs(out: Path, inputs: List[str], preview_every) -> None:
+    """The preview PNG written beside --out is an image: inside an input folder it would become
+    training data of the next run, and a rerun would refuse to overwrite an input."""
+    if preview_every == 0:
+        return
+    preview = out.with_suffix(".preview.png").resolve()
+    for folder in (Path(p).resolve() for p in inputs if Path(p).is_dir()):
+        if folder in preview.parents:
+            raise ValueError(f"--out {out}: its preview {preview.name} would be written inside the input folder "
+                             f"{folder} and read as training data; put --out elsewhere or give --preview-every 0")
+
+
+def _fill_training_defaults(args) -> None:
+    """Options left out of a new run take TrainConfig's defaults (they are None in argparse so
+    that a resumed run can tell an option given from one left out)."""
+    import dataclasses
+    from ..engine.training import TrainConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    for key in RESUMABLE_OPTIONS + FIXED_ON_RESUME:
+        if getattr(args, key, None) is None and key not in ("scales", "head", "name"):
+            setattr(args, key, defaults[key])
+
+
+def _resumed_config(cfg, args):
+    """The checkpoint's configuration with the options given now: a training setting given is
+    applied, a stopping rule given replaces the checkpoint's, a network or loss option is refused
+    (ignoring it silently would train something other than what was asked)."""
+    fixed = [f"--{key.replace('_', '-')}" for key in FIXED_ON_RESUME if getattr(args, key) not in (None, False)]
+    if fixed:
+        raise ValueError(f"{', '.join(fixed)} cannot change when resuming (the checkpoint fixes the network, "
+                         "views and loss); leave them out, or start a new run from the model with --init")
+    for key in RESUMABLE_OPTIONS:
+        if getattr(args, key) is not None:          # --device defaults to auto: a new machine may lack the old one's
+            setattr(cfg, key, getattr(args, key))
+    if args.no_amp:
+        cfg.amp = False
+    if any(getattr(args, key) is not None for key in STOPPING_OPTIONS):
+        for key in STOPPING_OPTIONS:
+            setattr(cfg, key, getattr(args, key))
+    return cfg
 
 
 def _training_pool(inputs: List[str]):
@@ -301,10 +353,10 @@ def _run_denoise(args) -> int:
     folder_run = src.is_dir()
     if folder_run:
         check_output_path(dst, [src], folder=True)
-        pairs = [(f, dst / f.relative_to(src)) for f in iter_inputs([str(src)])]
+        pairs = [(f, _folder_output(dst, src, f)) for f in iter_inputs([str(src)])]
         if not pairs:
             raise ValueError(f"{src}: no image, volume, sequence or DICOM file in this folder "
-                             f"(readable extensions: {', '.join(WRITABLE_SUFFIXES)})")
+                             f"(readable extensions: {', '.join(WRITABLE_SUFFIXES)}, or DICOM files of any name)")
     else:
         check_output_path(dst, [src], suffixes=WRITABLE_SUFFIXES)
         pairs = [(src, dst)]
@@ -321,6 +373,15 @@ def _run_denoise(args) -> int:
         return EXIT_OK
     engine = Despeckler.from_file(args.model, args.device, args.backend)
     return _denoise_folder(engine, pairs, options, args.skip_existing)
+
+
+def _folder_output(dst: Path, src: Path, f: Path) -> Path:
+    """Where a folder run writes input ``f``: the same relative path, with .dcm added to a DICOM
+    file named without it (IM0001 -> IM0001.dcm), so the output's format is plain."""
+    from ..fileio.imageio import is_unnamed_dicom
+
+    out = dst / f.relative_to(src)
+    return out.with_name(out.name + ".dcm") if is_unnamed_dicom(f) else out
 
 
 def _read_checked(src: Path, out: Path):
@@ -503,6 +564,16 @@ class _Terminated(BaseException):
     """SIGTERM, raised in the main thread so that temporary files are cleaned up on the way out."""
 
 
+def _sigterm_handler(owner: int):
+    """SIGTERM handler of the CLI's process ``owner``: raise :class:`_Terminated` there; a forked
+    child (e.g. OpenVINO's telemetry) inherits the handler and must just exit, without a traceback."""
+    def terminate(signum, _frame):
+        if os.getpid() != owner:
+            os._exit(128 + signum)
+        raise _Terminated()
+    return terminate
+
+
 #: Errors that mean "bad input, options or paths" (exit 2); anything else is a failed run (exit 1).
 def _is_bad_input(err: BaseException) -> bool:
     from ..engine.resources import InsufficientMemory
@@ -532,9 +603,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     debug = bool(getattr(args, "debug", False))
     previous = None
     if threading.current_thread() is threading.main_thread():
-        def terminate(_signum, _frame):
-            raise _Terminated()
-        previous = signal.signal(signal.SIGTERM, terminate)
+        previous = signal.signal(signal.SIGTERM, _sigterm_handler(os.getpid()))
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning

@@ -90,6 +90,7 @@ def _run_segment(args: argparse.Namespace) -> int:
     if not 0 <= start < len(frames):
         raise ValueError(f"the seed's frame {start} is outside the input's {len(frames)} frames; check --seed-ras")
     wanted = [start] if args.frame is not None else list(range(len(frames)))
+    written = _frames_to_write(args.out, data, wanted if args.frame is not None else None)   # refused before any work
     tolerance = args.tolerance
     if not args.no_despeckle:
         frames = _despeckled(frames, wanted, args.model)
@@ -107,7 +108,7 @@ def _run_segment(args: argparse.Namespace) -> int:
               f"{result.flag_reasons[flagged[0]]}. The mask was NOT written to {args.out}; move the seed to the "
               "lumen centre, try another --method, or pass --keep-flagged to write it anyway", file=sys.stderr)
         return EXIT_FLAGGED
-    _write_mask(args.out, result.masks, data)
+    _write_mask(args.out, result.masks[written], data)
     return 0
 
 
@@ -151,6 +152,19 @@ def _despeckled(frames: np.ndarray, wanted: List[int], model) -> np.ndarray:
     out = np.array(frames, copy=True)
     out[wanted] = despeckler.denoise(frames[wanted])
     return out
+
+
+def _frames_to_write(out_path, data, only) -> slice | List[int]:
+    """Which mask frames go to ``out_path``: a picture (.png) holds one frame, so a single
+    --frame of a multi-frame input is written alone; volumes keep every frame (the input's
+    geometry). Raises the format error before anything is computed."""
+    from ..fileio.imageio import IMAGE_SUFFIXES, check_output_format
+
+    picture = str(out_path).lower().endswith(IMAGE_SUFFIXES)
+    chosen = only if picture and only is not None else slice(None)
+    count = len(only) if chosen is only else len(data.frames)
+    check_output_format(out_path, data, count)
+    return chosen
 
 
 def _write_mask(out_path, masks: np.ndarray, data) -> None:

@@ -13,8 +13,10 @@ from ..simulation import LATERAL_SCALINGS, PHANTOM_KINDS, make_phantom, simulate
 
 def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``speckle2self simulate``."""
+    from .main import positive_float   # finite and > 0: inf dB would write an all-black image
+
     parser.add_argument("--phantom", choices=PHANTOM_KINDS, default="carotid", help="clean phantom to image")
-    parser.add_argument("--fc", type=float, default=7.5e6, help="centre frequency in Hz (default 7.5e6)")
+    parser.add_argument("--fc", type=positive_float, default=7.5e6, help="centre frequency in Hz (default 7.5e6)")
     parser.add_argument("--seed", type=int, default=0, help="random seed of phantom layout and speckle")
     parser.add_argument("--size", type=int, nargs="+", default=[512], metavar="N",
                         help="output size: N (square) or H W (default 512)")
@@ -22,7 +24,7 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clean", help="clean image to write (8-bit PNG)")
     parser.add_argument("--reference", help="expected speckle-free B-mode to write (8-bit PNG)")
     parser.add_argument("--envelope", help="linear pre-log envelope to write (.npy, float32)")
-    parser.add_argument("--dynamic-range-db", type=float, default=60.0, help="display dynamic range (dB)")
+    parser.add_argument("--dynamic-range-db", type=positive_float, default=60.0, help="display dynamic range (dB)")
     parser.add_argument("--lateral-scaling", choices=LATERAL_SCALINGS, default="must",
                         help="lateral grain vs fc: MUST's receive f-number rule (default) or plain c/fc")
 

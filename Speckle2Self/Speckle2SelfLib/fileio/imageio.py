@@ -74,8 +74,23 @@ def _suffix(path: Path) -> str:
 
 
 def is_readable(path: Path) -> bool:
-    """Whether the file's name says it is something :func:`read_frames` reads."""
-    return path.is_file() and _suffix(path) in IMAGE_SUFFIXES + SITK_SUFFIXES + DICOM_SUFFIXES
+    """Whether the file is something :func:`read_frames` reads: by its extension, or a DICOM
+    file by its preamble (DICOM exports often name files IM0001 or by UID, without .dcm)."""
+    if not path.is_file():
+        return False
+    return _suffix(path) in IMAGE_SUFFIXES + SITK_SUFFIXES + DICOM_SUFFIXES or is_unnamed_dicom(path)
+
+
+def is_unnamed_dicom(path: Path) -> bool:
+    """A DICOM image file whose name has no DICOM extension (DICOMDIR, an index, is not one)."""
+    if _suffix(path) in IMAGE_SUFFIXES + SITK_SUFFIXES + DICOM_SUFFIXES or path.name.upper() == "DICOMDIR":
+        return False
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:132] == b"DICM"
 
 
 def read_frames(path) -> ImageData:
@@ -466,7 +481,14 @@ def _write_dicom(path: Path, frames: np.ndarray, like: ImageData) -> None:
     if not isinstance(like.source, pydicom.Dataset):
         raise ValueError(f"{path}: DICOM output needs a DICOM input; write .png or .mha instead")
     ds = copy.deepcopy(like.source)
-    pixels = frames if frames.dtype in (np.uint8, np.uint16) else to_uint8(frames)
+    pixels = frames if frames.dtype in (np.uint8, np.uint16, np.int8, np.int16) else to_uint8(frames)
+    if pixels is not frames:
+        # The pixels were stretched to 0..255: the input's modality and display mappings no
+        # longer describe them (an image with RescaleIntercept -1024 would display black).
+        for tag in ("RescaleSlope", "RescaleIntercept", "RescaleType", "WindowCenter", "WindowWidth",
+                    "VOILUTSequence", "ModalityLUTSequence", "VOILUTFunction"):
+            if tag in ds:
+                delattr(ds, tag)
     for tag in ("PaletteColorLookupTableUID", "RedPaletteColorLookupTableDescriptor",
                 "GreenPaletteColorLookupTableDescriptor", "BluePaletteColorLookupTableDescriptor",
                 "RedPaletteColorLookupTableData", "GreenPaletteColorLookupTableData",
@@ -478,7 +500,7 @@ def _write_dicom(path: Path, frames: np.ndarray, like: ImageData) -> None:
     ds.PhotometricInterpretation = "MONOCHROME2"
     ds.BitsAllocated = ds.BitsStored = pixels.dtype.itemsize * 8
     ds.HighBit = ds.BitsStored - 1
-    ds.PixelRepresentation = 0
+    ds.PixelRepresentation = 1 if pixels.dtype.kind == "i" else 0
     ds.Rows, ds.Columns = pixels.shape[-2:]
     if pixels.shape[0] > 1:
         ds.NumberOfFrames = pixels.shape[0]
