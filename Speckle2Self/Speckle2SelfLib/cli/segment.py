@@ -160,11 +160,11 @@ def _frames_to_write(out_path, data, only) -> slice | List[int]:
     geometry). Raises the format error before anything is computed."""
     from ..fileio.imageio import IMAGE_SUFFIXES, check_output_format
 
-    picture = str(out_path).lower().endswith(IMAGE_SUFFIXES)
-    chosen = only if picture and only is not None else slice(None)
-    count = len(only) if chosen is only else len(data.frames)
-    check_output_format(out_path, data, count)
-    return chosen
+    if only is not None and str(out_path).lower().endswith(IMAGE_SUFFIXES):
+        check_output_format(out_path, data, len(only))
+        return only
+    check_output_format(out_path, data)
+    return slice(None)
 
 
 def _write_mask(out_path, masks: np.ndarray, data) -> None:

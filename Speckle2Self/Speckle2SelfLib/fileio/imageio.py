@@ -68,6 +68,9 @@ def luminance_like(rgb: np.ndarray) -> np.ndarray:
     return grey
 
 
+READABLE_SUFFIXES = IMAGE_SUFFIXES + SITK_SUFFIXES + DICOM_SUFFIXES
+
+
 def _suffix(path: Path) -> str:
     name = path.name.lower()
     return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
@@ -76,20 +79,22 @@ def _suffix(path: Path) -> str:
 def is_readable(path: Path) -> bool:
     """Whether the file is something :func:`read_frames` reads: by its extension, or a DICOM
     file by its preamble (DICOM exports often name files IM0001 or by UID, without .dcm)."""
-    if not path.is_file():
-        return False
-    return _suffix(path) in IMAGE_SUFFIXES + SITK_SUFFIXES + DICOM_SUFFIXES or is_unnamed_dicom(path)
+    return path.is_file() and (_suffix(path) in READABLE_SUFFIXES or is_unnamed_dicom(path))
 
 
 def is_unnamed_dicom(path: Path) -> bool:
     """A DICOM image file whose name has no DICOM extension (DICOMDIR, an index, is not one)."""
-    if _suffix(path) in IMAGE_SUFFIXES + SITK_SUFFIXES + DICOM_SUFFIXES or path.name.upper() == "DICOMDIR":
+    if _suffix(path) in READABLE_SUFFIXES or path.name.upper() == "DICOMDIR":
         return False
     try:
         with open(path, "rb") as fh:
-            head = fh.read(132)
+            return has_dicom_preamble(fh.read(132))
     except OSError:
         return False
+
+
+def has_dicom_preamble(head: bytes) -> bool:
+    """The first 132 bytes of a DICOM Part 10 file: a 128-byte preamble, then 'DICM'."""
     return len(head) == 132 and head[128:132] == b"DICM"
 
 
@@ -116,7 +121,7 @@ def read_frames(path) -> ImageData:
         data = _read_picture(path)
     elif suffix in SITK_SUFFIXES:
         data = _read_sitk(path)
-    elif suffix in DICOM_SUFFIXES or (len(head) == 132 and head[128:132] == b"DICM"):
+    elif suffix in DICOM_SUFFIXES or has_dicom_preamble(head):
         data = _read_dicom(path)
     else:
         raise UnsupportedInputError(
