@@ -105,6 +105,24 @@ def test_resume_refuses_options_the_checkpoint_fixes(training_folder, tmp_path, 
     assert snapshot(tmp_path) == before
 
 
+def test_edge_aware_training_is_recorded_fixed_on_resume_and_checked(training_folder, tmp_path, capsys):
+    from Speckle2SelfLib.engine.models import load_model
+
+    model = tmp_path / "m.pt"
+    result = run_cli(["train", training_folder, "--out", model, "--steps", "2", "--edge-sigma", "0.015",
+                      *TINY_TRAIN], capsys)
+    assert result.code == 0, result.err
+    assert load_model(model).metadata["training"]["edge_sigma"] == 0.015
+    before = snapshot(tmp_path)
+    result = run_cli(["train", training_folder, "--out", tmp_path / "n.pt", "--resume", model.with_suffix(".ckpt"),
+                      "--steps", "3", "--edge-sigma", "0.03"], capsys)
+    assert_refused(result, 2, "--edge-sigma", "cannot change when resuming")
+    result = run_cli(["train", training_folder, "--out", tmp_path / "o.pt", "--steps", "1", "--edge-sigma", "0",
+                      *TINY_TRAIN], capsys)
+    assert_refused(result, 2, "--edge-sigma")
+    assert snapshot(tmp_path) == before
+
+
 def test_preview_inside_the_training_folder_is_refused(training_folder, capsys):
     before = snapshot(training_folder)
     result = run_cli(["train", training_folder, "--out", training_folder / "m.pt", "--steps", "1", *TINY_TRAIN],

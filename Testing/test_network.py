@@ -135,3 +135,37 @@ def test_loss_terms_follow_the_configuration():
     assert speckle2self_loss([a, b, c], views, LossConfig(consistency="none"))["consistency"].item() == 0.0
     with pytest.raises(ValueError, match="reconstruction"):
         LossConfig(reconstruction="ssim")
+
+
+def test_edge_aware_consistency_drops_the_pull_across_an_edge_only():
+    from Speckle2SelfLib.engine.losses import edge_weight
+
+    coarse = torch.zeros(1, 1, 8, 8)
+    coarse[..., 4:] = 1.0                     # a wall between columns 3 and 4
+    weight = edge_weight(coarse, 0.015)
+    assert weight[..., 3].max().item() < 1e-6          # across the wall: no pull
+    assert weight[..., :3].min().item() == pytest.approx(1.0)
+    assert weight[..., 5:].min().item() == pytest.approx(1.0)
+    # Outputs that disagree only along the wall cost nothing with the weight, full L1 without.
+    out_a, out_b = torch.zeros(1, 1, 8, 8), torch.zeros(1, 1, 8, 8)
+    out_b[..., 3] = 1.0
+    views = [torch.zeros(1, 1, 8, 8), coarse]
+    plain = speckle2self_loss([out_a, out_b], views)
+    aware = speckle2self_loss([out_a, out_b], views, LossConfig(edge_sigma=0.015))
+    assert plain["consistency"].item() == pytest.approx(1 / 8)
+    assert aware["consistency"].item() == pytest.approx(0.0, abs=1e-6)
+    # A disagreement in flat tissue costs the same with and without the weight.
+    out_b = torch.zeros(1, 1, 8, 8)
+    out_b[..., 0] = 1.0
+    assert speckle2self_loss([out_a, out_b], views, LossConfig(edge_sigma=0.015))["consistency"].item() \
+        == pytest.approx(1 / 8)
+    # The weight comes from the view named coarsest (here listed first), not from the last one.
+    out_b = torch.zeros(1, 1, 8, 8)
+    out_b[..., 3] = 1.0
+    reordered = views[::-1]
+    assert speckle2self_loss([out_a, out_b], reordered, LossConfig(edge_sigma=0.015), coarsest=0)[
+        "consistency"].item() == pytest.approx(0.0, abs=1e-6)
+    assert speckle2self_loss([out_a, out_b], reordered, LossConfig(edge_sigma=0.015), coarsest=1)[
+        "consistency"].item() == pytest.approx(1 / 8)
+    with pytest.raises(ValueError, match="edge_sigma"):
+        LossConfig(edge_sigma=0.0)

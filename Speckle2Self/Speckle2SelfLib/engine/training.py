@@ -46,6 +46,7 @@ class TrainConfig:
     working_scale: float = 1.0        # frames are resampled by this before the views (grain matching)
     reconstruction: str = "mse"
     consistency: str = "l1"
+    edge_sigma: Optional[float] = None  # edge-aware consistency (losses.edge_weight); None: the paper's
     seed: int = 0
     device: str = "auto"
     amp: bool = True                  # CUDA: fp16/bf16; CPU: bf16 where the CPU has native bf16
@@ -66,7 +67,7 @@ class TrainConfig:
             raise ValueError(f"working_scale must lie in [0.05, 4], got {self.working_scale}")
         if self.lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
-        LossConfig(self.reconstruction, self.consistency)   # validates the names
+        LossConfig(self.reconstruction, self.consistency, edge_sigma=self.edge_sigma)   # validates
         self._check_numbers()   # issue #16: no NaN/zero/negative settings reach a run
 
     def _check_numbers(self) -> None:
@@ -325,7 +326,8 @@ def train(cfg: TrainConfig, pool: FramePool, out_path, resume: Optional[str] = N
     pool.prepare_views(cfg.scales, cfg.interpolation, cfg.working_scale)
     pool.summary.setdefault("view_difference", pool.view_difference(cfg.working_scale))
     scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
-    loss_cfg = LossConfig(cfg.reconstruction, cfg.consistency)
+    loss_cfg = LossConfig(cfg.reconstruction, cfg.consistency, edge_sigma=cfg.edge_sigma)
+    coarsest = min(range(len(cfg.scales)), key=lambda k: cfg.scales[k])
     total_steps = _total_steps(cfg, len(pool))
     bar = _progress_bar(progress, total_steps, state.step)
     ckpt_path = out_path.with_suffix(".ckpt")
@@ -341,7 +343,7 @@ def train(cfg: TrainConfig, pool: FramePool, out_path, resume: Optional[str] = N
             views = [v.contiguous(memory_format=torch.channels_last) for v in views]
         with torch.autocast(device.split(":")[0], dtype=amp, enabled=amp is not None):
             outputs = net(views)
-            losses = speckle2self_loss([o.float() for o in outputs], views, loss_cfg)
+            losses = speckle2self_loss([o.float() for o in outputs], views, loss_cfg, coarsest)
         opt.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(losses["total"]).backward()
