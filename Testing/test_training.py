@@ -88,7 +88,7 @@ def test_fine_tuning_starts_from_the_given_model(trained_model, tmp_path):
 
 def test_fine_tuning_with_another_head_and_scales_keeps_the_model_before_the_head(trained_model, tmp_path):
     """``train --init M --head norm_leaky --scales ...``: the encoder and decoder come from M, the new
-    head starts fresh (scale 1, shift 0), the new factors are stored; a model whose decoder does
+    head starts fresh (scale 1, shift 0; training then calibrates it), the new factors are stored; a model whose decoder does
     not match is refused with its name."""
     import torch
 
@@ -101,7 +101,7 @@ def test_fine_tuning_with_another_head_and_scales_keeps_the_model_before_the_hea
     assert (cfg.head, cfg.scales, cfg.width, cfg.depth) == ("norm_leaky", [1.0, 0.35, 0.18], meta["width"],
                                                             meta["depth"])
     net = build_net(cfg)
-    init_from_model(net, trained_model)
+    assert init_from_model(net, trained_model) is True, "the model had no affine head norm: it starts fresh"
     source = load_model(trained_model).module.state_dict()
     for name, value in net.decoder.state_dict().items():
         if f"decoder.{name}" in source:
@@ -113,9 +113,33 @@ def test_fine_tuning_with_another_head_and_scales_keeps_the_model_before_the_hea
           init_model=str(trained_model))
     tuned = load_model(out).metadata
     assert tuned["head"] == "norm_leaky" and tuned["scales"] == [1.0, 0.35, 0.18]
+    assert 0 < tuned["training"]["data"]["head_scale"] < 1, "the fresh head was calibrated to the views"
     other = Speckle2SelfNet(width=meta["width"] * 2, depth=meta["depth"])
     with pytest.raises(ValueError, match="encoder does not match"):
         init_from_model(other, trained_model)
+
+
+def test_fresh_head_starts_at_the_views_grey_levels():
+    """calibrate_head: the new head's scale and shift are the least-squares map from the
+    normalised output to the view, so the start is far nearer the views than scale 1, shift 0."""
+    import torch
+
+    from Speckle2SelfLib.engine.network import Speckle2SelfNet
+    from Speckle2SelfLib.engine.training import calibrate_head
+
+    torch.manual_seed(0)
+    frames = simulated_frames(n=4, size=64, seed=7)[0]
+    views = torch.from_numpy(np.stack(frames)[:, None].astype(np.float32))
+    views = (views - views.amin((2, 3), keepdim=True)) / (views.amax((2, 3), keepdim=True) -
+                                                          views.amin((2, 3), keepdim=True))
+    net = Speckle2SelfNet(width=4, depth=2, head="norm_leaky").eval()
+    with torch.no_grad():
+        before = torch.mean((net([views])[0] - views) ** 2).item()
+        values = calibrate_head(net, views)
+        after = torch.mean((net([views])[0] - views) ** 2).item()
+    assert values is not None and values["head_scale"] == pytest.approx(net.decoder.layers[-2].weight.item(), abs=1e-4)
+    assert after < 0.5 * before, f"MSE to the view {before:.4f} -> {after:.4f}"
+    assert calibrate_head(Speckle2SelfNet(width=4, depth=2, head="norm_relu"), views) is None
 
 
 def test_training_needs_a_stopping_rule_and_valid_crop():

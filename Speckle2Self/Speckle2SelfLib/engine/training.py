@@ -268,11 +268,13 @@ def config_from_model(model_path, scales: Optional[Sequence[float]] = None, head
     return TrainConfig(**{**overrides, **arch})
 
 
-def init_from_model(net, model_path) -> None:
+def init_from_model(net, model_path) -> bool:
     """Start every encoder and the decoder from an exported model's weights.
 
     An exported model holds only the full-resolution encoder; the other scales' encoders
     start as copies of it, which is far closer to their optimum than random weights.
+    Returns True when the output head's norm was not in the model (another head: it starts
+    fresh; see :func:`calibrate_head`).
     """
     from .models import load_model
 
@@ -290,6 +292,33 @@ def init_from_model(net, model_path) -> None:
     if unexpected or any(not k.startswith(head_layers) for k in missing):
         raise ValueError(f"{model_path}: its decoder does not match this network "
                          f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
+    return bool(missing)
+
+
+def calibrate_head(net, full_views) -> Optional[Dict[str, float]]:
+    """Start a fresh learned-affine head (norm_leaky) at the grey levels of the views.
+
+    A fresh InstanceNorm scale 1 and shift 0 give a unit-variance output, while the views lie in
+    [0, 1] with a std near 0.2: fine-tuning a model with a new head then spends thousands of
+    steps only shrinking that scale (measured: reconstruction MSE stuck near 0.12 for 400 steps,
+    against 0.005 with the model's own head). The scale and shift start instead at the
+    least-squares map from the normalised output to the full-resolution view of a sample batch.
+    Returns the values set, or None for heads without a learned affine.
+    """
+    import torch
+
+    norm = net.decoder.layers[-2]
+    if net.head != "norm_leaky" or not isinstance(norm, torch.nn.InstanceNorm2d) or not norm.affine:
+        return None
+    with torch.no_grad():
+        before_norm = net.decoder.layers[:-2](net.encoder_for(0)(full_views))
+        z = torch.nn.functional.instance_norm(before_norm.float())
+        v = full_views.float()
+        scale = float((z * (v - v.mean())).mean() / z.pow(2).mean().clamp_min(1e-12))
+        shift = float(v.mean() - scale * z.mean())
+        norm.weight.fill_(scale)
+        norm.bias.fill_(shift)
+    return {"head_scale": round(scale, 5), "head_shift": round(shift, 5)}
 
 
 def train(cfg: TrainConfig, pool: FramePool, out_path, resume: Optional[str] = None,
@@ -316,14 +345,18 @@ def train(cfg: TrainConfig, pool: FramePool, out_path, resume: Optional[str] = N
     net = build_net(cfg).to(device)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
     state = TrainState()
-    if init_model and not resume:
-        init_from_model(net, init_model)
+    fresh_head = bool(init_model) and not resume and init_from_model(net, init_model)
     if resume:
         rng = _load_checkpoint(resume, net, opt, state, device)
+    pool.prepare_views(cfg.scales, cfg.interpolation, cfg.working_scale)
+    if fresh_head:   # own random stream: the training samples stay those of the seed
+        sample = pool.sample(np.random.default_rng(cfg.seed + 1), max(cfg.batch, 8), cfg.crop, 0.0)
+        calibrated = calibrate_head(net, sample[0].to(device))
+        if calibrated:
+            pool.summary.update(calibrated)
     amp = _amp_dtype(device) if cfg.amp else None
     if amp is not None:
         net = net.to(memory_format=torch.channels_last)
-    pool.prepare_views(cfg.scales, cfg.interpolation, cfg.working_scale)
     pool.summary.setdefault("view_difference", pool.view_difference(cfg.working_scale))
     scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
     loss_cfg = LossConfig(cfg.reconstruction, cfg.consistency, edge_sigma=cfg.edge_sigma)
