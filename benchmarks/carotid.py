@@ -270,6 +270,18 @@ def figure(examples: Dict[str, np.ndarray], path: Path) -> None:
     canvas.save(path)
 
 
+def start_run(args):
+    """The output cache folder (None: no cache) once the data is found and torch's threads set;
+    False, with the reason on stderr, when ../shared/data/carotid is absent."""
+    if carotid.carotid_dir() is None:
+        print("carotid data not found (../shared/data/carotid); nothing to benchmark", file=sys.stderr)
+        return False
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
+    return Path(args.cache) if args.cache else None
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="*", default=["raw", "median", "lee", "frost", "srad", "nlm", "bm3d", "obnlm"])
@@ -292,13 +304,9 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
-    if carotid.carotid_dir() is None:
-        print("carotid data not found (../shared/data/carotid); nothing to benchmark", file=sys.stderr)
+    cache = start_run(args)
+    if cache is False:
         return 1
-    if args.threads:
-        import torch
-        torch.set_num_threads(args.threads)
-    cache = Path(args.cache) if args.cache else None
     lumen_cases = evenly(carotid.cases(args.lumen_split, with_mask=True), args.lumen_limit)
     inputs, input_files = lumen_inputs(args.model, args.device)
     lumen_methods = args.lumen_method or [segmentation.DEFAULT_METHOD]

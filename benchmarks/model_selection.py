@@ -75,13 +75,9 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
-    if carotid.carotid_dir() is None:
-        print("carotid data not found (../shared/data/carotid); nothing to compare", file=sys.stderr)
+    cache = bench.start_run(args)
+    if cache is False:
         return 1
-    if args.threads:
-        import torch
-        torch.set_num_threads(args.threads)
-    cache = Path(args.cache) if args.cache else None
     cases = bench.evenly(carotid.cases("tuning", with_mask=True), args.limit)
     methods = bench.build_methods(args.methods, args.model, args.device, [])
     model_files = {f"Speckle2Self ({Path(p).stem})": Path(p) for p in args.model}
