@@ -127,13 +127,12 @@ def test_fresh_head_starts_at_the_views_grey_levels():
     import torch
 
     from Speckle2SelfLib.engine.network import Speckle2SelfNet
+    from Speckle2SelfLib.engine.perturbation import minmax_normalise
     from Speckle2SelfLib.engine.training import calibrate_head
 
     torch.manual_seed(0)
     frames = simulated_frames(n=4, size=64, seed=7)[0]
-    views = torch.from_numpy(np.stack(frames)[:, None].astype(np.float32))
-    views = (views - views.amin((2, 3), keepdim=True)) / (views.amax((2, 3), keepdim=True) -
-                                                          views.amin((2, 3), keepdim=True))
+    views = minmax_normalise(torch.from_numpy(np.stack(frames)[:, None].astype(np.float32)))
     net = Speckle2SelfNet(width=4, depth=2, head="norm_leaky").eval()
     with torch.no_grad():
         before = torch.mean((net([views])[0] - views) ** 2).item()
