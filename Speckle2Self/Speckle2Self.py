@@ -74,7 +74,9 @@ class Speckle2SelfParameterNode:
 
     model: "" for the default bundled model, a bundled model's name, or a model file path.
     batchSize: 0 means automatic. inputGreyLevels: the output keeps each input frame's brightness
-    and contrast (off: the network's own grey levels). lumen*: the 'Segment lumen' section.
+    and contrast (off: the network's own grey levels). guidedSmoothing: the network's output steers
+    an edge-keeping smoothing of the input (off: the network's output itself). lumen*: the
+    'Segment lumen' section.
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
@@ -88,6 +90,7 @@ class Speckle2SelfParameterNode:
     gamma: Annotated[float, WithinRange(0.2, 3.0)] = 1.0
     inputGreyLevels: bool = True
     keepColour: bool = False
+    guidedSmoothing: bool = False
     lumenVolume: vtkMRMLScalarVolumeNode
     seedPoints: vtkMRMLMarkupsFiducialNode
     lumenMethod: Annotated[str, Choice(["radial", "flood", "growcut"])] = "radial"   # segmentation.METHODS
@@ -353,7 +356,8 @@ class Speckle2SelfWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._job = self.logic.start_process(
                 p.inputVolume, p.outputVolume, all_frames=p.allFrames, model=p.model or None,
                 device=p.device.lower(), backend=BACKENDS[p.backend], batch_size=p.batchSize or None, gamma=p.gamma,
-                blend=p.blend, keep_colour=p.keepColour, grey_levels="auto" if p.inputGreyLevels else "network")
+                blend=p.blend, keep_colour=p.keepColour, grey_levels="auto" if p.inputGreyLevels else "network",
+                refine="guided" if p.guidedSmoothing else "none")
         except Exception as err:  # shown to the user with the details; the scene is left as it was
             self._showDespeckleError(err)
             return

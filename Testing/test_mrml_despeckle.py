@@ -689,3 +689,24 @@ def test_logic_output_keeps_the_input_grey_levels_unless_the_network_levels_are_
         with pytest.raises(ValueError, match="grey_levels must be one of auto, input, network"):
             call(volume, grey_levels="stretched")
     assert node_ids(scene) == ids, "a refused option adds no node"
+
+
+def test_logic_guided_refinement_reaches_the_output_in_both_runs_and_bad_values_add_no_node(scene, phantoms):
+    from Speckle2SelfLib.scene.logic import DespeckleRun
+
+    frames, _ = phantoms
+    volume = make_volume(scene, frames[:2])
+    logic = Speckle2SelfLogic(Despeckler.from_file(None, device="cpu", backend="fp32"),
+                              sequences_logic=scene.sequences_logic)
+    plain = nodes.volume_to_array(logic.process(volume).output_node)
+    guided = nodes.volume_to_array(logic.process(volume, refine="guided").output_node)
+    assert not np.array_equal(plain, guided)
+    job = logic.start_process(volume, refine="guided")
+    assert job.wait(60)
+    run = DespeckleRun.from_result(job.poll().result, logic.last_seconds)
+    np.testing.assert_array_equal(nodes.volume_to_array(run.output_node), guided)
+    ids = node_ids(scene)
+    for call in (logic.process, logic.start_process):
+        with pytest.raises(ValueError, match="refine must be one of guided, none"):
+            call(volume, refine="sharp")
+    assert node_ids(scene) == ids, "a refused option adds no node"

@@ -163,7 +163,7 @@ def table(rows: List[Dict], n_tuning: int, n_test: int) -> str:
         ratio = f"{r['iou'] / raw['iou']:.2f}x" if raw and raw["iou"] > 0 else "-"
         ms = "-" if np.isnan(r["ms"]) else f"{r['ms']:.0f}"
         lines.append(f"| {r['method']} | {r['tolerance']:.0f} | {r['iou']:.3f} ± {r['iou_sd']:.3f} | {ratio} | "
-                     f"{r['auc']:.3f} | {r['homogeneity']:.3f} | {r['cnr']:.2f} | {ms} |")
+                     f"{r['auc']:.3f} | {r['homogeneity']:.3f} | {r['cnr']:.3f} | {ms} |")
     return "\n".join(lines)
 
 

@@ -338,6 +338,10 @@ def _add_denoise(sub) -> None:
     p.add_argument("--working-scale", default="auto", type=_working_scale_arg,
                    help="auto (default): resample so the speckle grain matches the model's training data; "
                         "off: the input's own resolution; or a factor in [0.25, 2]")
+    p.add_argument("--refine", default="none", choices=["none", "guided"],
+                   help="none (default): the network's output; guided: the network's output steers an "
+                        "edge-keeping smoothing of the input (smoother tissue, the input's own boundaries; "
+                        "see docs/benchmarks.md for what it gains and costs)")
     p.add_argument("--threads", type=int_between(1, 1024), help="CPU threads for torch")
     p.add_argument("--backend", default="auto", choices=["auto", "fp32", "bf16", "openvino", "onnxruntime"],
                    help="CPU inference path: auto (bf16 where native, else fp32); openvino/onnxruntime: faster, optional")
@@ -365,7 +369,7 @@ def _run_denoise(args) -> int:
         pairs = [(src, dst)]
     _set_threads(args.threads)
     options = dict(batch_size=args.batch, gamma=args.gamma, blend=args.blend, working_scale=args.working_scale,
-                   grey_levels=args.grey_levels)
+                   grey_levels=args.grey_levels, refine=args.refine)
     if not folder_run:
         if args.skip_existing and dst.exists():
             remove_stale_partials(dst)

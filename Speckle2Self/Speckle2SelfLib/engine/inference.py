@@ -14,6 +14,8 @@ from typing import Callable, Iterable, List, Optional, Union
 import numpy as np
 
 from .models import LoadedModel, load_model, resolve_model_path
+from .refine import check_refine, guided_smoothing
+from .refine import settings_for as guided_settings
 
 MIN_SIDE = 8           # smaller frames carry no speckle statistics worth filtering
 CPU_BATCH = 4          # CPU throughput barely changes above this; small batches keep Cancel responsive
@@ -213,6 +215,7 @@ class Despeckler:
         self.loaded = loaded
         self.device = pick_device(device)
         self.last_working_scale = 1.0     # the factor the latest denoise() call ran at
+        self.last_refine = "none"         # the refinement the latest denoise() call applied
         self.module = loaded.module.to(self.device)
         if self.device.startswith("cuda"):
             import torch
@@ -231,7 +234,8 @@ class Despeckler:
     # ------------------------------------------------------------------ public API
     def denoise(self, array, batch_size: Optional[int] = None, progress: ProgressFn = None,
                 cancel: CancelFlag = None, gamma: Optional[float] = None, blend: float = 0.0,
-                working_scale: Union[str, float, None] = "auto", grey_levels: str = "auto"):
+                working_scale: Union[str, float, None] = "auto", grey_levels: str = "auto",
+                refine: Optional[str] = "none"):
         """Despeckle (H, W), (N, H, W) or an iterable of (H, W) frames.
 
         Returns the same shape and dtype in each frame's own intensity range. Raises
@@ -242,7 +246,12 @@ class Despeckler:
         ``grey_levels``: "input" gives each output frame the brightness and contrast of its
         input frame (:func:`fit_grey_levels`), "network" keeps the network's own (the authors'
         head stretches contrast), "auto" (default) fits them where the model's head needs it.
+        ``refine``: "none" (default, or None) returns the network's output itself; "guided"
+        smooths the input where the network's output is uniform and only along boundaries where
+        it changes (Speckle2SelfLib.engine.refine): smoother tissue with the input's own edges,
+        always in the input's grey levels (``grey_levels`` then only shapes the guide).
         """
+        refine = check_refine(refine)
         if isinstance(blend, bool) or not isinstance(blend, (int, float, np.floating, np.integer)) \
                 or not 0.0 <= blend <= 1.0:
             raise ValueError(f"blend must be a number in [0, 1], got {blend!r}")
@@ -252,12 +261,14 @@ class Despeckler:
         if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))
                                        or batch_size < 1):
             raise ValueError(f"batch size must be a whole number of at least 1, got {batch_size!r}")
-        fit_levels = self.fits_grey_levels(grey_levels)
+        # a guided result is a weighted mean of input pixels: it already has the input's grey levels
+        fit_levels = self.fits_grey_levels(grey_levels) and refine == "none"
         if not isinstance(array, np.ndarray):
             return self._denoise_iterable(array, batch_size, progress, cancel, gamma, blend, working_scale,
-                                          grey_levels)
+                                          grey_levels, refine)
         frames = check_frames(array)
         self.last_working_scale = self.resolve_working_scale(frames, working_scale)
+        self.last_refine = refine
         out = np.empty_like(frames)
         total = len(frames)
         batch = self._batch_size(batch_size, frames.shape[1:])
@@ -283,7 +294,7 @@ class Despeckler:
         return out[0] if array.ndim == 2 else out
 
     def _denoise_iterable(self, frames: Iterable, batch_size, progress, cancel, gamma, blend,
-                          working_scale="auto", grey_levels: str = "auto") -> List[np.ndarray]:
+                          working_scale="auto", grey_levels: str = "auto", refine: str = "none") -> List[np.ndarray]:
         total = len(frames) if hasattr(frames, "__len__") else -1
         outputs: List[np.ndarray] = []
         pending: List[np.ndarray] = []
@@ -293,7 +304,8 @@ class Despeckler:
             stack = np.stack(pending)
             if working_scale == "auto":     # one factor for the whole stream, from its first frames
                 working_scale = self.resolve_working_scale(stack, "auto")
-            outputs.extend(self.denoise(stack, batch_size, None, cancel, gamma, blend, working_scale, grey_levels))
+            outputs.extend(self.denoise(stack, batch_size, None, cancel, gamma, blend, working_scale, grey_levels,
+                                        refine))
             pending.clear()
             if progress is not None:
                 progress(len(outputs), total)
@@ -365,18 +377,23 @@ class Despeckler:
         """(N, 1, H, W) float32 in [0, 1] on the CPU -> (N, 1, H, W) float32 in [0, 1] on the CPU.
 
         The frames are resampled to the model's working scale (where their speckle grain
-        matches the training data's) and back.
+        matches the training data's) and back; with refine "guided" the output then steers a
+        smoothing of the input (Speckle2SelfLib.engine.refine).
         """
         import torch
 
         from .perturbation import resample_to_working_scale   # imports torch: lazily
 
         h, w = x.shape[-2:]
-        x = resample_to_working_scale(x, self.last_working_scale)
-        y = self._run_module_tiled(x) if self._needs_tiling(x) else self._run_module(x)
+        small = resample_to_working_scale(x, self.last_working_scale)
+        y = self._run_module_tiled(small) if self._needs_tiling(small) else self._run_module(small)
         if y.shape[-2:] != (h, w):
             y = torch.nn.functional.interpolate(y, size=(h, w), mode="bilinear", align_corners=False)
-        return y.clamp(0.0, 1.0)
+        y = y.clamp(0.0, 1.0)
+        if self.last_refine == "guided":
+            settings = guided_settings(self.last_working_scale)
+            y = guided_smoothing(x.to(self.device), y.to(self.device), settings).float().cpu()
+        return y
 
     def resolve_working_scale(self, frames: np.ndarray, working_scale: Union[str, float, None] = "auto") -> float:
         """The resampling factor for these (N, H, W) frames.

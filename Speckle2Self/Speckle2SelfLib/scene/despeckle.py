@@ -25,6 +25,7 @@ from typing import Any, Callable, List, Optional
 import numpy as np
 
 from ..engine.inference import check_grey_levels
+from ..engine.refine import check_refine
 from .jobs import BackgroundJob
 from .nodes import (COLOUR_THRESHOLD, CreatedNodes, Pixels, base_name, browser_item_number, check_still_in_scene,
                     coloured_pixels, copy_display, copy_geometry, display_name, find_sequence, means_sequence,
@@ -99,10 +100,11 @@ class SequenceSource:
 # ----------------------------------------------------------------------------- computing
 
 def despeckle_pixels(despeckler, pixels: Pixels, colour_out: bool, colour_threshold: float, batch_size, gamma,
-                     blend, progress: ProgressFn, cancel: CancelFn, grey_levels: str = "auto") -> np.ndarray:
+                     blend, progress: ProgressFn, cancel: CancelFn, grey_levels: str = "auto",
+                     refine: str = "none") -> np.ndarray:
     """Despeckled voxels in the input's voxel type (RGB with the input's colours kept for ``colour_out``)."""
     grey = despeckler.denoise(pixels.grey, batch_size=batch_size, progress=progress, cancel=cancel,
-                              gamma=gamma, blend=blend, grey_levels=grey_levels)
+                              gamma=gamma, blend=blend, grey_levels=grey_levels, refine=refine)
     return finish_pixels(grey, pixels, colour_out, colour_threshold)
 
 
@@ -297,12 +299,13 @@ class DespeckleJob(BackgroundJob):
 
     def __init__(self, logic, pixels: Pixels, store: Callable[[np.ndarray], Any], *,
                  colour_out: bool, colour_threshold: float, model, device, batch_size, gamma, blend,
-                 grey_levels: str = "auto"):
+                 grey_levels: str = "auto", refine: str = "none"):
         super().__init__(int(pixels.grey.shape[0]))
         self._logic, self._pixels, self._store = logic, pixels, store
         self._colour_out, self._colour_threshold = colour_out, colour_threshold
         self._model, self._device, self._batch_size = model, device, batch_size
         self._gamma, self._blend, self._grey_levels = gamma, blend, grey_levels   # checked by prepare_job
+        self._refine = refine
         self.batches: List[int] = []                # frames per batch, in order (for tests and logs)
 
     def compute(self) -> np.ndarray:
@@ -317,7 +320,7 @@ class DespeckleJob(BackgroundJob):
             chunk = grey[self.done:self.done + size]
             tic = time.monotonic()
             denoised = despeckler.denoise(chunk, batch_size=len(chunk), gamma=self._gamma, blend=self._blend,
-                                          working_scale=scale, grey_levels=self._grey_levels)
+                                          working_scale=scale, grey_levels=self._grey_levels, refine=self._refine)
             if out is None:
                 out = np.empty(grey.shape, dtype=denoised.dtype)
             out[self.done:self.done + len(chunk)] = denoised
@@ -336,10 +339,12 @@ class DespeckleJob(BackgroundJob):
 def prepare_job(logic, source, output_node=None, *, all_frames: bool = True, model=None,
                 device: Optional[str] = None, batch_size: Optional[int] = None, gamma: Optional[float] = None,
                 blend: float = 0.0, keep_colour: bool = False,
-                colour_threshold: float = COLOUR_THRESHOLD, grey_levels: str = "auto") -> DespeckleJob:
+                colour_threshold: float = COLOUR_THRESHOLD, grey_levels: str = "auto",
+                refine: str = "none") -> DespeckleJob:
     """Read ``source`` now (main thread) for a :class:`DespeckleJob` of ``logic``."""
     options = dict(model=model, device=device, batch_size=batch_size, gamma=gamma, blend=blend,
-                   colour_threshold=colour_threshold, grey_levels=check_grey_levels(grey_levels))
+                   colour_threshold=colour_threshold, grey_levels=check_grey_levels(grey_levels),
+                   refine=check_refine(refine))
     if means_sequence(source, all_frames):
         src = SequenceSource.read(source, output_node, keep_colour)
         job: Optional[DespeckleJob] = None

@@ -30,6 +30,7 @@ from typing import Any, Optional, Tuple
 import numpy as np
 
 from ..engine.inference import check_grey_levels
+from ..engine.refine import check_refine
 from ..segmentation import DEFAULT_METHOD
 from .despeckle import (CancelFn, DespeckleJob, ProgressFn, SequenceOutput, SequenceSource, VolumeSource,
                         despeckle_pixels, prepare_job, scaled_progress, store_sequence, store_volume)
@@ -173,18 +174,20 @@ class Speckle2SelfLogic:
     def despeckle_volume(self, input_node, output_node=None, *, model=None, device: Optional[str] = None,
                          batch_size: Optional[int] = None, gamma: Optional[float] = None, blend: float = 0.0,
                          keep_colour: bool = False, colour_threshold: float = COLOUR_THRESHOLD,
-                         progress: ProgressFn = None, cancel: CancelFn = None, grey_levels: str = "auto"):
+                         progress: ProgressFn = None, cancel: CancelFn = None, grey_levels: str = "auto",
+                         refine: str = "none"):
         """Despeckle every slice (frame) of a volume into ``output_node`` (new when None).
 
         Returns the output volume node: grey scalar, or RGB vector with ``keep_colour`` for an
         RGB input. Raises Cancelled (scene unchanged) when ``cancel()`` turns true.
         """
         check_grey_levels(grey_levels)
+        refine = check_refine(refine)
         source = VolumeSource.read(input_node, output_node, keep_colour)
         despeckler = self.despeckler(model, device)
         started = time.monotonic()
         result = despeckle_pixels(despeckler, source.pixels, source.colour_out, colour_threshold, batch_size, gamma,
-                                  blend, progress, cancel, grey_levels)
+                                  blend, progress, cancel, grey_levels, refine)
         output_node = store_volume(source, output_node, result)
         self.last_seconds = time.monotonic() - started
         return output_node
@@ -193,7 +196,7 @@ class Speckle2SelfLogic:
                            batch_size: Optional[int] = None, gamma: Optional[float] = None, blend: float = 0.0,
                            keep_colour: bool = False, colour_threshold: float = COLOUR_THRESHOLD,
                            progress: ProgressFn = None, cancel: CancelFn = None,
-                           grey_levels: str = "auto") -> SequenceOutput:
+                           grey_levels: str = "auto", refine: str = "none") -> SequenceOutput:
         """Despeckle every item of a sequence of volumes into a new sequence node.
 
         ``source``: a vtkMRMLSequenceNode, a vtkMRMLSequenceBrowserNode (its first sequence of
@@ -203,12 +206,14 @@ class Speckle2SelfLogic:
         ``progress(done, total)`` counts frames despeckled, then frames stored (total = 2 N).
         """
         check_grey_levels(grey_levels)
+        refine = check_refine(refine)
         src = SequenceSource.read(source, output_node, keep_colour)
         n = src.frames
         despeckler = self.despeckler(model, device)
         started = time.monotonic()
         result = despeckle_pixels(despeckler, src.stacked, src.colour_out, colour_threshold, batch_size, gamma, blend,
-                                  scaled_progress(progress, 2 * n, src.stacked.grey.shape[0], n), cancel, grey_levels)
+                                  scaled_progress(progress, 2 * n, src.stacked.grey.shape[0], n), cancel, grey_levels,
+                                  refine)
         output_node, out_sequence, browser, made_browser = store_sequence(
             src, output_node, np.split(result, n), self.sequences_logic, progress, cancel)
         seconds = time.monotonic() - started
@@ -220,22 +225,23 @@ class Speckle2SelfLogic:
         sequence, or a sequence / browser node) now, on the main thread, for a
         :class:`~Speckle2SelfLib.scene.despeckle.DespeckleJob` that despeckles it in a worker
         thread. ``options``: all_frames, model, device, batch_size (the most frames per batch),
-        gamma, blend, keep_colour, colour_threshold, grey_levels."""
+        gamma, blend, keep_colour, colour_threshold, grey_levels, refine."""
         return prepare_job(self, source, output_node, **options)
 
     def process(self, input_node, output_node=None, *, all_frames: bool = True, model=None, device: str = "auto",
                 backend: str = "auto", batch_size=None, gamma: Optional[float] = None, blend: float = 0.0,
                 keep_colour: bool = False, progress: ProgressFn = None, cancel: CancelFn = None,
-                grey_levels: str = "auto") -> DespeckleRun:
+                grey_levels: str = "auto", refine: str = "none") -> DespeckleRun:
         """What the module's Apply does, blocking: despeckle ``input_node`` (all frames of its
         sequence when it is a proxy and ``all_frames``) into ``output_node`` when that can take
-        the result (else a new volume). ``gamma`` 1 means none. ``grey_levels``: see
+        the result (else a new volume). ``gamma`` 1 means none. ``grey_levels``, ``refine``: see
         :meth:`~Speckle2SelfLib.engine.inference.Despeckler.denoise`."""
         if input_node is None:
             raise ValueError("Select an input volume.")
         self.backend = backend
         options = dict(model=model, device=device, batch_size=batch_size, gamma=_gamma(gamma), blend=blend,
-                       keep_colour=keep_colour, progress=progress, cancel=cancel, grey_levels=grey_levels)
+                       keep_colour=keep_colour, progress=progress, cancel=cancel, grey_levels=grey_levels,
+                       refine=refine)
         output_node = _usable_output(output_node, keep_colour and is_rgb(input_node))
         if all_frames and means_sequence(input_node, True):
             result = self.despeckle_sequence(input_node, output_node, **options)
@@ -245,7 +251,8 @@ class Speckle2SelfLogic:
 
     def start_process(self, input_node, output_node=None, *, all_frames: bool = True, model=None,
                       device: str = "auto", backend: str = "auto", batch_size=None, gamma: Optional[float] = None,
-                      blend: float = 0.0, keep_colour: bool = False, grey_levels: str = "auto") -> DespeckleJob:
+                      blend: float = 0.0, keep_colour: bool = False, grey_levels: str = "auto",
+                      refine: str = "none") -> DespeckleJob:
         """Like :meth:`process`, in the background: reads the frames now and returns the started
         :class:`~Speckle2SelfLib.scene.despeckle.DespeckleJob`; poll() it from the main thread
         (e.g. a QTimer) to get progress and, at the end, the result written into the scene
@@ -256,7 +263,7 @@ class Speckle2SelfLogic:
         output_node = _usable_output(output_node, keep_colour and is_rgb(input_node))
         job = self.prepare_job(input_node, output_node, all_frames=all_frames, model=model, device=device,
                                batch_size=batch_size, gamma=_gamma(gamma), blend=blend, keep_colour=keep_colour,
-                               grey_levels=grey_levels)
+                               grey_levels=grey_levels, refine=refine)
         job.start()
         return job
 

@@ -1,0 +1,110 @@
+"""Network-guided smoothing: the despeckled frame decides which input pixels are averaged.
+
+The network's output is smooth, but its 1/4-resolution bottleneck softens boundaries by a
+pixel or two. A joint (cross) bilateral filter averages the *input* over a Gaussian window,
+weighting each neighbour by how close its value in the network's output is to the centre
+pixel's: in uniform tissue (where the output is flat) it averages the speckle away; across a
+boundary (where the output changes) it averages only along it, so the input's own edge
+position and sharpness are kept.
+
+An option (``Despeckler.denoise(refine="guided")``, ``speckle2self denoise --refine guided``),
+not the default. Measured on the carotid data (docs/benchmarks.md, "Eighth session"): GLCM
+homogeneity above NLM's on the test subjects where the network alone stays below, the
+one-click lumen as good as on the network's output, but lumen-wall contrast and flood-fill
+IoU a little lower than the network's own output; and most of the gain is the bilateral
+filter's own: a Gaussian-smoothed input as the guide scores nearly the same.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Union
+
+REFINE_MODES = ("guided", "none")
+#: Spatial Gaussian sigma (px at the model's working scale) and range sigma (fraction of the
+#: frame's grey range), chosen on the carotid tuning subjects.
+GUIDED_SIGMA_PX = 7.0
+GUIDED_RANGE = 0.04
+#: Half-width of the (square) window in spatial sigmas.
+WINDOW_SIGMAS = 1.75
+#: Neighbours are taken every STRIDE px (at the working scale): speckle grains span about 2 px,
+#: so every other pixel carries nearly all the independent samples at a quarter of the cost.
+STRIDE_PX = 2
+
+
+class GuidedSmoothing(NamedTuple):
+    """Settings of :func:`guided_smoothing` in input pixels."""
+
+    sigma_px: float
+    range_sigma: float
+    stride: int
+
+    @property
+    def radius(self) -> int:
+        return int(round(WINDOW_SIGMAS * self.sigma_px))
+
+
+def check_refine(refine: Union[str, None]) -> str:
+    """``refine`` as one of :data:`REFINE_MODES` (None means "none"), else a ValueError naming them."""
+    if refine is None:
+        return "none"
+    if not isinstance(refine, str) or refine not in REFINE_MODES:
+        raise ValueError(f"refine must be one of {', '.join(REFINE_MODES)}, got {refine!r}")
+    return refine
+
+
+def settings_for(working_scale: float, sigma_px: float = GUIDED_SIGMA_PX,
+                 range_sigma: float = GUIDED_RANGE) -> GuidedSmoothing:
+    """The filter in input pixels for frames the network ran on at ``working_scale``
+    (a frame shrunk by 2 for the network has grains twice as wide in its own pixels)."""
+    scale = max(float(working_scale), 1e-3)
+    return GuidedSmoothing(sigma_px / scale, range_sigma, max(1, int(round(STRIDE_PX / scale))))
+
+
+def fit_to(guide, target):
+    """Per-sample least-squares map a * guide + b (a > 0) onto ``target``, both (N, 1, H, W):
+    the guide's grey levels on the input's scale, so one range sigma suits any output head."""
+    import torch
+
+    dims = (1, 2, 3)
+    g_mean = guide.mean(dim=dims, keepdim=True)
+    t_mean = target.mean(dim=dims, keepdim=True)
+    dg = guide - g_mean
+    variance = (dg * dg).mean(dim=dims, keepdim=True)
+    slope = (dg * (target - t_mean)).mean(dim=dims, keepdim=True) / variance.clamp_min(1e-12)
+    usable = (variance > 1e-12) & (slope > 0)
+    return torch.where(usable, dg * slope + t_mean, guide)
+
+
+def guided_smoothing(image, guide, settings: GuidedSmoothing):
+    """Joint bilateral filter of ``image`` steered by ``guide``; both (N, 1, H, W) in [0, 1]
+    on one device. The result is a weighted mean of input pixels (same range, no new levels)."""
+    import torch
+    import torch.nn.functional as F
+
+    radius, stride = settings.radius, settings.stride
+    guide = fit_to(guide.float(), image.float())
+    h, w = image.shape[-2:]
+    # replicate padding works for frames of any size (reflect needs the pad below the side)
+    padded_image = F.pad(image.float(), (radius,) * 4, mode="replicate")
+    padded_guide = F.pad(guide, (radius,) * 4, mode="replicate")
+    spatial = -0.5 / settings.sigma_px ** 2
+    tonal = -0.5 / settings.range_sigma ** 2
+    total = torch.zeros_like(guide)
+    weights = torch.zeros_like(guide)
+    weight = torch.empty_like(guide)
+    for dy in _offsets(radius, stride):
+        for dx in _offsets(radius, stride):
+            rows = slice(radius + dy, radius + dy + h)
+            cols = slice(radius + dx, radius + dx + w)
+            torch.sub(guide, padded_guide[..., rows, cols], out=weight)
+            weight.square_().mul_(tonal).add_(spatial * (dy * dy + dx * dx)).exp_()
+            total.addcmul_(weight, padded_image[..., rows, cols])
+            weights.add_(weight)
+    return total.div_(weights)
+
+
+def _offsets(radius: int, stride: int):
+    """Offsets -radius..radius in steps of ``stride``, always including 0 (symmetric)."""
+    steps = radius // stride
+    return [k * stride for k in range(-steps, steps + 1)]
+

@@ -1,0 +1,124 @@
+"""Network-guided smoothing (engine.refine): edges of the input kept, flat speckle averaged,
+the option reaching the output through the engine, the CLI and the Slicer logic."""
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from Speckle2SelfLib.cli.main import main
+from Speckle2SelfLib.engine import refine
+from Speckle2SelfLib.engine.inference import Despeckler
+from conftest import simulated_frames
+
+SIZE = 96
+EDGE = 48          # the step sits between rows 47 and 48
+
+
+def _speckled_step(seed: int = 0):
+    """A dark half over a bright half with multiplicative, 2-px-correlated speckle, and a soft
+    "network output" for it: the clean step blurred by 3 px (a guide without sharp edges)."""
+    rng = np.random.default_rng(seed)
+    clean = np.where(np.arange(SIZE)[:, None] < EDGE, 0.25, 0.75) * np.ones((1, SIZE))
+    grain = ndimage.gaussian_filter(rng.standard_normal((SIZE, SIZE)), 1.0)
+    speckled = np.clip(clean * (1 + 1.2 * grain / grain.std() * 0.3), 0, 1)
+    guide = ndimage.gaussian_filter(clean, 3.0)
+    return clean, speckled, guide
+
+
+def _as_batch(a: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(a.astype(np.float32))[None, None]
+
+
+def _rise_px(image: np.ndarray) -> float:
+    """10-90% rise distance (px) of the column-averaged profile across the step."""
+    profile = image[:, 16:-16].mean(axis=1)
+    lo, hi = profile[EDGE - 16:EDGE - 8].mean(), profile[EDGE + 8:EDGE + 16].mean()
+    rows = np.arange(EDGE - 12, EDGE + 12)
+    norm = (profile[rows] - lo) / (hi - lo)
+    return float(np.interp(0.9, norm, rows) - np.interp(0.1, norm, rows))
+
+
+def test_guided_smoothing_averages_flat_speckle_and_keeps_the_input_edge():
+    clean, speckled, guide = _speckled_step()
+    settings = refine.GuidedSmoothing(sigma_px=5.0, range_sigma=0.04, stride=1)
+    out = refine.guided_smoothing(_as_batch(speckled), _as_batch(guide), settings)[0, 0].numpy()
+    blurred = ndimage.gaussian_filter(speckled, settings.sigma_px)      # same window, no guide
+    flat = np.s_[8:EDGE - 12, 8:-8]
+    assert out[flat].std() < 0.35 * speckled[flat].std()
+    # The edge stays as sharp as the input's (within a pixel) where the unguided mean smears it.
+    assert _rise_px(out) <= _rise_px(speckled) + 1.0 < _rise_px(blurred) - 2.0
+    # A weighted mean of input pixels: no grey level outside the input's range.
+    assert speckled.min() - 1e-6 <= out.min() and out.max() <= speckled.max() + 1e-6
+
+
+def test_a_flat_guide_gives_the_plain_gaussian_mean_and_a_flat_input_stays_flat():
+    _clean, speckled, _guide = _speckled_step(seed=1)
+    settings = refine.GuidedSmoothing(sigma_px=2.0, range_sigma=0.04, stride=1)
+    out = refine.guided_smoothing(_as_batch(speckled), torch.zeros(1, 1, SIZE, SIZE), settings)[0, 0].numpy()
+    radius = settings.radius
+    offsets = np.arange(-radius, radius + 1)
+    kernel = np.exp(-(offsets[:, None] ** 2 + offsets[None, :] ** 2) / (2 * settings.sigma_px ** 2))
+    expected = ndimage.correlate(speckled, kernel / kernel.sum(), mode="nearest")
+    np.testing.assert_allclose(out, expected, atol=1e-5)
+    flat = refine.guided_smoothing(torch.full((1, 1, 20, 20), 0.3), _as_batch(_speckled_step()[2][:20, :20]), settings)
+    torch.testing.assert_close(flat, torch.full((1, 1, 20, 20), 0.3))
+
+
+def test_sparse_neighbours_cost_a_quarter_and_the_window_follows_the_working_scale():
+    full = refine.settings_for(1.0)
+    assert (full.sigma_px, full.range_sigma, full.stride) == (refine.GUIDED_SIGMA_PX, refine.GUIDED_RANGE, 2)
+    half = refine.settings_for(0.5)        # frames shrunk by 2 for the network: grains twice as wide
+    assert half.sigma_px == 2 * full.sigma_px and half.stride == 4 and half.radius == 2 * full.radius
+    assert refine._offsets(12, 2) == list(range(-12, 13, 2))
+    _clean, speckled, guide = _speckled_step(seed=2)
+    dense = refine.guided_smoothing(_as_batch(speckled), _as_batch(guide), full._replace(stride=1))
+    sparse = refine.guided_smoothing(_as_batch(speckled), _as_batch(guide), full)
+    assert float((dense - sparse).abs().mean()) < 0.01
+
+
+def test_engine_guided_output_has_the_input_levels_and_less_speckle_than_the_network(untrained_model):
+    noisy, _ = simulated_frames(n=2, size=128, seed=3)
+    frames = np.rint(np.stack(noisy) * 255).astype(np.uint8)
+    engine = Despeckler.from_file(None, device="cpu", backend="fp32")
+    own = engine.denoise(frames)
+    assert engine.last_refine == "none"
+    guided = engine.denoise(frames, refine="guided")
+    assert engine.last_refine == "guided" and guided.shape == frames.shape and guided.dtype == frames.dtype
+    assert not np.array_equal(guided, own)
+    for g, x in zip(guided.astype(float), frames.astype(float)):
+        assert abs(g.mean() - x.mean()) < 2.0
+        assert np.abs(np.diff(g, axis=1)).mean() < 0.5 * np.abs(np.diff(x, axis=1)).mean()
+    # an iterable of frames takes the same path
+    np.testing.assert_array_equal(np.stack(engine.denoise(list(frames), refine="guided")), guided)
+
+
+@pytest.mark.parametrize("bad", ["sharp", "", 1, True])
+def test_unknown_refine_option_is_refused_before_any_computation(untrained_model, bad, monkeypatch):
+    engine = Despeckler.from_file(untrained_model, device="cpu")
+
+    def must_not_run(*_args, **_kwargs):
+        raise AssertionError("the network ran before the option was checked")
+
+    monkeypatch.setattr(engine, "_run_batch", must_not_run)
+    frames = np.random.default_rng(0).integers(0, 255, (1, 32, 32)).astype(np.uint8)
+    with pytest.raises(ValueError, match="refine must be one of guided, none"):
+        engine.denoise(frames, refine=bad)
+    with pytest.raises(ValueError, match="refine must be one of guided, none"):
+        engine.denoise(list(frames), refine=bad)
+
+
+def test_cli_refine_option_reaches_the_output(untrained_model, tmp_path, capsys):
+    from PIL import Image
+
+    frame = np.rint(simulated_frames(n=1, size=96, seed=4)[0][0] * 255).astype(np.uint8)
+    Image.fromarray(frame).save(tmp_path / "a.png")
+    outputs = {}
+    for mode in ("none", "guided"):
+        out = tmp_path / f"{mode}.png"
+        assert main(["denoise", str(tmp_path / "a.png"), str(out), "--device", "cpu", "--refine", mode]) == 0
+        outputs[mode] = np.asarray(Image.open(out))
+    assert not np.array_equal(outputs["none"], outputs["guided"])
+    assert main(["denoise", str(tmp_path / "a.png"), str(tmp_path / "b.png"), "--refine", "sharp"]) == 2
+    assert "invalid choice: 'sharp'" in capsys.readouterr().err
+    assert not (tmp_path / "b.png").exists()
