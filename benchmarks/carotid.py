@@ -32,13 +32,14 @@ import hashlib
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "Speckle2Self"))
 
 from benchlib import carotid_data as carotid  # noqa: E402
+from benchlib.baselines import BASELINES  # noqa: E402
 from benchlib import lumen_evaluation, quality  # noqa: E402
 from Speckle2SelfLib import metrics, segmentation  # noqa: E402
 
@@ -54,7 +55,8 @@ def evenly(items: List, limit: int) -> List:
     return [items[i] for i in sorted(set(idx))]
 
 
-def build_methods(names: List[str], models: List[str], device: str, gammas: List[float]) -> Dict[str, Callable]:
+def build_methods(names: List[str], models: List[str], device: str, gammas: List[float],
+                  refine: bool = False) -> Dict[str, Callable]:
     from benchlib.baselines import BASELINES
 
     methods: Dict[str, Callable] = {}
@@ -72,6 +74,8 @@ def build_methods(names: List[str], models: List[str], device: str, gammas: List
         methods[label] = engine.denoise
         for gamma in gammas:   # the authors' optional display gamma
             methods[f"{label}, gamma {gamma:g}"] = lambda img, e=engine, g=gamma: e.denoise(img, gamma=g)
+        if refine:             # the network's output steering a smoothing of the input
+            methods[f"{label}, guided"] = lambda img, e=engine: e.denoise(img, refine="guided")
     return methods
 
 
@@ -88,8 +92,8 @@ def apply_cached(method: str, fn: Callable, case: carotid.CarotidCase, image: np
 
     tag = method
     if method in model_files:   # a retrained model under the same name must not hit old results,
-        from Speckle2SelfLib.engine import inference     # nor a model run by changed inference code
-        tag += str(model_files[method].stat().st_mtime_ns) + inspect.getsource(inference)
+        from Speckle2SelfLib.engine import inference, refine   # nor a model run by changed inference code
+        tag += str(model_files[method].stat().st_mtime_ns) + inspect.getsource(inference) + inspect.getsource(refine)
     elif method != "raw":       # nor a baseline whose defaults or code changed
         tag += inspect.getsource(inspect.getmodule(fn))
     path = cache / f"{_cache_key(tag, case.image)}.png" if cache else None
@@ -237,18 +241,25 @@ def lumen_table(rows: List[Dict], split: str) -> str:
     return "\n".join(lines)
 
 
-def lumen_inputs(models: List[str], device: str) -> Tuple[Dict[str, Callable], Dict[str, Path]]:
-    """Raw images and each model's output (no model given: the bundled default model)."""
+def lumen_inputs(models: List[str], device: str, refine: bool = False,
+                 baselines: Sequence[str] = ()) -> Tuple[Dict[str, Callable], Dict[str, Path]]:
+    """Raw images, the named baselines' outputs and each model's output (no model given: the
+    bundled default model), with ``refine`` also its guided refinement."""
     from Speckle2SelfLib.engine.inference import Despeckler
     from Speckle2SelfLib.engine.models import resolve_model_path
 
     inputs: Dict[str, Callable] = {"raw": lambda img: img}
+    inputs.update({name: BASELINES[name] for name in baselines})
     files: Dict[str, Path] = {}
     for model in models or [None]:
         path = resolve_model_path(model)
         label = f"Speckle2Self ({path.stem})"
-        inputs[label] = Despeckler.from_file(str(path), device).denoise
+        engine = Despeckler.from_file(str(path), device)
+        inputs[label] = engine.denoise
         files[label] = path
+        if refine:
+            inputs[f"{label}, guided"] = lambda img, e=engine: e.denoise(img, refine="guided")
+            files[f"{label}, guided"] = path
     return inputs, files
 
 
@@ -294,11 +305,15 @@ def main(argv=None) -> int:
     parser.add_argument("--figure", help="write a side-by-side PNG of one test image")
     parser.add_argument("--gamma", type=float, action="append", default=[],
                         help="also score each model with this display gamma (the authors use 1.5)")
+    parser.add_argument("--refine", action="store_true",
+                        help="also score each model with refine='guided' (its output steering a smoothing of the input)")
     parser.add_argument("--lumen-only", action="store_true",
                         help="only the one-click lumen table (raw and each --model, default the bundled model)")
     parser.add_argument("--lumen-split", choices=("test", "tuning"), default="test",
                         help="subjects of the lumen table (default test; tuning is for development)")
     parser.add_argument("--lumen-limit", type=int, default=0, help="images in the lumen table (0: all)")
+    parser.add_argument("--lumen-baseline", action="append", default=[], choices=sorted(BASELINES),
+                        help="also segment this baseline's output in the lumen table (repeatable)")
     parser.add_argument("--lumen-method", action="append", default=[], choices=segmentation.METHODS,
                         help=f"segmentation method(s) of the lumen table (default {segmentation.DEFAULT_METHOD})")
     parser.add_argument("--device", default="auto")
@@ -308,14 +323,14 @@ def main(argv=None) -> int:
     if cache is False:
         return 1
     lumen_cases = evenly(carotid.cases(args.lumen_split, with_mask=True), args.lumen_limit)
-    inputs, input_files = lumen_inputs(args.model, args.device)
+    inputs, input_files = lumen_inputs(args.model, args.device, args.refine, args.lumen_baseline)
     lumen_methods = args.lumen_method or [segmentation.DEFAULT_METHOD]
     if args.lumen_only:
         print(lumen_table(evaluate_lumen(inputs, lumen_cases, cache, input_files, lumen_methods), args.lumen_split))
         return 0
     tuning = evenly(carotid.cases("tuning", with_mask=True), args.tuning_limit)
     test = evenly(carotid.cases("test", with_mask=True), args.test_limit)
-    methods = build_methods(args.methods, args.model, args.device, args.gamma)
+    methods = build_methods(args.methods, args.model, args.device, args.gamma, args.refine)
     model_files = {label: Path(p) for p in args.model for label in methods
                    if label.startswith(f"Speckle2Self ({Path(p).stem})")}
     tolerances = np.arange(0, 81, 1.0)

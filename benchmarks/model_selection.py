@@ -13,7 +13,7 @@ One line per candidate (raw, a baseline such as nlm, any number of Speckle2Self 
     clips dark tissue to black shows here).
 The figures a release is judged on come from benchmarks/carotid.py on the test subjects.
 
-    python benchmarks/model_selection.py --model A.pt --model B.pt [--methods raw nlm] [--limit 80]
+    python benchmarks/model_selection.py --model A.pt --model B.pt [--methods raw nlm] [--limit 80] [--refine]
 """
 
 from __future__ import annotations
@@ -72,6 +72,7 @@ def main(argv=None) -> int:
     parser.add_argument("--model", action="append", default=[], help="Speckle2Self model file (repeatable)")
     parser.add_argument("--limit", type=int, default=80, help="tuning images used (0: all 260 with masks)")
     parser.add_argument("--cache", default=".bench_cache/carotid", help="folder for cached outputs ('' : none)")
+    parser.add_argument("--refine", action="store_true", help="also score each model with refine='guided'")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
@@ -79,8 +80,9 @@ def main(argv=None) -> int:
     if cache is False:
         return 1
     cases = bench.evenly(carotid.cases("tuning", with_mask=True), args.limit)
-    methods = bench.build_methods(args.methods, args.model, args.device, [])
-    model_files = {f"Speckle2Self ({Path(p).stem})": Path(p) for p in args.model}
+    methods = bench.build_methods(args.methods, args.model, args.device, [], args.refine)
+    model_files = {label: Path(p) for p in args.model for label in methods
+                   if label.startswith(f"Speckle2Self ({Path(p).stem})")}
     rows = []
     for name, fn in methods.items():
         rows.append(score(name, fn, cases, cache, model_files))
