@@ -90,7 +90,7 @@ class Speckle2SelfParameterNode:
     gamma: Annotated[float, WithinRange(0.2, 3.0)] = 1.0
     inputGreyLevels: bool = True
     keepColour: bool = False
-    guidedSmoothing: bool = False
+    guidedSmoothing: bool = True
     lumenVolume: vtkMRMLScalarVolumeNode
     seedPoints: vtkMRMLMarkupsFiducialNode
     lumenMethod: Annotated[str, Choice(["radial", "flood", "growcut"])] = "radial"   # segmentation.METHODS

@@ -122,6 +122,7 @@ CASES = {
     "weights swapped": (_other_weights, "width"),
     "required key missing": (_edited(interpolation=_DROP), "missing metadata"),
     "zero training steps": (_edited(training={"steps_done": 0}), "never trained"),
+    "unknown refinement": (_edited(refine="sharpen"), "refine"),
 }
 
 

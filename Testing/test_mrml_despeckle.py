@@ -673,7 +673,7 @@ def test_logic_output_keeps_the_input_grey_levels_unless_the_network_levels_are_
 
     frames, _ = phantoms
     volume = make_volume(scene, frames[:2])
-    logic = Speckle2SelfLogic(Despeckler.from_file(None, device="cpu", backend="fp32"),
+    logic = Speckle2SelfLogic(Despeckler.from_file("speckle2self-carotid-w16-d2-v2", device="cpu", backend="fp32"),
                               sequences_logic=scene.sequences_logic)
     fitted = nodes.volume_to_array(logic.process(volume).output_node).astype(np.float64)
     own = nodes.volume_to_array(logic.process(volume, grey_levels="network").output_node).astype(np.float64)
@@ -698,15 +698,17 @@ def test_logic_guided_refinement_reaches_the_output_in_both_runs_and_bad_values_
     volume = make_volume(scene, frames[:2])
     logic = Speckle2SelfLogic(Despeckler.from_file(None, device="cpu", backend="fp32"),
                               sequences_logic=scene.sequences_logic)
-    plain = nodes.volume_to_array(logic.process(volume).output_node)
+    plain = nodes.volume_to_array(logic.process(volume, refine="none").output_node)
     guided = nodes.volume_to_array(logic.process(volume, refine="guided").output_node)
     assert not np.array_equal(plain, guided)
+    # the bundled default model recommends the guided refinement: "auto" (the default) applies it
+    np.testing.assert_array_equal(nodes.volume_to_array(logic.process(volume).output_node), guided)
     job = logic.start_process(volume, refine="guided")
     assert job.wait(60)
     run = DespeckleRun.from_result(job.poll().result, logic.last_seconds)
     np.testing.assert_array_equal(nodes.volume_to_array(run.output_node), guided)
     ids = node_ids(scene)
     for call in (logic.process, logic.start_process):
-        with pytest.raises(ValueError, match="refine must be one of guided, none"):
+        with pytest.raises(ValueError, match="refine must be one of auto, guided, none"):
             call(volume, refine="sharp")
     assert node_ids(scene) == ids, "a refused option adds no node"

@@ -81,11 +81,14 @@ def test_engine_guided_output_has_the_input_levels_and_less_speckle_than_the_net
     noisy, _ = simulated_frames(n=2, size=128, seed=3)
     frames = np.rint(np.stack(noisy) * 255).astype(np.uint8)
     engine = Despeckler.from_file(None, device="cpu", backend="fp32")
-    own = engine.denoise(frames)
+    own = engine.denoise(frames, refine="none")
     assert engine.last_refine == "none"
     guided = engine.denoise(frames, refine="guided")
     assert engine.last_refine == "guided" and guided.shape == frames.shape and guided.dtype == frames.dtype
     assert not np.array_equal(guided, own)
+    # the bundled default model recommends it (metadata "refine"), so "auto", the default, applies it
+    assert engine.metadata["refine"] == "guided" and engine.resolve_refine("auto") == "guided"
+    np.testing.assert_array_equal(engine.denoise(frames), guided)
     for g, x in zip(guided.astype(float), frames.astype(float)):
         assert abs(g.mean() - x.mean()) < 2.0
         assert np.abs(np.diff(g, axis=1)).mean() < 0.5 * np.abs(np.diff(x, axis=1)).mean()
@@ -102,10 +105,16 @@ def test_unknown_refine_option_is_refused_before_any_computation(untrained_model
 
     monkeypatch.setattr(engine, "_run_batch", must_not_run)
     frames = np.random.default_rng(0).integers(0, 255, (1, 32, 32)).astype(np.uint8)
-    with pytest.raises(ValueError, match="refine must be one of guided, none"):
+    with pytest.raises(ValueError, match="refine must be one of auto, guided, none"):
         engine.denoise(frames, refine=bad)
-    with pytest.raises(ValueError, match="refine must be one of guided, none"):
+    with pytest.raises(ValueError, match="refine must be one of auto, guided, none"):
         engine.denoise(list(frames), refine=bad)
+
+
+def test_models_without_a_recommendation_default_to_their_own_output(untrained_model):
+    engine = Despeckler.from_file(untrained_model, device="cpu")
+    assert "refine" not in engine.metadata and engine.resolve_refine() == "none"
+    assert engine.resolve_refine(None) == "none" and engine.resolve_refine("guided") == "guided"
 
 
 def test_cli_refine_option_reaches_the_output(untrained_model, tmp_path, capsys):

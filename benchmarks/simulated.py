@@ -51,6 +51,7 @@ TUNING_GRIDS: Dict[str, Dict[str, Sequence]] = {
     "nlm": {"h_factor": (1.0, 1.5, 2.0, 2.5, 3.0), "template_size": (7, 11)},
     "bm3d": {"noise_scale": (0.5, 1.0, 2.0, 4.0)},
     "obnlm": {"h": (3.0, 4.0, 6.0, 8.0), "block_radius": (3, 4, 5)},
+    "gaussian_guided": {"guide_sigma_px": (2.0, 4.0, 8.0)},
 }
 # Settings within this SSIM of the best count as equally good; of those the highest PSNR wins.
 # (SSIM alone keeps rewarding ever larger windows on piecewise-constant phantoms.)
@@ -70,7 +71,8 @@ def simulate_set(kinds: Sequence[str], seed_base: int, size: int, fc: float):
     return images
 
 
-def load_models(paths: Sequence[str]) -> Dict[str, Method]:
+def load_models(paths: Sequence[str], refine: bool = False) -> Dict[str, Method]:
+    """Each model's output, and with ``refine`` also its guided refinement."""
     if not paths:
         return {}
     from Speckle2SelfLib.engine.inference import Despeckler
@@ -79,6 +81,9 @@ def load_models(paths: Sequence[str]) -> Dict[str, Method]:
     for path in paths:
         despeckler = Despeckler.from_file(path)
         models[f"Speckle2Self ({Path(path).stem})"] = despeckler.denoise
+        if refine:
+            models[f"Speckle2Self ({Path(path).stem}), guided"] = \
+                lambda img, d=despeckler: d.denoise(img, refine="guided")
     return models
 
 
@@ -130,7 +135,7 @@ def write_figure(path: str, panels: List[Tuple[str, np.ndarray]]) -> None:
 def run_benchmark(args: argparse.Namespace) -> int:
     methods: Dict[str, Method] = {"noisy input": lambda img: img}
     methods.update({name: filters.BASELINES[name] for name in args.methods})
-    methods.update(load_models(args.model))
+    methods.update(load_models(args.model, args.refine))
     kinds = [TEST_KINDS[i % len(TEST_KINDS)] for i in range(args.n_images)]
     fcs = [TRAIN_FC] + ([] if args.no_cross else list(CROSS_FCS))
     print(f"Simulated test set: {args.n_images} images ({', '.join(kinds)}), {args.size} x {args.size} px, "
@@ -206,6 +211,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="Speckle2Self model file to evaluate (repeatable)")
     parser.add_argument("--methods", nargs="*", default=list(filters.BASELINES), choices=list(filters.BASELINES),
                         metavar="NAME", help=f"baselines to run (default all: {', '.join(filters.BASELINES)})")
+    parser.add_argument("--refine", action="store_true", help="also score each model with refine='guided'")
     parser.add_argument("--no-cross", action="store_true", help="only 7.5 MHz, skip the cross-configuration")
     parser.add_argument("--figure", help="write a side-by-side PNG of the first 7.5 MHz test image")
     parser.add_argument("--tune", action="store_true", help="grid-search the baselines' parameters instead")

@@ -338,10 +338,10 @@ def _add_denoise(sub) -> None:
     p.add_argument("--working-scale", default="auto", type=_working_scale_arg,
                    help="auto (default): resample so the speckle grain matches the model's training data; "
                         "off: the input's own resolution; or a factor in [0.25, 2]")
-    p.add_argument("--refine", default="none", choices=["none", "guided"],
-                   help="none (default): the network's output; guided: the network's output steers an "
-                        "edge-keeping smoothing of the input (smoother tissue, the input's own boundaries; "
-                        "see docs/benchmarks.md for what it gains and costs)")
+    p.add_argument("--refine", default="auto", choices=["auto", "guided", "none"],
+                   help="guided: the network's output steers an edge-keeping smoothing of the input (smooth "
+                        "tissue, the input's own boundaries); none: the network's output itself; auto (default): "
+                        "what the model recommends (guided for the bundled v3)")
     p.add_argument("--threads", type=int_between(1, 1024), help="CPU threads for torch")
     p.add_argument("--backend", default="auto", choices=["auto", "fp32", "bf16", "openvino", "onnxruntime"],
                    help="CPU inference path: auto (bf16 where native, else fp32); openvino/onnxruntime: faster, optional")

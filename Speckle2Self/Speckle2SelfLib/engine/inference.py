@@ -235,7 +235,7 @@ class Despeckler:
     def denoise(self, array, batch_size: Optional[int] = None, progress: ProgressFn = None,
                 cancel: CancelFlag = None, gamma: Optional[float] = None, blend: float = 0.0,
                 working_scale: Union[str, float, None] = "auto", grey_levels: str = "auto",
-                refine: Optional[str] = "none"):
+                refine: Optional[str] = "auto"):
         """Despeckle (H, W), (N, H, W) or an iterable of (H, W) frames.
 
         Returns the same shape and dtype in each frame's own intensity range. Raises
@@ -246,12 +246,13 @@ class Despeckler:
         ``grey_levels``: "input" gives each output frame the brightness and contrast of its
         input frame (:func:`fit_grey_levels`), "network" keeps the network's own (the authors'
         head stretches contrast), "auto" (default) fits them where the model's head needs it.
-        ``refine``: "none" (default, or None) returns the network's output itself; "guided"
-        smooths the input where the network's output is uniform and only along boundaries where
-        it changes (Speckle2SelfLib.engine.refine): smoother tissue with the input's own edges,
-        always in the input's grey levels (``grey_levels`` then only shapes the guide).
+        ``refine``: "guided" smooths the input where the network's output is uniform and only
+        along boundaries where it changes (Speckle2SelfLib.engine.refine): smoother tissue with
+        the input's own edges, always in the input's grey levels (``grey_levels`` then only
+        shapes the guide); "none" (or None) returns the network's output itself; "auto"
+        (default) does what the model's metadata recommends (:meth:`resolve_refine`).
         """
-        refine = check_refine(refine)
+        refine = self.resolve_refine(refine)
         if isinstance(blend, bool) or not isinstance(blend, (int, float, np.floating, np.integer)) \
                 or not 0.0 <= blend <= 1.0:
             raise ValueError(f"blend must be a number in [0, 1], got {blend!r}")
@@ -294,7 +295,7 @@ class Despeckler:
         return out[0] if array.ndim == 2 else out
 
     def _denoise_iterable(self, frames: Iterable, batch_size, progress, cancel, gamma, blend,
-                          working_scale="auto", grey_levels: str = "auto", refine: str = "none") -> List[np.ndarray]:
+                          working_scale="auto", grey_levels: str = "auto", refine: str = "auto") -> List[np.ndarray]:
         total = len(frames) if hasattr(frames, "__len__") else -1
         outputs: List[np.ndarray] = []
         pending: List[np.ndarray] = []
@@ -322,6 +323,14 @@ class Despeckler:
         if pending:
             flush()
         return outputs
+
+    def resolve_refine(self, refine: Optional[str] = "auto") -> str:
+        """"guided" or "none": ``refine`` itself, or for "auto" the model's recommendation
+        (metadata "refine"; models without one: "none"). Unknown values raise a ValueError."""
+        refine = check_refine(refine)
+        if refine == "auto":
+            return "guided" if self.metadata.get("refine") == "guided" else "none"
+        return refine
 
     def fits_grey_levels(self, grey_levels: str = "auto") -> bool:
         """Whether :meth:`denoise` with this ``grey_levels`` fits the output's grey levels to the input's."""

@@ -279,6 +279,8 @@ def _metadata_problem(m: Dict[str, Any]) -> Optional[str]:
         checks.append(f"upsample = {m['upsample']!r}")
     if "head" in m and m["head"] not in ("linear", "norm_relu", "norm_leaky"):
         checks.append(f"head = {m['head']!r}")
+    if "refine" in m and m["refine"] not in ("guided", "none"):
+        checks.append(f"refine = {m['refine']!r} (expected guided or none)")
     if not isinstance(m["weights_sha256"], str):
         checks.append("weights_sha256 is not a string")
     training = m.get("training")

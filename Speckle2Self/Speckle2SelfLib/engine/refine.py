@@ -7,19 +7,21 @@ pixel's: in uniform tissue (where the output is flat) it averages the speckle aw
 boundary (where the output changes) it averages only along it, so the input's own edge
 position and sharpness are kept.
 
-An option (``Despeckler.denoise(refine="guided")``, ``speckle2self denoise --refine guided``),
-not the default. Measured on the carotid data (docs/benchmarks.md, "Eighth session"): GLCM
-homogeneity above NLM's on the test subjects where the network alone stays below, the
-one-click lumen as good as on the network's output, but lumen-wall contrast and flood-fill
-IoU a little lower than the network's own output; and most of the gain is the bilateral
-filter's own: a Gaussian-smoothed input as the guide scores nearly the same.
+``refine="auto"`` (the default of ``Despeckler.denoise``, the CLI and the module) applies it
+where the model's metadata recommends it (the bundled v3); ``"guided"`` / ``"none"`` force it
+on or off. Measured on the carotid data (docs/benchmarks.md, "Eighth session"): with v3 on the
+test subjects flood-fill IoU, AUC and GLCM homogeneity above NLM's and lumen-wall CNR above raw
+and NLM; most of the smoothing is the bilateral filter's own (a Gaussian-smoothed input as the
+guide, ``benchmarks/benchlib/baselines.gaussian_guided``, comes close), the network's guide
+adds flood fill, AUC and homogeneity.
 """
 
 from __future__ import annotations
 
 from typing import NamedTuple, Union
 
-REFINE_MODES = ("guided", "none")
+#: "auto": what the model's metadata recommends ("refine"; "none" for models without it).
+REFINE_MODES = ("auto", "guided", "none")
 #: Spatial Gaussian sigma (px at the model's working scale) and range sigma (fraction of the
 #: frame's grey range), chosen on the carotid tuning subjects.
 GUIDED_SIGMA_PX = 7.0

@@ -101,7 +101,7 @@ class SequenceSource:
 
 def despeckle_pixels(despeckler, pixels: Pixels, colour_out: bool, colour_threshold: float, batch_size, gamma,
                      blend, progress: ProgressFn, cancel: CancelFn, grey_levels: str = "auto",
-                     refine: str = "none") -> np.ndarray:
+                     refine: str = "auto") -> np.ndarray:
     """Despeckled voxels in the input's voxel type (RGB with the input's colours kept for ``colour_out``)."""
     grey = despeckler.denoise(pixels.grey, batch_size=batch_size, progress=progress, cancel=cancel,
                               gamma=gamma, blend=blend, grey_levels=grey_levels, refine=refine)
@@ -299,7 +299,7 @@ class DespeckleJob(BackgroundJob):
 
     def __init__(self, logic, pixels: Pixels, store: Callable[[np.ndarray], Any], *,
                  colour_out: bool, colour_threshold: float, model, device, batch_size, gamma, blend,
-                 grey_levels: str = "auto", refine: str = "none"):
+                 grey_levels: str = "auto", refine: str = "auto"):
         super().__init__(int(pixels.grey.shape[0]))
         self._logic, self._pixels, self._store = logic, pixels, store
         self._colour_out, self._colour_threshold = colour_out, colour_threshold
@@ -340,7 +340,7 @@ def prepare_job(logic, source, output_node=None, *, all_frames: bool = True, mod
                 device: Optional[str] = None, batch_size: Optional[int] = None, gamma: Optional[float] = None,
                 blend: float = 0.0, keep_colour: bool = False,
                 colour_threshold: float = COLOUR_THRESHOLD, grey_levels: str = "auto",
-                refine: str = "none") -> DespeckleJob:
+                refine: str = "auto") -> DespeckleJob:
     """Read ``source`` now (main thread) for a :class:`DespeckleJob` of ``logic``."""
     options = dict(model=model, device=device, batch_size=batch_size, gamma=gamma, blend=blend,
                    colour_threshold=colour_threshold, grey_levels=check_grey_levels(grey_levels),

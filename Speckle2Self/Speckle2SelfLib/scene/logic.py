@@ -175,7 +175,7 @@ class Speckle2SelfLogic:
                          batch_size: Optional[int] = None, gamma: Optional[float] = None, blend: float = 0.0,
                          keep_colour: bool = False, colour_threshold: float = COLOUR_THRESHOLD,
                          progress: ProgressFn = None, cancel: CancelFn = None, grey_levels: str = "auto",
-                         refine: str = "none"):
+                         refine: str = "auto"):
         """Despeckle every slice (frame) of a volume into ``output_node`` (new when None).
 
         Returns the output volume node: grey scalar, or RGB vector with ``keep_colour`` for an
@@ -196,7 +196,7 @@ class Speckle2SelfLogic:
                            batch_size: Optional[int] = None, gamma: Optional[float] = None, blend: float = 0.0,
                            keep_colour: bool = False, colour_threshold: float = COLOUR_THRESHOLD,
                            progress: ProgressFn = None, cancel: CancelFn = None,
-                           grey_levels: str = "auto", refine: str = "none") -> SequenceOutput:
+                           grey_levels: str = "auto", refine: str = "auto") -> SequenceOutput:
         """Despeckle every item of a sequence of volumes into a new sequence node.
 
         ``source``: a vtkMRMLSequenceNode, a vtkMRMLSequenceBrowserNode (its first sequence of
@@ -231,7 +231,7 @@ class Speckle2SelfLogic:
     def process(self, input_node, output_node=None, *, all_frames: bool = True, model=None, device: str = "auto",
                 backend: str = "auto", batch_size=None, gamma: Optional[float] = None, blend: float = 0.0,
                 keep_colour: bool = False, progress: ProgressFn = None, cancel: CancelFn = None,
-                grey_levels: str = "auto", refine: str = "none") -> DespeckleRun:
+                grey_levels: str = "auto", refine: str = "auto") -> DespeckleRun:
         """What the module's Apply does, blocking: despeckle ``input_node`` (all frames of its
         sequence when it is a proxy and ``all_frames``) into ``output_node`` when that can take
         the result (else a new volume). ``gamma`` 1 means none. ``grey_levels``, ``refine``: see
@@ -252,7 +252,7 @@ class Speckle2SelfLogic:
     def start_process(self, input_node, output_node=None, *, all_frames: bool = True, model=None,
                       device: str = "auto", backend: str = "auto", batch_size=None, gamma: Optional[float] = None,
                       blend: float = 0.0, keep_colour: bool = False, grey_levels: str = "auto",
-                      refine: str = "none") -> DespeckleJob:
+                      refine: str = "auto") -> DespeckleJob:
         """Like :meth:`process`, in the background: reads the frames now and returns the started
         :class:`~Speckle2SelfLib.scene.despeckle.DespeckleJob`; poll() it from the main thread
         (e.g. a QTimer) to get progress and, at the end, the result written into the scene
