@@ -31,7 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "Speckle2Self"))
 
 
-def measure(model: str, device: str, backend: str, size: int, batch: int, threads: int, repeats: int) -> dict:
+def measure(model: str, device: str, backend: str, size: int, batch: int, threads: int, repeats: int,
+            refine: str = "none") -> dict:
     """One row, run in this process (the parent starts a fresh process per row)."""
     import resource
 
@@ -46,14 +47,14 @@ def measure(model: str, device: str, backend: str, size: int, batch: int, thread
     engine = Despeckler.from_file(model, device, backend)
     load_s = time.perf_counter() - start
     frames = np.random.default_rng(0).integers(0, 256, (batch, size, size), dtype=np.uint8)
-    engine.denoise(frames, batch_size=batch, working_scale=None)      # warm-up (allocations, kernels)
+    engine.denoise(frames, batch_size=batch, working_scale=None, refine=refine)   # warm-up (allocations, kernels)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        engine.denoise(frames, batch_size=batch, working_scale=None)
+        engine.denoise(frames, batch_size=batch, working_scale=None, refine=refine)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
@@ -104,12 +105,14 @@ def main(argv=None) -> int:
                                                                "(0: torch's default, one per core)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--refine", default="none", choices=["none", "guided", "auto"],
+                        help="none (default): the network alone; guided: with the guided refinement; auto: as the model recommends")
     parser.add_argument("--row", help=argparse.SUPPRESS)   # internal: run one row, print JSON
     args = parser.parse_args(argv)
     if args.row:
         backend, size, batch = args.row.split(",")
         print(json.dumps(measure(args.model, args.device, backend, int(size), int(batch), args.threads,
-                                 args.repeats)))
+                                 args.repeats, args.refine)))
         return 0
     import torch
 
@@ -132,7 +135,7 @@ def main(argv=None) -> int:
                 for batch in args.batches:
                     for backend in backends:
                         cmd = [sys.executable, __file__, "--model", model, "--device", args.device,
-                               "--threads", str(args.threads), "--repeats", str(args.repeats),
+                               "--threads", str(args.threads), "--repeats", str(args.repeats), "--refine", args.refine,
                                "--row", f"{backend},{size},{batch}"]
                         done = subprocess.run(cmd, capture_output=True, text=True, env=env)
                         if done.returncode:
@@ -154,7 +157,8 @@ def main(argv=None) -> int:
     device = torch.cuda.get_device_name() if cuda else \
         f"CPU, {args.threads or torch.get_num_threads()} thread(s), {os.cpu_count()} logical cores"
     name = Path(model).name if args.model else f"untrained width {args.width} depth {args.depth} ({args.upsample})"
-    print(f"model: {name}; device: {device}; median of {args.repeats} repeats, {args.rounds} round(s)\n")
+    print(f"model: {name}; refine: {args.refine}; device: {device}; median of {args.repeats} repeats, "
+          f"{args.rounds} round(s)\n")
     print("| backend | frame | batch | ms/frame | frames/s | ratio to fp32 | peak memory (MB) |")
     print("|---|---|---|---|---|---|---|")
     for key in sorted(results, key=lambda k: (k[1], k[2], backends.index(k[0]))):
