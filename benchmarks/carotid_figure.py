@@ -1,4 +1,5 @@
-"""Figure: raw | NLM | Speckle2Self on three test-subject carotid images, at full resolution.
+"""Figure: raw | NLM | Speckle2Self (network output | default, with the guided refinement where
+the model recommends it) on three test-subject carotid images, at full resolution.
 
     python benchmarks/carotid_figure.py --out docs/figures/carotid_comparison.png [--model MODEL.pt]
 
@@ -51,12 +52,16 @@ def main(argv=None) -> int:
         if len(picks) == 3:
             break
     label_h, gap = 18, 6
-    columns = ["raw", "NLM", f"Speckle2Self ({engine.metadata.get('name')})"]
-    canvas = Image.new("L", (3 * WINDOW[1] + 2 * gap, len(picks) * (WINDOW[0] + label_h + gap)), 255)
+    name = engine.metadata.get("name")
+    guided = engine.resolve_refine("auto") == "guided"
+    columns = ["raw", "NLM", f"{name}, network output"] + ([f"{name}, guided (default)"] if guided else [])
+    canvas = Image.new("L", (len(columns) * (WINDOW[1] + gap) - gap, len(picks) * (WINDOW[0] + label_h + gap)), 255)
     draw = ImageDraw.Draw(canvas)
     for i, case in enumerate(picks):
         image, mask = case.load()
-        panels = [image, BASELINES["nlm"](image), engine.denoise(image)]
+        panels = [image, BASELINES["nlm"](image), engine.denoise(image, refine="none")]
+        if guided:
+            panels.append(engine.denoise(image, refine="guided"))
         rs, cs = window(mask, image.shape)
         y = i * (WINDOW[0] + label_h + gap)
         for j, (name, panel) in enumerate(zip(columns, panels)):
