@@ -70,13 +70,24 @@ def build_methods(names: List[str], models: List[str], device: str, gammas: List
     for path in models:
         from Speckle2SelfLib.engine.inference import Despeckler
         engine = Despeckler.from_file(path, device)
-        label = f"Speckle2Self ({Path(path).stem})"
-        methods[label] = engine.denoise
+        outputs = model_outputs(engine, f"Speckle2Self ({Path(path).stem})", refine)
+        methods.update(outputs)
+        label = next(iter(outputs))      # the default output
         for gamma in gammas:   # the authors' optional display gamma
             methods[f"{label}, gamma {gamma:g}"] = lambda img, e=engine, g=gamma: e.denoise(img, gamma=g)
-        if refine:             # the network's output steering a smoothing of the input
-            methods[f"{label}, guided"] = lambda img, e=engine: e.denoise(img, refine="guided")
     return methods
+
+
+def model_outputs(engine, label: str, both: bool) -> Dict[str, Callable]:
+    """The model's default output (labelled ", guided" where its metadata recommends the guided
+    refinement), and with ``both`` also the other one (", network output" or ", guided")."""
+    guided = engine.resolve_refine("auto") == "guided"
+    outputs = {label + (", guided" if guided else ""): engine.denoise}
+    if both:
+        other = "none" if guided else "guided"
+        outputs[label + (", network output" if guided else ", guided")] = \
+            lambda img, e=engine, r=other: e.denoise(img, refine=r)
+    return outputs
 
 
 def _cache_key(method: str, image: Path) -> str:
@@ -255,11 +266,9 @@ def lumen_inputs(models: List[str], device: str, refine: bool = False,
         path = resolve_model_path(model)
         label = f"Speckle2Self ({path.stem})"
         engine = Despeckler.from_file(str(path), device)
-        inputs[label] = engine.denoise
-        files[label] = path
-        if refine:
-            inputs[f"{label}, guided"] = lambda img, e=engine: e.denoise(img, refine="guided")
-            files[f"{label}, guided"] = path
+        outputs = model_outputs(engine, label, refine)
+        inputs.update(outputs)
+        files.update({name: path for name in outputs})
     return inputs, files
 
 

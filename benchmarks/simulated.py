@@ -72,18 +72,16 @@ def simulate_set(kinds: Sequence[str], seed_base: int, size: int, fc: float):
 
 
 def load_models(paths: Sequence[str], refine: bool = False) -> Dict[str, Method]:
-    """Each model's output, and with ``refine`` also its guided refinement."""
+    """Each model's default output, and with ``refine`` also the other one (guided or not)."""
     if not paths:
         return {}
     from Speckle2SelfLib.engine.inference import Despeckler
 
+    from carotid import model_outputs   # benchmarks/carotid.py: the default and the other output
+
     models = {}
     for path in paths:
-        despeckler = Despeckler.from_file(path)
-        models[f"Speckle2Self ({Path(path).stem})"] = despeckler.denoise
-        if refine:
-            models[f"Speckle2Self ({Path(path).stem}), guided"] = \
-                lambda img, d=despeckler: d.denoise(img, refine="guided")
+        models.update(model_outputs(Despeckler.from_file(path), f"Speckle2Self ({Path(path).stem})", refine))
     return models
 
 
