@@ -224,14 +224,19 @@ def test_linear_head_models_keep_their_grey_levels_unless_asked(trained_model):
     assert abs(fitted.astype(float).mean() - frames.mean()) <= abs(own.astype(float).mean() - frames.mean()) + 0.5
 
 
-@pytest.mark.parametrize("bad", ["fit", "", None, 1])
-def test_unknown_grey_levels_option_is_refused_before_any_computation(engine, bad, monkeypatch):
+BAD_OUTPUT_OPTIONS = [("grey_levels", bad, "grey_levels must be one of auto, input, network")
+                      for bad in ("fit", "", None, 1)] + \
+                     [("refine", bad, "refine must be one of auto, guided, none") for bad in ("sharp", "", 1, True)]
+
+
+@pytest.mark.parametrize("option, bad, message", BAD_OUTPUT_OPTIONS)
+def test_unknown_output_option_is_refused_before_any_computation(engine, option, bad, message, monkeypatch):
     def must_not_run(*_args, **_kwargs):
         raise AssertionError("the network ran before the option was checked")
 
     monkeypatch.setattr(engine, "_run_batch", must_not_run)
     frames = np.random.default_rng(0).integers(0, 255, (1, 32, 32)).astype(np.uint8)
-    with pytest.raises(ValueError, match="grey_levels must be one of auto, input, network"):
-        engine.denoise(frames, grey_levels=bad)
-    with pytest.raises(ValueError, match="grey_levels must be one of auto, input, network"):
-        engine.denoise(list(frames), grey_levels=bad)
+    with pytest.raises(ValueError, match=message):
+        engine.denoise(frames, **{option: bad})
+    with pytest.raises(ValueError, match=message):
+        engine.denoise(list(frames), **{option: bad})

@@ -684,10 +684,15 @@ def test_logic_output_keeps_the_input_grey_levels_unless_the_network_levels_are_
     assert job.wait(60)
     run = DespeckleRun.from_result(job.poll().result, logic.last_seconds)
     np.testing.assert_array_equal(nodes.volume_to_array(run.output_node), own)
+    _assert_refused_adding_no_node(scene, logic, volume, "grey_levels must be one of auto, input, network",
+                                   grey_levels="stretched")
+
+
+def _assert_refused_adding_no_node(scene, logic, volume, message, **bad_option):
     ids = node_ids(scene)
     for call in (logic.process, logic.start_process):
-        with pytest.raises(ValueError, match="grey_levels must be one of auto, input, network"):
-            call(volume, grey_levels="stretched")
+        with pytest.raises(ValueError, match=message):
+            call(volume, **bad_option)
     assert node_ids(scene) == ids, "a refused option adds no node"
 
 
@@ -707,8 +712,4 @@ def test_logic_guided_refinement_reaches_the_output_in_both_runs_and_bad_values_
     assert job.wait(60)
     run = DespeckleRun.from_result(job.poll().result, logic.last_seconds)
     np.testing.assert_array_equal(nodes.volume_to_array(run.output_node), guided)
-    ids = node_ids(scene)
-    for call in (logic.process, logic.start_process):
-        with pytest.raises(ValueError, match="refine must be one of auto, guided, none"):
-            call(volume, refine="sharp")
-    assert node_ids(scene) == ids, "a refused option adds no node"
+    _assert_refused_adding_no_node(scene, logic, volume, "refine must be one of auto, guided, none", refine="sharp")
