@@ -137,6 +137,7 @@ def run_size(args, size: int) -> dict:
                "--max-seconds", str(TIMEOUT * 4 + args.seconds + closed_n * TIMEOUT), "--json", "--quiet"]
     if args.model:
         command += ["--model", args.model]
+    command += ["--refine", args.refine]
     if args.threads:
         command += ["--threads", str(args.threads)]
     env = dict(os.environ, PYTHONPATH=str(ROOT / "Speckle2Self"))
@@ -205,6 +206,8 @@ def main(argv=None) -> int:
     parser.add_argument("--rate", type=float, default=30.0, help="frames/s of the streaming phase")
     parser.add_argument("--seconds", type=float, default=4.0, help="length of the streaming phase")
     parser.add_argument("--threads", type=int, help="CPU threads for torch in the relay")
+    parser.add_argument("--refine", default="auto", choices=["auto", "guided", "none"],
+                        help="the relay's refinement (default auto: what the model recommends)")
     parser.add_argument("--json", action="store_true", help="also print the rows as JSON")
     args = parser.parse_args(argv)
 

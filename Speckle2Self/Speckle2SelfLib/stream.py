@@ -74,19 +74,22 @@ def warm_up(despeckler, runs: int = 3) -> None:
 # ----------------------------------------------------------------------------- latest-frame-wins despeckling
 
 
-def _stream_denoiser(despeckler) -> Callable[[np.ndarray], np.ndarray]:
+def _stream_denoiser(despeckler, refine: str = "auto") -> Callable[[np.ndarray], np.ndarray]:
     """``despeckler.denoise`` with the grain-matched working scale found once per frame size:
     one stream comes from one probe and setting, and matching the grain resamples each frame at
-    13 candidate scales, work a live stream should not repeat for every frame."""
+    13 candidate scales, work a live stream should not repeat for every frame. ``refine``: see
+    :meth:`~Speckle2SelfLib.engine.inference.Despeckler.denoise` (the guided refinement about
+    doubles a CPU frame's latency; "none" skips it)."""
     if not hasattr(despeckler, "resolve_working_scale"):
         return despeckler.denoise
+    refine = despeckler.resolve_refine(refine)     # a bad value is refused before any frame
     scales: Dict[Tuple[int, ...], float] = {}
 
     def denoise(frames: np.ndarray) -> np.ndarray:
         key = tuple(np.shape(frames)[-2:])
         if key not in scales:
             scales[key] = despeckler.resolve_working_scale(np.asarray(frames), "auto")
-        return despeckler.denoise(frames, working_scale=scales[key])
+        return despeckler.denoise(frames, working_scale=scales[key], refine=refine)
 
     return denoise
 
@@ -137,10 +140,11 @@ class StreamDespeckler:
     """
 
     def __init__(self, despeckler, on_output: Optional[Callable[[StreamResult], None]] = None, *,
-                 on_error: Optional[Callable[[str, Any, BaseException], None]] = None, max_streams: int = 8):
+                 on_error: Optional[Callable[[str, Any, BaseException], None]] = None, max_streams: int = 8,
+                 refine: str = "auto"):
         if max_streams < 1:
             raise ValueError(f"max_streams must be at least 1, got {max_streams}")
-        self._denoise = _stream_denoiser(despeckler) if hasattr(despeckler, "denoise") else despeckler
+        self._denoise = _stream_denoiser(despeckler, refine) if hasattr(despeckler, "denoise") else despeckler
         if not callable(self._denoise):
             raise TypeError("despeckler must be a Despeckler or a callable array -> array")
         self.on_output = on_output
@@ -616,7 +620,7 @@ class StreamRelay:
     def __init__(self, despeckler, listen: Tuple[str, int] = ("127.0.0.1", DEFAULT_LISTEN_PORT),
                  send: Tuple[str, int] = ("127.0.0.1", DEFAULT_SEND_PORT), *, suffix: str = DEFAULT_SUFFIX,
                  max_frames: Optional[int] = None, max_seconds: Optional[float] = None, forward_other: bool = True,
-                 receive_from: Optional[Tuple[str, int]] = None, log: LogFn = _quiet):
+                 receive_from: Optional[Tuple[str, int]] = None, log: LogFn = _quiet, refine: str = "auto"):
         _require_pyigtl()
         output_device_name("", suffix)          # checks the suffix fits
         if max_frames is not None and max_frames < 1:
@@ -637,7 +641,7 @@ class StreamRelay:
         self._started_at: Optional[float] = None
         self._seconds = 0.0
         self._errors_logged: set = set()
-        self.stream = StreamDespeckler(despeckler, self._on_output, on_error=self._on_error)
+        self.stream = StreamDespeckler(despeckler, self._on_output, on_error=self._on_error, refine=refine)
         self.sender = _Sender(send[0], send[1], log)
         if receive_from is not None:
             self.listener = _Listener(receive_from[0], receive_from[1], self._on_message, log, connect=True)
