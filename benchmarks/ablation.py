@@ -62,8 +62,7 @@ def score(model_path: Path, noisy: List[np.ndarray], clean: List[np.ndarray]) ->
 
 
 def fit_to(img: np.ndarray, ref: np.ndarray) -> np.ndarray:
-    a, b = np.polyfit(img.ravel().astype(np.float64), ref.ravel().astype(np.float64), 1)
-    return np.clip(a * img + b, 0, 1).astype(np.float32)
+    return metrics.affine_fit(img, ref, (0.0, 1.0)).astype(np.float32)
 
 
 def main(argv=None) -> int:

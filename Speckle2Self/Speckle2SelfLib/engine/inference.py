@@ -162,19 +162,13 @@ def fit_grey_levels(out01: np.ndarray, frame01: np.ndarray) -> np.ndarray:
     (the authors' InstanceNorm + ReLU) throw both away: their raw output is contrast-stretched,
     with every grey level below the image mean shown black.
     """
-    y = out01.astype(np.float64, copy=False)
-    x = frame01.astype(np.float64, copy=False)
-    y_mean, x_mean = float(y.mean()), float(x.mean())
-    dy = y - y_mean
-    variance = float(np.mean(dy * dy))
-    if not variance > 1e-12:
-        return out01
-    slope = float(np.mean(dy * (x - x_mean))) / variance
-    if not (np.isfinite(slope) and slope > 0):
-        return out01
-    dy *= slope
-    dy += x_mean
-    return np.clip(dy, 0.0, 1.0, out=dy)
+    import torch
+
+    from .refine import fit_to    # one least-squares map for both (refine.py fits per batch on the device)
+
+    y = torch.from_numpy(np.asarray(out01, dtype=np.float64))[None, None]
+    x = torch.from_numpy(np.asarray(frame01, dtype=np.float64))[None, None]
+    return np.clip(fit_to(y, x)[0, 0].numpy(), 0.0, 1.0)
 
 
 def _restore(out01: np.ndarray, frame: np.ndarray, gamma: Optional[float], blend: float,
