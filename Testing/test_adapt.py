@@ -169,6 +169,21 @@ def test_the_run_can_be_stopped_and_keeps_the_best_weights(scene, models_dir, un
     assert_same_state(before, scene_state(scene))
 
 
+def test_an_adapted_model_keeps_the_output_its_starting_model_recommends(scene, models_dir, tmp_path):
+    """Adapting the default model (metadata refine: guided) must not silently drop its guided
+    smoothing: the adapted model recommends the same output with the same settings."""
+    from Speckle2SelfLib.engine.models import export_model
+    from Speckle2SelfLib.engine.network import Speckle2SelfNet
+
+    start = tmp_path / "guided.pt"
+    export_model(Speckle2SelfNet(width=4), start, scales=(1.0, 0.5, 0.25), interpolation="bilinear",
+                 name="guided-start", extra={"refine": "guided", "refine_sigma_px": 10.0})
+    volume = make_volume(scene, np.stack(speckle_uint8(4, seed=8)), "Stack")
+    result = adapt([volume], minutes=None, steps=1, init=str(start), preview_every=1, poll_s=0.05, **TINY)
+    meta = load_model(result.path).metadata
+    assert (meta["refine"], meta["refine_sigma_px"]) == ("guided", 10.0) and "refine_range" not in meta
+
+
 def test_stopping_before_training_writes_nothing(scene, models_dir, untrained_model):
     volume = make_volume(scene, np.stack(speckle_uint8(2)), "US")
     job = AdaptJob(frames_from_nodes([volume]), init=str(untrained_model), steps=5, minutes=None, **TINY)

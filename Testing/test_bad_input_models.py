@@ -123,6 +123,8 @@ CASES = {
     "required key missing": (_edited(interpolation=_DROP), "missing metadata"),
     "zero training steps": (_edited(training={"steps_done": 0}), "never trained"),
     "unknown refinement": (_edited(refine="sharpen"), "refine"),
+    "refinement sigma out of range": (_edited(refine="guided", refine_sigma_px=500.0), "refine_sigma_px"),
+    "refinement range not a number": (_edited(refine="guided", refine_range="wide"), "refine_range"),
 }
 
 

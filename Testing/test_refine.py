@@ -2,6 +2,7 @@
 the option reaching the output through the engine, the CLI and the Slicer logic."""
 
 import numpy as np
+import pytest
 import torch
 from scipy import ndimage
 
@@ -115,3 +116,49 @@ def test_cli_refine_option_reaches_the_output(untrained_model, tmp_path, capsys)
     assert main(["denoise", str(tmp_path / "a.png"), str(tmp_path / "b.png"), "--refine", "sharp"]) == 2
     assert "invalid choice: 'sharp'" in capsys.readouterr().err
     assert not (tmp_path / "b.png").exists()
+
+
+def test_a_model_carries_its_own_smoothing_settings_and_fine_tuning_keeps_them(trained_model, tmp_path):
+    """``export --refine guided --refine-sigma-px/--refine-range`` records the recommendation and
+    its settings; ``refine="auto"`` then applies them; ``train --init`` passes them on."""
+    from Speckle2SelfLib.engine.models import load_model
+    from Speckle2SelfLib.engine.training import FramePool, config_from_model, train
+
+    checkpoint = trained_model.with_suffix(".ckpt")
+    wide, plain = tmp_path / "wide.pt", tmp_path / "plain.pt"
+    assert main(["export", str(checkpoint), "--out", str(wide), "--refine", "guided",
+                 "--refine-sigma-px", "14", "--refine-range", "0.08"]) == 0
+    assert main(["export", str(checkpoint), "--out", str(plain), "--refine", "guided"]) == 0
+    meta = load_model(wide).metadata
+    assert (meta["refine"], meta["refine_sigma_px"], meta["refine_range"]) == ("guided", 14.0, 0.08)
+    assert "refine_sigma_px" not in load_model(plain).metadata
+    assert refine.settings_for(1.0, **refine.model_settings(meta)) == refine.GuidedSmoothing(14.0, 0.08, 4)
+
+    _clean, speckled, _guide = _speckled_step(seed=5)
+    frame = np.rint(speckled * 255).astype(np.uint8)
+    wider = Despeckler.from_file(wide, "cpu", backend="fp32")
+    smoother = wider.denoise(frame).astype(float)
+    assert wider.last_refine == "guided"
+    default = Despeckler.from_file(plain, "cpu", backend="fp32").denoise(frame).astype(float)
+    flat = (slice(4, EDGE - 16), slice(16, -16))     # inside the dark half, away from the step
+    assert smoother[flat].std() < 0.8 * default[flat].std()
+
+    cfg = config_from_model(wide, crop=32, batch=2, steps=1, device="cpu", preview_every=0)
+    tuned = tmp_path / "tuned.pt"
+    train(cfg, FramePool(simulated_frames(n=2, size=64, seed=6)[0], {"frames": 2}), tuned, progress=False,
+          init_model=str(wide))
+    assert refine.recommendation(load_model(tuned).metadata) == refine.recommendation(meta)
+
+
+@pytest.mark.parametrize("options, needle", [
+    (["--refine-sigma-px", "14"], "add --refine guided"),
+    (["--refine", "none", "--refine-range", "0.1"], "add --refine guided"),
+    (["--refine", "guided", "--refine-sigma-px", "100"], "--refine-sigma-px must lie in [0.5, 32.0]"),
+    (["--refine", "guided", "--refine-range", "0"], "must be positive"),
+], ids=["sigma without guided", "range with none", "sigma too wide", "range zero"])
+def test_export_refuses_refinement_settings_that_cannot_apply(options, needle, trained_model, tmp_path, capsys):
+    out = tmp_path / "m.pt"
+    capsys.readouterr()
+    assert main(["export", str(trained_model.with_suffix(".ckpt")), "--out", str(out), *options]) == 2
+    assert needle in capsys.readouterr().err
+    assert not out.exists()

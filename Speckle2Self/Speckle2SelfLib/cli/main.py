@@ -465,7 +465,29 @@ def _add_export(sub) -> None:
     p.add_argument("checkpoint")
     p.add_argument("--out", required=True)
     p.add_argument("--name")
+    p.add_argument("--refine", choices=["guided", "none"],
+                   help="the output the model recommends (what refine 'auto' applies): its network output "
+                        "steering a smoothing of the input (guided) or the network output alone (none)")
+    p.add_argument("--refine-sigma-px", type=positive_float, metavar="PX",
+                   help="guided smoothing's spatial sigma in pixels at the working scale (default 7)")
+    p.add_argument("--refine-range", type=positive_float, metavar="R",
+                   help="guided smoothing's range sigma, a fraction of the frame's grey range (default 0.04)")
     p.set_defaults(func=_run_export)
+
+
+def _refine_metadata(args) -> dict:
+    """Metadata for ``export --refine ...``; a ValueError naming the fix where the options clash."""
+    from ..engine.refine import REFINE_RANGE_LIMITS, REFINE_SIGMA_LIMITS
+
+    tuned = {"refine_sigma_px": args.refine_sigma_px, "refine_range": args.refine_range}
+    tuned = {key: value for key, value in tuned.items() if value is not None}
+    if tuned and args.refine != "guided":
+        raise ValueError("--refine-sigma-px / --refine-range set the guided smoothing: add --refine guided")
+    for key, (lo, hi) in (("refine_sigma_px", REFINE_SIGMA_LIMITS), ("refine_range", REFINE_RANGE_LIMITS)):
+        if key in tuned and not lo <= tuned[key] <= hi:
+            option = "--" + key.replace("_", "-")
+            raise ValueError(f"{option} must lie in [{lo}, {hi}], got {tuned[key]}")
+    return {"refine": args.refine, **tuned} if args.refine else {}
 
 
 def _run_export(args) -> int:
@@ -474,6 +496,7 @@ def _run_export(args) -> int:
 
     check_input_path(args.checkpoint, "checkpoint")
     check_output_path(args.out, [args.checkpoint], suffixes=MODEL_SUFFIXES, what="--out")
+    refine = _refine_metadata(args)
     try:
         import torch
         ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
@@ -487,7 +510,7 @@ def _run_export(args) -> int:
     if steps < 1:
         raise ValueError(f"{args.checkpoint}: the checkpoint has {steps} training steps; an untrained network "
                          "is not exported (train with --steps N, N >= 1)")
-    meta = export_checkpoint(args.checkpoint, args.out, args.name)
+    meta = export_checkpoint(args.checkpoint, args.out, args.name, extra=refine)
     print(f"wrote {args.out} ({meta['training'].get('steps_done')} steps)")
     return 0
 

@@ -446,6 +446,7 @@ class AdaptJob:
         from . import user_models
         from .inference import pick_device
         from .models import export_model, load_model, read_metadata
+        from .refine import recommendation
         from .training import FramePool, config_from_model, train
 
         started = _dt.datetime.now(_dt.timezone.utc)
@@ -499,6 +500,7 @@ class AdaptJob:
             "warnings": self.warnings,
         }
         extra = {k: trained_meta[k] for k in ("working_scale", "working_view_difference") if k in trained_meta}
+        extra.update(recommendation(self.init_metadata))     # e.g. v3's guided smoothing stays on
         extra["adaptation"] = adaptation
         export_model(_net, final, scales=cfg.scales, interpolation=cfg.interpolation, name=self.name,
                      training=training, extra=extra)

@@ -14,7 +14,7 @@ from typing import Callable, Iterable, List, Optional, Union
 import numpy as np
 
 from .models import LoadedModel, load_model, resolve_model_path
-from .refine import check_refine, guided_smoothing
+from .refine import check_refine, guided_smoothing, model_settings
 from .refine import settings_for as guided_settings
 
 MIN_SIDE = 8           # smaller frames carry no speckle statistics worth filtering
@@ -394,7 +394,7 @@ class Despeckler:
             y = torch.nn.functional.interpolate(y, size=(h, w), mode="bilinear", align_corners=False)
         y = y.clamp(0.0, 1.0)
         if self.last_refine == "guided":
-            settings = guided_settings(self.last_working_scale)
+            settings = guided_settings(self.last_working_scale, **model_settings(self.metadata))
             y = guided_smoothing(x.to(self.device), y.to(self.device), settings).float().cpu()
         return y
 

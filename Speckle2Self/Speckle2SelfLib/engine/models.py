@@ -257,6 +257,8 @@ def _metadata_problem(m: Dict[str, Any]) -> Optional[str]:
     """The first value of the metadata that no exported model has, or None."""
     import math
 
+    from .refine import REFINE_RANGE_LIMITS, REFINE_SIGMA_LIMITS
+
     def number(key, lo, hi, integer=False):
         value = m[key]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or \
@@ -266,7 +268,9 @@ def _metadata_problem(m: Dict[str, Any]) -> Optional[str]:
 
     checks = [number("width", 1, 4096, True)]
     for key, lo, hi, integer in (("depth", 1, 8, True), ("num_scales", 1, 16, True), ("size_multiple", 1, 256, True),
-                                 ("working_scale", 0.05, 4.0, False), ("working_view_difference", 1e-9, 1e9, False)):
+                                 ("working_scale", 0.05, 4.0, False), ("working_view_difference", 1e-9, 1e9, False),
+                                 ("refine_sigma_px", *REFINE_SIGMA_LIMITS, False),
+                                 ("refine_range", *REFINE_RANGE_LIMITS, False)):
         if key in m and m[key] is not None:
             checks.append(number(key, lo, hi, integer))
     scales = m["scales"]

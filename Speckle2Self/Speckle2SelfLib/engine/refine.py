@@ -26,6 +26,10 @@ REFINE_MODES = ("auto", "guided", "none")
 #: frame's grey range), chosen on the carotid tuning subjects.
 GUIDED_SIGMA_PX = 7.0
 GUIDED_RANGE = 0.04
+#: A model may carry its own settings (metadata "refine_sigma_px", "refine_range"; e.g. one
+#: trained on simulated phantoms, whose regions are wider than a carotid wall); these bound them.
+REFINE_SIGMA_LIMITS = (0.5, 32.0)
+REFINE_RANGE_LIMITS = (1e-3, 1.0)
 #: Half-width of the (square) window in spatial sigmas.
 WINDOW_SIGMAS = 1.75
 #: Neighbours are taken every STRIDE px (at the working scale): speckle grains span about 2 px,
@@ -57,9 +61,29 @@ def check_refine(refine: Union[str, None]) -> str:
 def settings_for(working_scale: float, sigma_px: float = GUIDED_SIGMA_PX,
                  range_sigma: float = GUIDED_RANGE) -> GuidedSmoothing:
     """The filter in input pixels for frames the network ran on at ``working_scale``
-    (a frame shrunk by 2 for the network has grains twice as wide in its own pixels)."""
+    (a frame shrunk by 2 for the network has grains twice as wide in its own pixels).
+
+    The neighbour stride grows with ``sigma_px`` beyond the default's (a wider window has more
+    independent speckle samples than it needs), so every setting costs about the same."""
     scale = max(float(working_scale), 1e-3)
-    return GuidedSmoothing(sigma_px / scale, range_sigma, max(1, int(round(STRIDE_PX / scale))))
+    stride = STRIDE_PX * max(1.0, sigma_px / GUIDED_SIGMA_PX)
+    return GuidedSmoothing(sigma_px / scale, range_sigma, max(1, int(round(stride / scale))))
+
+
+#: The metadata in which a model recommends its output; a model fine-tuned from it inherits them.
+RECOMMENDATION_KEYS = ("refine", "refine_sigma_px", "refine_range")
+
+
+def recommendation(metadata: dict) -> dict:
+    """The refinement keys of a model's metadata (for the models fine-tuned from it)."""
+    return {key: metadata[key] for key in RECOMMENDATION_KEYS if key in metadata}
+
+
+def model_settings(metadata: dict) -> dict:
+    """The settings a model's metadata gives (validated when it was loaded): keyword arguments
+    of :func:`settings_for`; the defaults where it gives none."""
+    return {"sigma_px": float(metadata.get("refine_sigma_px") or GUIDED_SIGMA_PX),
+            "range_sigma": float(metadata.get("refine_range") or GUIDED_RANGE)}
 
 
 def fit_to(guide, target):

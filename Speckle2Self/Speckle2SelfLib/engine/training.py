@@ -410,8 +410,13 @@ def train(cfg: TrainConfig, pool: FramePool, out_path, resume: Optional[str] = N
         summary["stopped_early"] = True
     if best is not None:
         summary.update(best.restore(net))
+    extra = _grain_metadata(cfg, pool.summary)
+    if init_model:       # a fine-tuned model recommends the output its initial model recommends
+        from .models import read_metadata
+        from .refine import recommendation
+        extra.update(recommendation(read_metadata(init_model)))
     export_model(net, out_path, scales=cfg.scales, interpolation=cfg.interpolation, name=cfg.name,
-                 training=summary, extra=_grain_metadata(cfg, pool.summary))
+                 training=summary, extra=extra)
     return net, state
 
 
