@@ -132,7 +132,7 @@ def test_a_model_carries_its_own_smoothing_settings_and_fine_tuning_keeps_them(t
     meta = load_model(wide).metadata
     assert (meta["refine"], meta["refine_sigma_px"], meta["refine_range"]) == ("guided", 14.0, 0.08)
     assert "refine_sigma_px" not in load_model(plain).metadata
-    assert refine.settings_for(1.0, **refine.model_settings(meta)) == refine.GuidedSmoothing(14.0, 0.08, 4)
+    assert refine.settings_for(1.0, **refine.model_settings(meta)) == refine.GuidedSmoothing(14.0, 0.08, 2)
 
     _clean, speckled, _guide = _speckled_step(seed=5)
     frame = np.rint(speckled * 255).astype(np.uint8)
