@@ -162,3 +162,26 @@ def test_export_refuses_refinement_settings_that_cannot_apply(options, needle, t
     assert main(["export", str(trained_model.with_suffix(".ckpt")), "--out", str(out), *options]) == 2
     assert needle in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("shape, sigma, stride", [((2, 1, 41, 57), 7.0, 2), ((1, 1, 5, 7), 3.5, 1), ((1, 1, 33, 30), 10.0, 2)],
+                         ids=["batch", "frame smaller than the window", "wide window"])
+def test_pairwise_weights_computed_once_equal_the_plain_loop_over_every_offset(shape, sigma, stride):
+    """guided_smoothing gives each pair's weight to both pixels; the plain definition, one
+    neighbour offset at a time, must give the same result (edges replicated)."""
+    rng = np.random.default_rng(7)
+    image = torch.from_numpy(rng.random(shape).astype(np.float32))
+    guide = torch.from_numpy(rng.random(shape).astype(np.float32))
+    settings = refine.GuidedSmoothing(sigma, 0.05, stride)
+    r, (h, w) = settings.radius, shape[-2:]
+    fitted = refine.fit_to(guide, image)
+    padded_image = torch.nn.functional.pad(image, (r,) * 4, mode="replicate")
+    padded_guide = torch.nn.functional.pad(fitted, (r,) * 4, mode="replicate")
+    total, weights = torch.zeros_like(image), torch.zeros_like(image)
+    for dy in refine._offsets(r, stride):
+        for dx in refine._offsets(r, stride):
+            near = (..., slice(r + dy, r + dy + h), slice(r + dx, r + dx + w))
+            weight = torch.exp(-(fitted - padded_guide[near]) ** 2 / (2 * 0.05 ** 2) - (dy * dy + dx * dx) / (2 * sigma ** 2))
+            total += weight * padded_image[near]
+            weights += weight
+    torch.testing.assert_close(refine.guided_smoothing(image, guide, settings), total / weights, atol=3e-6, rtol=0)

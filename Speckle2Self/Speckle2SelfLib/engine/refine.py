@@ -102,30 +102,51 @@ def fit_to(guide, target):
 
 def guided_smoothing(image, guide, settings: GuidedSmoothing):
     """Joint bilateral filter of ``image`` steered by ``guide``; both (N, 1, H, W) in [0, 1]
-    on one device. The result is a weighted mean of input pixels (same range, no new levels)."""
+    on one device. The result is a weighted mean of input pixels (same range, no new levels).
+
+    The weight of a pixel pair is symmetric (the same Gaussian of their distance and of their
+    guide difference either way), so each pair's weight is computed once and given to both
+    pixels: half the exponentials of the plain loop over every offset, computed as powers of 2
+    (cheaper than exp on CPUs). 1.75x faster than the plain loop on one CPU thread at 512 x 512,
+    equal within 2e-6 (docs/benchmarks.md, "Ninth session").
+    """
     import torch
     import torch.nn.functional as F
 
-    radius, stride = settings.radius, settings.stride
+    r, stride = settings.radius, settings.stride
     guide = fit_to(guide.float(), image.float())
     h, w = image.shape[-2:]
     # replicate padding works for frames of any size (reflect needs the pad below the side)
-    padded_image = F.pad(image.float(), (radius,) * 4, mode="replicate")
-    padded_guide = F.pad(guide, (radius,) * 4, mode="replicate")
-    spatial = -0.5 / settings.sigma_px ** 2
-    tonal = -0.5 / settings.range_sigma ** 2
-    total = torch.zeros_like(guide)
-    weights = torch.zeros_like(guide)
-    weight = torch.empty_like(guide)
-    for dy in _offsets(radius, stride):
-        for dx in _offsets(radius, stride):
-            rows = slice(radius + dy, radius + dy + h)
-            cols = slice(radius + dx, radius + dx + w)
-            torch.sub(guide, padded_guide[..., rows, cols], out=weight)
-            weight.square_().mul_(tonal).add_(spatial * (dy * dy + dx * dx)).exp_()
-            total.addcmul_(weight, padded_image[..., rows, cols])
-            weights.add_(weight)
-    return total.div_(weights)
+    padded_guide = F.pad(guide, (r,) * 4, mode="replicate")
+    padded_image = F.pad(image.float(), (r,) * 4, mode="replicate")
+    # channel 0 sums weight * value, channel 1 the weights; the centre pixel's own weight is 1
+    values_and_ones = torch.cat([padded_image, torch.ones_like(padded_image)], dim=1)
+    sums = values_and_ones.clone()
+    spatial = -0.5 / settings.sigma_px ** 2 * _LOG2_E
+    tonal = -0.5 / settings.range_sigma ** 2 * _LOG2_E
+    buffer = torch.empty_like(padded_guide)
+    for dy, dx in _half_offsets(r, stride):
+        # pixels q whose partner q + (dy, dx) exists and where q or its partner is in the frame
+        rows = slice(r - dy, r + h)
+        cols = slice(r - max(dx, 0), r + w + max(-dx, 0))
+        partner_rows = slice(rows.start + dy, rows.stop + dy)
+        partner_cols = slice(cols.start + dx, cols.stop + dx)
+        weight = buffer[..., :rows.stop - rows.start, :cols.stop - cols.start]
+        torch.sub(padded_guide[..., rows, cols], padded_guide[..., partner_rows, partner_cols], out=weight)
+        weight.square_().mul_(tonal).add_(spatial * (dy * dy + dx * dx)).exp2_()
+        sums[..., rows, cols].addcmul_(weight, values_and_ones[..., partner_rows, partner_cols])
+        sums[..., partner_rows, partner_cols].addcmul_(weight, values_and_ones[..., rows, cols])
+    centre = (..., slice(r, r + h), slice(r, r + w))
+    return sums[:, :1][centre] / sums[:, 1:][centre]
+
+
+_LOG2_E = 1.4426950408889634      # exp(x) = 2 ** (x * log2(e))
+
+
+def _half_offsets(radius: int, stride: int):
+    """One offset of each +/- pair of :func:`_offsets` x :func:`_offsets` (zero excluded)."""
+    offsets = _offsets(radius, stride)
+    return [(dy, dx) for dy in offsets for dx in offsets if dy > 0 or (dy == 0 and dx > 0)]
 
 
 def _offsets(radius: int, stride: int):
