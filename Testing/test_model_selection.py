@@ -47,3 +47,28 @@ def test_benchmarks_label_a_models_default_output_and_score_the_other_on_request
     plain = Despeckler.from_file(untrained_model, device="cpu")
     assert list(bench.model_outputs(plain, "U", both=True)) == ["U", "U, guided"]
     assert list(bench.model_outputs(plain, "U", both=False)) == ["U"]
+
+
+def test_paired_difference_interval_resamples_subjects_not_images():
+    """Two subjects, one better and one worse by 1.0 (ten images each): images are not
+    independent, so the interval must span both subjects' effects; a uniform gain is exact."""
+    from benchlib.quality import paired_difference_ci
+
+    reference = np.linspace(0.5, 0.9, 20)
+    subjects = ["a"] * 10 + ["b"] * 10
+    assert paired_difference_ci(reference + 0.1, reference, subjects) == pytest.approx((0.1, 0.1, 0.1))
+    mean, lo, hi = paired_difference_ci(reference + np.repeat([1.0, -1.0], 10), reference, subjects)
+    assert mean == pytest.approx(0.0) and lo == pytest.approx(-1.0) and hi == pytest.approx(1.0)
+
+
+def test_lumen_table_gives_each_input_its_difference_to_raw():
+    import carotid as bench
+
+    common = {"method": "radial", "n": 4, "subjects": ["a", "a", "b", "b"], "displaced": np.full(12, 0.9),
+              "flagged": 0.0, "refused": 0.0, "ms": 5.0}
+    rows = [{"input": "raw", "centroid": np.array([0.9, 0.8, 0.9, 0.8]), **common},
+            {"input": "model", "centroid": np.array([0.92, 0.82, 0.92, 0.82]), **common}]
+    table = bench.lumen_table(rows, "test").splitlines()
+    model_line = next(line for line in table if line.startswith("| model |"))
+    assert "+0.0200 [+0.0200, +0.0200]" in model_line
+    assert "[" not in next(line for line in table if line.startswith("| raw |"))

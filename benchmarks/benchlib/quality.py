@@ -1,4 +1,5 @@
-"""Region metrics only the benchmarks report: ENL, CNR and singular-value decay.
+"""Region metrics only the benchmarks report: ENL, CNR and singular-value decay; paired
+differences with a subject-level bootstrap interval.
 
 The metrics the package itself reports (PSNR, SSIM, GLCM homogeneity, speckle SNR) are
 :mod:`Speckle2SelfLib.metrics`; these use its input checks.
@@ -6,7 +7,7 @@ The metrics the package itself reports (PSNR, SSIM, GLCM homogeneity, speckle SN
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -58,3 +59,18 @@ def singular_value_decay(patch: np.ndarray, top_k: int = 10) -> SingularValueDec
     k = min(top_k, values.size)
     return SingularValueDecay(values=values / values[0], top_k_energy=float(energy[:k].sum() / energy.sum()),
                               top_k=k)
+
+
+def paired_difference_ci(values: Sequence[float], reference: Sequence[float], groups: Sequence[str],
+                         level: float = 0.95, resamples: int = 4000, seed: int = 0) -> Tuple[float, float, float]:
+    """Mean of ``values - reference`` (paired per image) and its confidence interval from a
+    bootstrap that resamples whole ``groups`` (subjects): images of one subject are correlated,
+    so resampling images alone would give a falsely narrow interval."""
+    diff = np.asarray(values, dtype=float) - np.asarray(reference, dtype=float)
+    groups = np.asarray(groups)
+    members = [np.nonzero(groups == g)[0] for g in np.unique(groups)]
+    rng = np.random.default_rng(seed)
+    means = [diff[np.concatenate([members[i] for i in rng.integers(0, len(members), len(members))])].mean()
+             for _ in range(resamples)]
+    lo, hi = np.percentile(means, [50 * (1 - level), 50 * (1 + level)])
+    return float(diff.mean()), float(lo), float(hi)
