@@ -72,3 +72,22 @@ def test_lumen_table_gives_each_input_its_difference_to_raw():
     model_line = next(line for line in table if line.startswith("| model |"))
     assert "+0.0200 [+0.0200, +0.0200]" in model_line
     assert "[" not in next(line for line in table if line.startswith("| raw |"))
+
+
+def test_simulated_benchmark_runs_a_baseline_with_other_settings():
+    """``simulated.py --set gaussian_guided:sigma_px=14``: the named baseline with that value,
+    the others as they are; malformed or unknown settings are refused at parsing."""
+    import argparse
+
+    import simulated
+
+    setting = simulated.parse_setting("gaussian_guided:sigma_px=14")
+    assert setting == ("gaussian_guided", "sigma_px", 14.0)
+    assert simulated.with_settings("nlm", [setting]) is simulated.filters.BASELINES["nlm"]
+    image = np.random.default_rng(0).random((48, 48))
+    wide = simulated.with_settings("gaussian_guided", [setting])(image)
+    default = simulated.filters.BASELINES["gaussian_guided"](image)
+    assert wide.shape == image.shape and wide.std() < default.std()
+    for bad in ("gaussian_guided:sigma_px", "gaussian_guided:sigma_px=wide", "sharpen:sigma_px=2"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            simulated.parse_setting(bad)

@@ -12,6 +12,7 @@ seconds per image.
     python benchmarks/simulated.py --n-images 2 --size 128 --methods median lee
     python benchmarks/simulated.py --model runs/model.pt --figure sim.png
     python benchmarks/simulated.py --tune                   # grid search of the baselines' defaults
+    python benchmarks/simulated.py --methods gaussian_guided --set gaussian_guided:sigma_px=14
     python benchmarks/simulated.py --speckle-stats          # simulator grain size and statistics
 
 --tune uses its own seeds (1000-1004), never the test seeds (2000+).
@@ -51,7 +52,7 @@ TUNING_GRIDS: Dict[str, Dict[str, Sequence]] = {
     "nlm": {"h_factor": (1.0, 1.5, 2.0, 2.5, 3.0), "template_size": (7, 11)},
     "bm3d": {"noise_scale": (0.5, 1.0, 2.0, 4.0)},
     "obnlm": {"h": (3.0, 4.0, 6.0, 8.0), "block_radius": (3, 4, 5)},
-    "gaussian_guided": {"guide_sigma_px": (2.0, 4.0, 8.0)},
+    "gaussian_guided": {"guide_sigma_px": (2.0, 4.0, 8.0), "sigma_px": (7.0, 14.0), "range_sigma": (0.04, 0.08, 0.12)},
 }
 # Settings within this SSIM of the best count as equally good; of those the highest PSNR wins.
 # (SSIM alone keeps rewarding ever larger windows on piecewise-constant phantoms.)
@@ -132,7 +133,7 @@ def write_figure(path: str, panels: List[Tuple[str, np.ndarray]]) -> None:
 
 def run_benchmark(args: argparse.Namespace) -> int:
     methods: Dict[str, Method] = {"noisy input": lambda img: img}
-    methods.update({name: filters.BASELINES[name] for name in args.methods})
+    methods.update({name: with_settings(name, args.set) for name in args.methods})
     methods.update(load_models(args.model, args.refine))
     kinds = [TEST_KINDS[i % len(TEST_KINDS)] for i in range(args.n_images)]
     fcs = [TRAIN_FC] + ([] if args.no_cross else list(CROSS_FCS))
@@ -152,6 +153,27 @@ def run_benchmark(args: argparse.Namespace) -> int:
             write_figure(args.figure, panels + [("reference", reference), ("clean", clean)])
             print(f"figure: {args.figure}\n")
     return 0
+
+
+def parse_setting(text: str) -> Tuple[str, str, float]:
+    """``NAME:KEY=VALUE`` (e.g. ``gaussian_guided:sigma_px=14``) -> (name, key, value)."""
+    try:
+        name, assignment = text.split(":", 1)
+        key, value = assignment.split("=", 1)
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected NAME:KEY=NUMBER, got {text!r}") from None
+    if name not in filters.BASELINES:
+        raise argparse.ArgumentTypeError(f"unknown baseline {name!r} (one of {', '.join(filters.BASELINES)})")
+    return name, key, number
+
+
+def with_settings(name: str, settings: Sequence[Tuple[str, str, float]]) -> Method:
+    """The baseline ``name`` with the ``--set`` values given for it (its defaults otherwise)."""
+    params = {key: value for target, key, value in settings if target == name}
+    if not params:
+        return filters.BASELINES[name]
+    return lambda img: filters.BASELINES[name](img, **params)
 
 
 def run_tuning(args: argparse.Namespace) -> int:
@@ -210,19 +232,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--methods", nargs="*", default=list(filters.BASELINES), choices=list(filters.BASELINES),
                         metavar="NAME", help=f"baselines to run (default all: {', '.join(filters.BASELINES)})")
     parser.add_argument("--refine", action="store_true", help="also score each model with refine='guided'")
+    parser.add_argument("--set", action="append", default=[], type=parse_setting, metavar="NAME:KEY=VALUE",
+                        help="run a baseline with another parameter value, e.g. gaussian_guided:sigma_px=14 (repeatable)")
     parser.add_argument("--no-cross", action="store_true", help="only 7.5 MHz, skip the cross-configuration")
     parser.add_argument("--figure", help="write a side-by-side PNG of the first 7.5 MHz test image")
     parser.add_argument("--tune", action="store_true", help="grid-search the baselines' parameters instead")
     parser.add_argument("--speckle-stats", action="store_true",
                         help="print the simulator's grain size and envelope statistics instead")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: more threads than free cores, e.g. beside a "
+                             "training run, made the tuning 25x slower)")
     args = parser.parse_args(argv)
-    if args.n_images < 1 or args.size < 64:
-        parser.error("--n-images must be >= 1 and --size >= 64")
+    if args.n_images < 1 or args.size < 64 or args.threads < 1:
+        parser.error("--n-images and --threads must be >= 1 and --size >= 64")
     return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
     if args.speckle_stats:
         return run_speckle_stats(args)
     return run_tuning(args) if args.tune else run_benchmark(args)
