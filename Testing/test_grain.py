@@ -48,6 +48,21 @@ def test_matched_scale_follows_the_pixel_spacing(speckled):
     assert s2 == pytest.approx(s1 / 2, rel=0.25)
 
 
+def test_frames_with_finer_speckle_than_the_model_run_at_their_own_resolution(speckled, untrained_model):
+    """"auto" never enlarges frames (it made results worse wherever a truth could check it);
+    an explicit scale above 1 is still honoured."""
+    coarse = _zoom(speckled, 2.0)
+    target = grain.view_difference_at(coarse, 1.8)        # as if trained at 1.8 x this spacing
+    assert grain.match_working_scale(coarse, target) == 1.0
+    assert max(grain.CANDIDATE_SCALES) == 1.0
+    engine = Despeckler.from_file(untrained_model, device="cpu")
+    engine.loaded.metadata["working_view_difference"] = target
+    engine.denoise(coarse)
+    assert engine.last_working_scale == 1.0
+    engine.denoise(coarse, working_scale=1.8)
+    assert engine.last_working_scale == 1.8
+
+
 def test_no_speckle_or_no_target_means_no_resampling():
     assert grain.match_working_scale(np.zeros((64, 64), np.float32), 0.2) == 1.0
     assert grain.match_working_scale(np.random.default_rng(0).random((64, 64)), None) == 1.0

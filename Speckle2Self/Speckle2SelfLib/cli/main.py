@@ -336,8 +336,9 @@ def _add_denoise(sub) -> None:
                         "network's own (contrast-stretched by the authors' output head); auto (default): input "
                         "for models with that head")
     p.add_argument("--working-scale", default="auto", type=_working_scale_arg,
-                   help="auto (default): resample so the speckle grain matches the model's training data; "
-                        "off: the input's own resolution; or a factor in [0.25, 2]")
+                   help="auto (default): shrink frames whose speckle is coarser than the model's training data "
+                        "until the grain matches (finer speckle: own resolution); off: the input's own resolution; "
+                        "or a factor in [0.25, 2]")
     p.add_argument("--refine", default="auto", choices=["auto", "guided", "none"],
                    help="guided: the network's output steers an edge-keeping smoothing of the input (smooth "
                         "tissue, the input's own boundaries); none: the network's output itself; auto (default): "
