@@ -324,11 +324,12 @@ class Speckle2SelfWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNode.model = path
         else:
             self._parameterNode.model = self.currentModel()
-        self.showModelInfo()
+        self.showModelInfo(followRecommendation=True)
 
-    def showModelInfo(self) -> None:
+    def showModelInfo(self, followRecommendation: bool = False) -> None:
         """Name, width, training steps and data of the selected model (read without torch)."""
         from Speckle2SelfLib.engine.models import describe_model
+        from Speckle2SelfLib.engine.refine import recommended_mode
 
         try:
             metadata = self.logic.model_metadata(self.currentModel() or None)
@@ -337,6 +338,10 @@ class Speckle2SelfWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         self.ui.modelInfoLabel.text = describe_model(metadata) if metadata else \
             _("No bundled model in this installation: load a model file.")
+        if followRecommendation and metadata:
+            # a newly chosen model starts with the output it recommends (what the CLI's
+            # --refine auto gives); the user may still change the checkbox
+            self._parameterNode.guidedSmoothing = recommended_mode(metadata) == "guided"
 
     # ------------------------------------------------------------------ despeckle
     def onApplyButton(self) -> None:

@@ -22,7 +22,8 @@ from conftest import SHARED  # noqa: E402
 from Speckle2SelfLib.scene import nodes  # noqa: E402
 from Speckle2SelfLib.scene.logic import Speckle2SelfLogic, despeckle_node  # noqa: E402
 from Speckle2SelfLib.engine.inference import Cancelled, Despeckler  # noqa: E402
-from Speckle2SelfLib.engine.models import describe_model, read_metadata  # noqa: E402
+from Speckle2SelfLib.engine import refine  # noqa: E402
+from Speckle2SelfLib.engine.models import describe_model, read_metadata, resolve_model_path  # noqa: E402
 from Speckle2SelfLib.fileio.imageio import to_luminance  # noqa: E402
 from Speckle2SelfLib.simulation import simulate_phantom, speckle_contrast  # noqa: E402
 
@@ -384,6 +385,14 @@ def test_model_card_is_read_without_loading_the_model(trained_model):
     assert card["name"] == "trained-test" and card["width"] == 8
     text = describe_model(card)
     assert "trained-test" in text and "width 8" in text and f"{card['training']['steps_done']} training steps" in text
+    assert "guided smoothing" not in text and refine.recommended_mode(card) == "none"
+    # the bundled default recommends the guided smoothing: the card says so and the module's
+    # checkbox follows it when the model is chosen (refine.recommended_mode)
+    default = read_metadata(resolve_model_path(None))
+    assert refine.recommended_mode(default) == "guided"
+    assert "recommends guided smoothing (window 7 px, range 0.04)" in describe_model(default)
+    wide = describe_model({**default, "refine_sigma_px": 14.0, "refine_range": 0.08})
+    assert "window 14 px, range 0.08" in wide
     with pytest.raises(ValueError, match="cannot read model metadata"):
         read_metadata(Path(__file__))
 

@@ -14,7 +14,7 @@ from typing import Callable, Iterable, List, Optional, Union
 import numpy as np
 
 from .models import LoadedModel, load_model, resolve_model_path
-from .refine import check_refine, guided_smoothing, model_settings
+from .refine import check_refine, guided_smoothing, model_settings, recommended_mode
 from .refine import settings_for as guided_settings
 
 MIN_SIDE = 8           # smaller frames carry no speckle statistics worth filtering
@@ -323,7 +323,7 @@ class Despeckler:
         (metadata "refine"; models without one: "none"). Unknown values raise a ValueError."""
         refine = check_refine(refine)
         if refine == "auto":
-            return "guided" if self.metadata.get("refine") == "guided" else "none"
+            return recommended_mode(self.metadata)
         return refine
 
     def fits_grey_levels(self, grey_levels: str = "auto") -> bool:

@@ -363,6 +363,11 @@ def describe_model(metadata: Dict[str, Any]) -> str:
                      f"at working scale {metadata.get('working_scale', 1.0):g})")
     elif metadata.get("working_scale", 1.0) != 1.0:
         parts.append(f"working scale {metadata['working_scale']:g}")
+    if metadata.get("refine") == "guided":
+        from .refine import model_settings
+        settings = model_settings(metadata)
+        parts.append(f"recommends guided smoothing (window {settings['sigma_px']:g} px, "
+                     f"range {settings['range_sigma']:g})")
     if training.get("minutes_done") is not None:
         parts.append(f"{training['minutes_done']} min on {training.get('device_used', '?')}")
     if data_text:

@@ -73,6 +73,11 @@ def settings_for(working_scale: float, sigma_px: float = GUIDED_SIGMA_PX,
 RECOMMENDATION_KEYS = ("refine", "refine_sigma_px", "refine_range")
 
 
+def recommended_mode(metadata: dict) -> str:
+    """What ``refine="auto"`` applies for a model with this metadata: "guided" or "none"."""
+    return "guided" if metadata.get("refine") == "guided" else "none"
+
+
 def recommendation(metadata: dict) -> dict:
     """The refinement keys of a model's metadata (for the models fine-tuned from it)."""
     return {key: metadata[key] for key in RECOMMENDATION_KEYS if key in metadata}
