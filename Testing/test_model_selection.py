@@ -91,3 +91,18 @@ def test_simulated_benchmark_runs_a_baseline_with_other_settings():
     for bad in ("gaussian_guided:sigma_px", "gaussian_guided:sigma_px=wide", "sharpen:sigma_px=2"):
         with pytest.raises(argparse.ArgumentTypeError):
             simulated.parse_setting(bad)
+
+
+def test_simulated_benchmark_scores_the_phantom_lumen():
+    """Vessel phantoms carry their lumen: the noisy input and a filter are scored on it (flood
+    fill at the best tolerance, one-click radial); phantoms without a vessel are not."""
+    import simulated
+
+    images = simulated.simulate_set(("carotid", "layers"), 3000, 192, simulated.TRAIN_FC)
+    assert images[0][3] is not None and images[1][3] is None
+    scores, _ = simulated.evaluate(lambda img: img, images)
+    assert 0.5 < scores["lumen_flood"] <= 1.0 and 0.5 < scores["lumen_radial"] <= 1.0
+    blank, _ = simulated.evaluate(lambda img: np.zeros_like(img), images)
+    assert blank["lumen_flood"] < 0.2, "an all-black output floods everything from the seed"
+    no_vessel, _ = simulated.evaluate(lambda img: img, images[1:])
+    assert "lumen_flood" not in no_vessel

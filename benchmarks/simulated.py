@@ -5,8 +5,9 @@ A fixed, seeded test set (mixed phantoms, 45 x 50 mm field of view) is simulated
 For the noisy input, every classical baseline and every Speckle2Self model given with --model,
 it prints one markdown table per frequency: PSNR and SSIM against the expected speckle-free
 B-mode (``SimulationResult.reference``: PSF-blurred echogenicity on the same log-compressed
-display scale, i.e. what an ideal despeckler can reach), GLCM homogeneity of the output, and
-seconds per image.
+display scale, i.e. what an ideal despeckler can reach), GLCM homogeneity of the output, lumen
+IoU against the phantom's lumen on the images with a vessel (flood fill at the best tolerance,
+one-click radial), and seconds per image.
 
     python benchmarks/simulated.py                          # 8 images, 512 x 512, all baselines
     python benchmarks/simulated.py --n-images 2 --size 128 --methods median lee
@@ -32,6 +33,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "Speckle2Self"))
 
 from benchlib import baselines as filters  # noqa: E402
+from benchlib import lumen_evaluation  # noqa: E402
 from benchlib.speckle_statistics import autocorrelation_fwhm_mm, envelope_snr  # noqa: E402
 from Speckle2SelfLib import metrics  # noqa: E402
 from Speckle2SelfLib.simulation import (PAPER_FREQUENCIES_HZ, grain_fwhm_mm, make_phantom,  # noqa: E402
@@ -62,14 +64,37 @@ Method = Callable[[np.ndarray], np.ndarray]
 
 
 def simulate_set(kinds: Sequence[str], seed_base: int, size: int, fc: float):
-    """(noisy bmode, reference, clean) per image; the phantom depends on the seed only, so the
-    same anatomy is imaged at every frequency."""
+    """(noisy bmode, reference, clean, lumen mask or None) per image; the phantom depends on the
+    seed only, so the same anatomy is imaged at every frequency."""
     images = []
     for i, kind in enumerate(kinds):
         phantom = make_phantom(kind, size=(size, size), seed=seed_base + i)
         sim = simulate_bmode(phantom.clean, fc=fc, seed=seed_base + i)
-        images.append((sim.bmode, sim.reference, sim.clean))
+        images.append((sim.bmode, sim.reference, sim.clean, phantom.lumen_mask))
     return images
+
+
+#: Flood-fill tolerances (8-bit grey levels) searched for each method's best on the lumen images.
+LUMEN_TOLERANCES = np.arange(0, 81, 1.0)
+
+
+def lumen_scores(outputs: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> Dict[str, float]:
+    """Lumen segmentation on the outputs of the images with a vessel (carotid, thyroid phantoms),
+    seeded at the lumen's centroid, on the output as 8-bit: flood fill at the tolerance best for
+    this method over these images (an upper bound for every method alike), and the product's
+    one-click radial segmentation."""
+    from Speckle2SelfLib import segmentation
+
+    images = [np.round(np.clip(out, 0.0, 1.0) * 255.0).astype(np.uint8) for out in outputs]
+    flood = lumen_evaluation.iou_table(images, masks, LUMEN_TOLERANCES).mean(axis=0)
+    radial = []
+    for image, mask in zip(images, masks):
+        try:
+            found = segmentation.segment(image, segmentation.seed_from_mask(mask), "radial").mask
+            radial.append(lumen_evaluation.iou(found, mask))
+        except segmentation.SeedNotInLumenError:
+            radial.append(0.0)
+    return {"lumen_flood": float(flood.max()), "lumen_radial": float(np.mean(radial))}
 
 
 def load_models(paths: Sequence[str], refine: bool = False) -> Dict[str, Method]:
@@ -89,7 +114,7 @@ def load_models(paths: Sequence[str], refine: bool = False) -> Dict[str, Method]
 def evaluate(method: Method, images) -> Tuple[Dict[str, float], List[np.ndarray]]:
     scores = {"psnr": [], "ssim": [], "psnr_fit": [], "ssim_fit": [], "glcm": [], "seconds": []}
     outputs = []
-    for noisy, reference, _clean in images:
+    for noisy, reference, _clean, _lumen in images:
         start = time.perf_counter()
         out = method(noisy)
         scores["seconds"].append(time.perf_counter() - start)
@@ -101,17 +126,25 @@ def evaluate(method: Method, images) -> Tuple[Dict[str, float], List[np.ndarray]
         scores["ssim_fit"].append(metrics.ssim(reference, fitted, data_range=1.0))
         scores["glcm"].append(metrics.glcm_homogeneity(out, data_range=1.0))
         outputs.append(out)
-    return {k: float(np.mean(v)) for k, v in scores.items()}, outputs
+    means = {k: float(np.mean(v)) for k, v in scores.items()}
+    with_lumen = [(out, image[3]) for out, image in zip(outputs, images) if image[3] is not None]
+    if with_lumen:
+        means.update(lumen_scores(*zip(*with_lumen)))
+    return means, outputs
 
 
 def markdown_table(title: str, rows: Dict[str, Dict[str, float]]) -> str:
     lines = [f"### {title}", "", "PSNR/SSIM 'fit': after a least-squares gain and offset of the output onto the "
              "reference (scores structure, not the grey-scale mapping).", "",
-             "| method | PSNR (dB) | SSIM | PSNR fit | SSIM fit | GLCM homogeneity | s / image |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             "Lumen IoU on the images with a vessel, seeded at its centroid: flood fill at the method's best "
+             "tolerance over these images, and the one-click radial segmentation.", "",
+             "| method | PSNR (dB) | SSIM | PSNR fit | SSIM fit | GLCM homogeneity | lumen flood IoU | "
+             "one-click lumen IoU | s / image |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, s in rows.items():
+        lumen = " | ".join(f"{s[k]:.3f}" if k in s else "" for k in ("lumen_flood", "lumen_radial"))
         lines.append(f"| {name} | {s['psnr']:.2f} | {s['ssim']:.4f} | {s['psnr_fit']:.2f} | {s['ssim_fit']:.4f} | "
-                     f"{s['glcm']:.4f} | {s['seconds']:.3f} |")
+                     f"{s['glcm']:.4f} | {lumen} | {s['seconds']:.3f} |")
     return "\n".join(lines)
 
 
@@ -148,7 +181,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
         setting = "training configuration" if fc == TRAIN_FC else "cross-configuration"
         print(markdown_table(f"{fc / 1e6:.2f} MHz ({setting})", rows) + "\n")
         if args.figure and fc == TRAIN_FC:
-            noisy, reference, clean = images[0]
+            noisy, reference, clean, _lumen = images[0]
             panels = [("input", noisy)] + [(n, o[0]) for n, o in outputs.items() if n != "noisy input"]
             write_figure(args.figure, panels + [("reference", reference), ("clean", clean)])
             print(f"figure: {args.figure}\n")
