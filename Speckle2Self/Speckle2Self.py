@@ -333,11 +333,12 @@ class Speckle2SelfWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         try:
             metadata = self.logic.model_metadata(self.currentModel() or None)
-        except (OSError, ValueError, KeyError) as err:
+            text = describe_model(metadata) if metadata else \
+                _("No bundled model in this installation: load a model file.")
+        except (OSError, ValueError, KeyError, TypeError) as err:
             self.ui.modelInfoLabel.text = f"<span style='color:#c00'>{err}</span>"
             return
-        self.ui.modelInfoLabel.text = describe_model(metadata) if metadata else \
-            _("No bundled model in this installation: load a model file.")
+        self.ui.modelInfoLabel.text = text
         if followRecommendation and metadata:
             # a newly chosen model starts with the output it recommends (what the CLI's
             # --refine auto gives); the user may still change the checkbox
@@ -748,6 +749,7 @@ class Speckle2SelfWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode:
             self._parameterNode.model = str(result.path)   # despeckle with the adapted model from now on
         self.selectModelInCombo(str(result.path))
+        self.showModelInfo(followRecommendation=True)    # the adapted model's recommended output
         self.ui.adaptStatusLabel.text = _(
             "{how} after {steps} steps: model '{name}' saved to {path} and selected above.").format(
             how=_("Stopped") if result.stopped else _("Done"), steps=result.steps, name=result.name,

@@ -61,6 +61,11 @@ def test_frames_with_finer_speckle_than_the_model_run_at_their_own_resolution(sp
     assert engine.last_working_scale == 1.0
     engine.denoise(coarse, working_scale=1.8)
     assert engine.last_working_scale == 1.8
+    # a model trained on frames enlarged 2x may enlarge new ones as far
+    engine.loaded.metadata["working_scale"] = 2.0
+    engine.denoise(coarse)
+    assert engine.last_working_scale == pytest.approx(1.8, rel=0.25)
+    assert grain.candidate_scales(2.0)[-1] == pytest.approx(2.0) and len(grain.candidate_scales(2.0)) == 13
 
 
 def test_no_speckle_or_no_target_means_no_resampling():

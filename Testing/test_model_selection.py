@@ -88,9 +88,13 @@ def test_simulated_benchmark_runs_a_baseline_with_other_settings():
     wide = simulated.with_settings("gaussian_guided", [setting])(image)
     default = simulated.filters.BASELINES["gaussian_guided"](image)
     assert wide.shape == image.shape and wide.std() < default.std()
-    for bad in ("gaussian_guided:sigma_px", "gaussian_guided:sigma_px=wide", "sharpen:sigma_px=2"):
+    assert simulated.parse_setting("nlm:template_size=11") == ("nlm", "template_size", 11)
+    for bad in ("gaussian_guided:sigma_px", "gaussian_guided:sigma_px=wide", "sharpen:sigma_px=2",
+                "gaussian_guided:radius=3", "nlm:template_size=7.5"):
         with pytest.raises(argparse.ArgumentTypeError):
             simulated.parse_setting(bad)
+    assert simulated.main(["--methods", "nlm", "--set", "gaussian_guided:sigma_px=14", "--n-images", "1"]) == 2
+    assert simulated.main(["--tune", "--set", "gaussian_guided:sigma_px=14"]) == 2
 
 
 def test_simulated_benchmark_scores_the_phantom_lumen():

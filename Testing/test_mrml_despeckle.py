@@ -390,9 +390,10 @@ def test_model_card_is_read_without_loading_the_model(trained_model):
     # checkbox follows it when the model is chosen (refine.recommended_mode)
     default = read_metadata(resolve_model_path(None))
     assert refine.recommended_mode(default) == "guided"
-    assert "recommends guided smoothing (window 7 px, range 0.04)" in describe_model(default)
+    assert "recommends guided smoothing (sigma 7 px, range 0.04)" in describe_model(default)
     wide = describe_model({**default, "refine_sigma_px": 14.0, "refine_range": 0.08})
-    assert "window 14 px, range 0.08" in wide
+    assert "sigma 14 px, range 0.08" in wide
+    assert "not numbers" in describe_model({**default, "refine_sigma_px": "wide"})
     with pytest.raises(ValueError, match="cannot read model metadata"):
         read_metadata(Path(__file__))
 

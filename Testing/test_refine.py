@@ -145,9 +145,20 @@ def test_a_model_carries_its_own_smoothing_settings_and_fine_tuning_keeps_them(t
 
     cfg = config_from_model(wide, crop=32, batch=2, steps=1, device="cpu", preview_every=0)
     tuned = tmp_path / "tuned.pt"
-    train(cfg, FramePool(simulated_frames(n=2, size=64, seed=6)[0], {"frames": 2}), tuned, progress=False,
-          init_model=str(wide))
+    pool = FramePool(simulated_frames(n=2, size=64, seed=6)[0], {"frames": 2})
+    train(cfg, pool, tuned, progress=False, init_model=str(wide))
     assert refine.recommendation(load_model(tuned).metadata) == refine.recommendation(meta)
+    # the checkpoint keeps it: a resumed run and an export of the checkpoint recommend it too,
+    # even with the starting model gone; export --refine replaces it
+    wide.unlink()
+    cfg.steps = 2
+    train(cfg, pool, tuned, resume=str(tuned.with_suffix(".ckpt")), progress=False)
+    assert refine.recommendation(load_model(tuned).metadata) == refine.recommendation(meta)
+    exported = tmp_path / "exported.pt"
+    assert main(["export", str(tuned.with_suffix(".ckpt")), "--out", str(exported)]) == 0
+    assert refine.recommendation(load_model(exported).metadata) == refine.recommendation(meta)
+    assert main(["export", str(tuned.with_suffix(".ckpt")), "--out", str(tmp_path / "own.pt"), "--refine", "none"]) == 0
+    assert refine.recommendation(load_model(tmp_path / "own.pt").metadata) == {"refine": "none"}
 
 
 @pytest.mark.parametrize("options, needle", [

@@ -111,7 +111,8 @@ def load_models(paths: Sequence[str], refine: bool = False) -> Dict[str, Method]
     return models
 
 
-def evaluate(method: Method, images) -> Tuple[Dict[str, float], List[np.ndarray]]:
+def evaluate(method: Method, images, lumen: bool = True) -> Tuple[Dict[str, float], List[np.ndarray]]:
+    """Mean scores of ``method`` over ``images`` (``lumen``: also the lumen IoU) and its outputs."""
     scores = {"psnr": [], "ssim": [], "psnr_fit": [], "ssim_fit": [], "glcm": [], "seconds": []}
     outputs = []
     for noisy, reference, _clean, _lumen in images:
@@ -128,7 +129,7 @@ def evaluate(method: Method, images) -> Tuple[Dict[str, float], List[np.ndarray]
         outputs.append(out)
     means = {k: float(np.mean(v)) for k, v in scores.items()}
     with_lumen = [(out, image[3]) for out, image in zip(outputs, images) if image[3] is not None]
-    if with_lumen:
+    if lumen and with_lumen:
         means.update(lumen_scores(*zip(*with_lumen)))
     return means, outputs
 
@@ -165,6 +166,10 @@ def write_figure(path: str, panels: List[Tuple[str, np.ndarray]]) -> None:
 
 
 def run_benchmark(args: argparse.Namespace) -> int:
+    unused = sorted({name for name, _key, _value in args.set} - set(args.methods))
+    if unused:
+        print(f"error: --set for {', '.join(unused)}, which --methods does not run", file=sys.stderr)
+        return 2
     methods: Dict[str, Method] = {"noisy input": lambda img: img}
     methods.update({name: with_settings(name, args.set) for name in args.methods})
     methods.update(load_models(args.model, args.refine))
@@ -189,7 +194,10 @@ def run_benchmark(args: argparse.Namespace) -> int:
 
 
 def parse_setting(text: str) -> Tuple[str, str, float]:
-    """``NAME:KEY=VALUE`` (e.g. ``gaussian_guided:sigma_px=14``) -> (name, key, value)."""
+    """``NAME:KEY=VALUE`` (e.g. ``gaussian_guided:sigma_px=14``) -> (name, key, value); KEY must
+    be a parameter of that baseline, and VALUE a whole number where its default is one."""
+    import inspect
+
     try:
         name, assignment = text.split(":", 1)
         key, value = assignment.split("=", 1)
@@ -198,6 +206,14 @@ def parse_setting(text: str) -> Tuple[str, str, float]:
         raise argparse.ArgumentTypeError(f"expected NAME:KEY=NUMBER, got {text!r}") from None
     if name not in filters.BASELINES:
         raise argparse.ArgumentTypeError(f"unknown baseline {name!r} (one of {', '.join(filters.BASELINES)})")
+    parameters = {k: p.default for k, p in inspect.signature(filters.BASELINES[name]).parameters.items()
+                  if p.default is not inspect.Parameter.empty}
+    if key not in parameters:
+        raise argparse.ArgumentTypeError(f"{name} has no parameter {key!r} (it has {', '.join(parameters)})")
+    if isinstance(parameters[key], int) and not isinstance(parameters[key], bool):
+        if not number.is_integer():
+            raise argparse.ArgumentTypeError(f"{name}:{key} takes a whole number, got {value}")
+        number = int(number)
     return name, key, number
 
 
@@ -210,6 +226,9 @@ def with_settings(name: str, settings: Sequence[Tuple[str, str, float]]) -> Meth
 
 
 def run_tuning(args: argparse.Namespace) -> int:
+    if args.set:
+        print("error: --set has no effect with --tune (it searches TUNING_GRIDS)", file=sys.stderr)
+        return 2
     images = simulate_set(TUNE_KINDS, TUNE_SEED_BASE, args.size, TRAIN_FC)
     print(f"Tuning set: {', '.join(TUNE_KINDS)}, seeds {TUNE_SEED_BASE}..{TUNE_SEED_BASE + len(TUNE_KINDS) - 1}, "
           f"{args.size} x {args.size} px, 7.5 MHz; criterion: highest mean PSNR among the settings "
@@ -219,7 +238,7 @@ def run_tuning(args: argparse.Namespace) -> int:
         results = []
         for values in itertools.product(*grid.values()):
             params = dict(zip(grid.keys(), values))
-            scores, _ = evaluate(lambda img, p=params: filters.BASELINES[name](img, **p), images)
+            scores, _ = evaluate(lambda img, p=params: filters.BASELINES[name](img, **p), images, lumen=False)
             results.append((scores["ssim"], scores["psnr"], params))
             print(f"{name} {params}: SSIM {scores['ssim']:.4f} PSNR {scores['psnr']:.2f} "
                   f"({scores['seconds']:.2f} s/img)", flush=True)

@@ -13,7 +13,7 @@ grain benchmark reports is benchmarks/benchlib/grain_size.py.
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -48,21 +48,32 @@ def view_difference_at(frames, scale: float, region: int = 384, view_scale: floa
     return values.get(view_scale)
 
 
-#: "auto" only shrinks frames (speckle coarser than the model's), never enlarges them: frames
-#: with finer speckle run at their own resolution. Enlarging them to match made results worse
+#: "auto" only shrinks frames (speckle coarser than the model's), never enlarges them beyond
+#: the model's own working scale (1 for every bundled model): frames with finer speckle run at
+#: their own resolution. Enlarging them to match made results worse
 #: wherever there is a truth to check, and costs up to 4x the time (docs/benchmarks.md, "Ninth
 #: session"): simulated B-mode (enlarged 2x) SSIM 0.73 vs 0.91 at scale 1 with the bundled v3;
 #: carotid images shrunk by 2 (enlarged 1.68x back) flood-fill IoU 0.397 vs 0.420 and GLCM
 #: homogeneity 0.733 vs 0.747. An explicit working scale up to SCALE_LIMITS[1] is still honoured.
 AUTO_SCALE_LIMITS = (SCALE_LIMITS[0], 1.0)
-#: Candidate working scales searched when matching a model's view difference (steps of 2^(1/4)).
-CANDIDATE_SCALES = tuple(float(x) for x in np.geomspace(AUTO_SCALE_LIMITS[0], AUTO_SCALE_LIMITS[1], 9))
 
 
-def match_working_scale(frames, target: Optional[float]) -> float:
+def candidate_scales(largest: float = AUTO_SCALE_LIMITS[1]) -> Tuple[float, ...]:
+    """Working scales searched when matching a model's view difference: steps of 2^(1/4) from
+    the smallest automatic scale up to ``largest`` (within SCALE_LIMITS)."""
+    largest = min(max(float(largest), AUTO_SCALE_LIMITS[1]), SCALE_LIMITS[1])
+    steps = int(round(4 * np.log2(largest / AUTO_SCALE_LIMITS[0])))
+    return tuple(float(x) for x in np.geomspace(AUTO_SCALE_LIMITS[0], largest, steps + 1))
+
+
+CANDIDATE_SCALES = candidate_scales()
+
+
+def match_working_scale(frames, target: Optional[float], largest: float = AUTO_SCALE_LIMITS[1]) -> float:
     """The resampling factor at which the frames' view difference (0.5 view) equals the one
-    the model was trained at; 1 when the target is unknown or the frames carry no speckle,
-    and for frames whose speckle is finer than the model's (see :data:`AUTO_SCALE_LIMITS`).
+    the model was trained at; 1 when the target is unknown or the frames carry no speckle.
+    Never above ``largest`` (the model's own working scale where that exceeds 1): frames whose
+    speckle is finer than the model's run there (see :data:`AUTO_SCALE_LIMITS`).
 
     The view difference grows as an image is shrunk (its speckle gets finer per pixel), so
     the match is interpolated between neighbouring candidates on a log scale.
@@ -74,7 +85,7 @@ def match_working_scale(frames, target: Optional[float]) -> float:
     if stack.ndim != 3 or min(stack.shape[1:]) < 32 or not np.isfinite(stack[:1]).all():
         return 1.0
     scales, diffs = [], []
-    for scale in CANDIDATE_SCALES:
+    for scale in candidate_scales(largest):
         if min(stack.shape[1:]) * scale < 32:
             continue
         d = view_difference_at(stack, scale)

@@ -416,7 +416,9 @@ class Despeckler:
             return scale
         target = self.metadata.get("working_view_difference")
         if target:
-            return grain.match_working_scale(frames, float(target))
+            # a model trained on enlarged frames may enlarge new ones as far (bundled ones: 1)
+            largest = max(1.0, float(self.metadata.get("working_scale") or 1.0))
+            return grain.match_working_scale(frames, float(target), largest)
         return float(self.metadata.get("working_scale", 1.0))
 
     def _run_module(self, x):

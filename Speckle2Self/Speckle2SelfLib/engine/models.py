@@ -261,8 +261,12 @@ def _metadata_problem(m: Dict[str, Any]) -> Optional[str]:
 
     def number(key, lo, hi, integer=False):
         value = m[key]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or \
-                (integer and not float(value).is_integer()) or not math.isfinite(value) or not lo <= value <= hi:
+        try:
+            bad = isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                (integer and not float(value).is_integer()) or not math.isfinite(value) or not lo <= value <= hi
+        except OverflowError:               # an integer beyond float range
+            bad = True
+        if bad:
             return f"{key} = {value!r} (expected {'a whole number' if integer else 'a number'} in [{lo}, {hi}])"
         return None
 
@@ -365,9 +369,12 @@ def describe_model(metadata: Dict[str, Any]) -> str:
         parts.append(f"working scale {metadata['working_scale']:g}")
     if metadata.get("refine") == "guided":
         from .refine import model_settings
-        settings = model_settings(metadata)
-        parts.append(f"recommends guided smoothing (window {settings['sigma_px']:g} px, "
-                     f"range {settings['range_sigma']:g})")
+        try:
+            settings = model_settings(metadata)
+            parts.append(f"recommends guided smoothing (sigma {settings['sigma_px']:g} px, "
+                         f"range {settings['range_sigma']:g})")
+        except (TypeError, ValueError):     # not validated here (read without loading): say so
+            parts.append("recommends guided smoothing (its settings are not numbers: the model will be refused)")
     if training.get("minutes_done") is not None:
         parts.append(f"{training['minutes_done']} min on {training.get('device_used', '?')}")
     if data_text:

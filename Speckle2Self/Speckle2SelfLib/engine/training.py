@@ -11,7 +11,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -345,8 +345,11 @@ def train(cfg: TrainConfig, pool: FramePool, out_path, resume: Optional[str] = N
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
     state = TrainState()
     fresh_head = bool(init_model) and not resume and init_from_model(net, init_model)
+    # the output the starting model recommends, read now (the file may be gone when training
+    # ends) and kept in every checkpoint, so a resumed or exported run recommends it too
+    recommended = starting_recommendation(init_model) if init_model and not resume else {}
     if resume:
-        rng = _load_checkpoint(resume, net, opt, state, device)
+        rng, recommended = _load_checkpoint(resume, net, opt, state, device)
     pool.prepare_views(cfg.scales, cfg.interpolation, cfg.working_scale)
     if fresh_head:   # own random stream: the training samples stay those of the seed
         sample = pool.sample(np.random.default_rng(cfg.seed + 1), max(cfg.batch, 8), cfg.crop, 0.0)
@@ -394,7 +397,7 @@ def train(cfg: TrainConfig, pool: FramePool, out_path, resume: Optional[str] = N
             best.update(net, state)
         _update_bar(bar, state)
         if state.step % cfg.checkpoint_every == 0:
-            save_checkpoint(ckpt_path, net, opt, state, cfg, pool.summary)
+            save_checkpoint(ckpt_path, net, opt, state, cfg, pool.summary, recommended)
         if cfg.preview_every and state.step % cfg.preview_every == 0:
             write_preview(net, pool, out_path.with_suffix(".preview.png"))
         if on_step is not None:
@@ -404,19 +407,14 @@ def train(cfg: TrainConfig, pool: FramePool, out_path, resume: Optional[str] = N
             break
     if bar is not None:
         bar.close()
-    save_checkpoint(ckpt_path, net, opt, state, cfg, pool.summary)
+    save_checkpoint(ckpt_path, net, opt, state, cfg, pool.summary, recommended)
     summary = training_summary(cfg, pool, state, device)
     if stopped:
         summary["stopped_early"] = True
     if best is not None:
         summary.update(best.restore(net))
-    extra = _grain_metadata(cfg, pool.summary)
-    if init_model:       # a fine-tuned model recommends the output its initial model recommends
-        from .models import read_metadata
-        from .refine import recommendation
-        extra.update(recommendation(read_metadata(init_model)))
     export_model(net, out_path, scales=cfg.scales, interpolation=cfg.interpolation, name=cfg.name,
-                 training=summary, extra=extra)
+                 training=summary, extra={**_grain_metadata(cfg, pool.summary), **recommended})
     return net, state
 
 
@@ -511,13 +509,24 @@ def training_summary(cfg: TrainConfig, pool: FramePool, state: TrainState, devic
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def save_checkpoint(path, net, opt, state: TrainState, cfg: TrainConfig, data: Optional[Dict] = None) -> None:
+def starting_recommendation(init_model) -> Dict:
+    """The refinement the model a run fine-tunes recommends (metadata "refine", ...): a model
+    fine-tuned from it recommends the same output (adapting v3 must keep its guided smoothing)."""
+    from .models import read_metadata
+    from .refine import recommendation
+
+    return recommendation(read_metadata(init_model))
+
+
+def save_checkpoint(path, net, opt, state: TrainState, cfg: TrainConfig, data: Optional[Dict] = None,
+                    recommendation: Optional[Dict] = None) -> None:
     import torch
 
     path = Path(path)
     tmp = path.with_name(path.name + ".part")
     torch.save({"model": net.state_dict(), "optimizer": opt.state_dict(), "step": state.step,
-                "elapsed_s": state.elapsed_s, "config": _plain(asdict(cfg)), "data": data or {}}, tmp)
+                "elapsed_s": state.elapsed_s, "config": _plain(asdict(cfg)), "data": data or {},
+                "recommendation": recommendation or {}}, tmp)
     tmp.replace(path)   # an interrupted save never clobbers the last good checkpoint
 
 
@@ -531,7 +540,8 @@ def load_checkpoint_config(path) -> TrainConfig:
     return TrainConfig(**ckpt["config"])
 
 
-def _load_checkpoint(path, net, opt, state: TrainState, device: str) -> np.random.Generator:
+def _load_checkpoint(path, net, opt, state: TrainState, device: str) -> Tuple[np.random.Generator, Dict]:
+    """Restore a run; returns its random stream and the output its starting model recommended."""
     import torch
 
     # weights_only: a checkpoint holds tensors and plain values; nothing is unpickled as code.
@@ -540,11 +550,14 @@ def _load_checkpoint(path, net, opt, state: TrainState, device: str) -> np.rando
     opt.load_state_dict(ckpt["optimizer"])
     state.step, state.elapsed_s = int(ckpt["step"]), float(ckpt["elapsed_s"])
     # Continue the crop sequence instead of replaying the first crops again.
-    return np.random.default_rng([int(ckpt["config"]["seed"]), state.step])
+    return np.random.default_rng([int(ckpt["config"]["seed"]), state.step]), dict(ckpt.get("recommendation") or {})
 
 
 def export_checkpoint(ckpt_path, out_path, name: Optional[str] = None, extra: Optional[Dict] = None) -> Dict:
-    """Export a checkpoint (e.g. from an interrupted run) as a TorchScript model."""
+    """Export a checkpoint (e.g. from an interrupted run) as a TorchScript model.
+
+    The model recommends the output the run's starting model recommended, unless ``extra``
+    gives a "refine" of its own (``speckle2self export --refine ...``)."""
     import torch
     from .models import export_model
 
@@ -555,9 +568,10 @@ def export_checkpoint(ckpt_path, out_path, name: Optional[str] = None, extra: Op
     summary = _plain(asdict(cfg))
     summary.update(steps_done=int(ckpt["step"]), minutes_done=round(float(ckpt["elapsed_s"]) / 60, 2),
                    data=ckpt.get("data", {}))
+    inherited = {} if "refine" in (extra or {}) else dict(ckpt.get("recommendation") or {})
     return export_model(net, out_path, scales=cfg.scales, interpolation=cfg.interpolation,
                         name=name or cfg.name, training=summary,
-                        extra={**_grain_metadata(cfg, ckpt.get("data", {})), **(extra or {})})
+                        extra={**_grain_metadata(cfg, ckpt.get("data", {})), **inherited, **(extra or {})})
 
 
 # ----------------------------------------------------------------------------- preview
