@@ -116,6 +116,18 @@ def test_fine_tuning_with_another_head_and_scales_keeps_the_model_before_the_hea
     tuned = load_model(out).metadata
     assert tuned["head"] == "norm_leaky" and tuned["scales"] == [1.0, 0.35, 0.18]
     assert 0 < tuned["training"]["data"]["head_scale"] < 1, "the fresh head was calibrated to the views"
+    # and back: a linear head drops the model's norm, everything before it comes from the model
+    back_cfg = config_from_model(out, head="linear", crop=32, batch=2, steps=1, device="cpu", preview_every=0)
+    back = build_net(back_cfg)
+    assert init_from_model(back, out) is True, "the model's head norm was dropped: the head starts fresh"
+    leaky_state = load_model(out).module.state_dict()
+    for name, value in back.decoder.state_dict().items():
+        assert torch.equal(value, leaky_state[f"decoder.{name}"]), name
+    linear_out = tmp_path / "linear.pt"
+    train(back_cfg, FramePool(simulated_frames(n=2, size=64, seed=51)[0], {"frames": 2}), linear_out,
+          progress=False, init_model=str(out))
+    assert load_model(linear_out).metadata["head"] == "linear"
+    assert "head_scale" in load_model(linear_out).metadata["training"]["data"], "the linear head was calibrated"
     other = Speckle2SelfNet(width=meta["width"] * 2, depth=meta["depth"])
     with pytest.raises(ValueError, match="encoder does not match"):
         init_from_model(other, trained_model)
@@ -141,6 +153,33 @@ def test_fresh_head_starts_at_the_views_grey_levels():
     assert values is not None and values["head_scale"] == pytest.approx(net.decoder.layers[-2].weight.item(), abs=1e-4)
     assert after < 0.5 * before, f"MSE to the view {before:.4f} -> {after:.4f}"
     assert calibrate_head(Speckle2SelfNet(width=4, depth=2, head="norm_relu"), views) is None
+
+
+def test_a_linear_head_replacing_a_norm_head_starts_at_the_views_grey_levels():
+    """A model's last conv trained to feed an InstanceNorm has arbitrary grey levels; with a
+    linear head in its place, calibrate_head scales and shifts that conv's output by the
+    least-squares map to the view, so training does not start far from the views."""
+    import torch
+
+    from Speckle2SelfLib.engine.network import Speckle2SelfNet
+    from Speckle2SelfLib.engine.perturbation import minmax_normalise
+    from Speckle2SelfLib.engine.training import calibrate_head
+
+    torch.manual_seed(1)
+    frames = simulated_frames(n=4, size=64, seed=8)[0]
+    views = minmax_normalise(torch.from_numpy(np.stack(frames)[:, None].astype(np.float32)))
+    net = Speckle2SelfNet(width=4, depth=2, head="linear").eval()
+    last = net.decoder.layers[-1]
+    with torch.no_grad():
+        last.weight.mul_(40.0)       # grey levels far from the views', as after a norm head
+        last.bias.fill_(-3.0)
+        before = torch.mean((net([views])[0] - views) ** 2).item()
+        values = calibrate_head(net, views)
+        raw = net.decoder(net.encoder_for(0)(views))
+        after = torch.mean((raw - views) ** 2).item()
+    assert values is not None and values["head_scale"] > 0
+    assert abs(raw.mean().item() - views.mean().item()) < 1e-3, "the shift puts the output's mean at the view's"
+    assert after < 0.2 * before, f"MSE to the view {before:.4f} -> {after:.4f}"
 
 
 def test_training_needs_a_stopping_rule_and_valid_crop():

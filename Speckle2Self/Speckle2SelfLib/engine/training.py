@@ -288,11 +288,21 @@ def init_from_model(net, model_path) -> bool:
             raise ValueError(f"{model_path}: its encoder does not match this network "
                              f"({str(err).splitlines()[-1].strip()})") from err
     missing, unexpected = net.decoder.load_state_dict(dec, strict=False)
-    head_layers = f"layers.{len(net.decoder.layers) - 2}."      # the head's norm (another head: fresh)
-    if unexpected or any(not k.startswith(head_layers) for k in missing):
+    # Layers after the decoder's last conv are the head's norm; where the heads differ, the
+    # model's norm is dropped or this network's starts fresh.
+    after_last_conv = _last_conv_index(net.decoder.layers) + 1
+    off_head = [k for k in list(missing) + list(unexpected) if int(k.split(".")[1]) < after_last_conv]
+    if off_head:
         raise ValueError(f"{model_path}: its decoder does not match this network "
                          f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
-    return bool(missing)
+    return bool(missing or unexpected)
+
+
+def _last_conv_index(layers) -> int:
+    import torch
+
+    convs = (torch.nn.Conv2d, torch.nn.ConvTranspose2d)
+    return max(i for i, layer in enumerate(layers) if isinstance(layer, convs))
 
 
 def calibrate_head(net, full_views) -> Optional[Dict[str, float]]:
@@ -306,6 +316,8 @@ def calibrate_head(net, full_views) -> Optional[Dict[str, float]]:
     """
     import torch
 
+    if net.head == "linear":
+        return _calibrate_linear_head(net, full_views)
     norm = net.decoder.layers[-2]
     if not (isinstance(norm, torch.nn.InstanceNorm2d) and norm.affine):
         return None
@@ -317,6 +329,24 @@ def calibrate_head(net, full_views) -> Optional[Dict[str, float]]:
         shift = float(v.mean() - scale * z.mean())
         norm.weight.fill_(scale)
         norm.bias.fill_(shift)
+    return {"head_scale": round(scale, 5), "head_shift": round(shift, 5)}
+
+
+def _calibrate_linear_head(net, full_views) -> Dict[str, float]:
+    """A linear head that replaces a model's norm head: its last conv was trained to feed an
+    InstanceNorm, so its raw output has arbitrary grey levels. Scale and shift that conv's
+    output by the least-squares map to the full-resolution view of a sample batch."""
+    import torch
+
+    conv = net.decoder.layers[_last_conv_index(net.decoder.layers)]
+    with torch.no_grad():
+        raw = net.decoder(net.encoder_for(0)(full_views)).float()
+        v = full_views.float()
+        centred = raw - raw.mean()
+        scale = float((centred * (v - v.mean())).mean() / centred.pow(2).mean().clamp_min(1e-12))
+        shift = float(v.mean() - scale * raw.mean())
+        conv.weight.mul_(scale)
+        conv.bias.mul_(scale).add_(shift)
     return {"head_scale": round(scale, 5), "head_shift": round(shift, 5)}
 
 
