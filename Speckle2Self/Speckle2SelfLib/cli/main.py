@@ -141,7 +141,7 @@ def _add_train(sub) -> None:
     p.add_argument("--head", default=None, choices=["linear", "norm_relu", "norm_leaky"],
                    help="output head: linear (clamped; the default), the authors' InstanceNorm + ReLU, or "
                         "InstanceNorm + LeakyReLU (no flat black patches in dark tissue); with --init: the "
-                        "model's unless given (any head may replace any other: the new head starts at the views' grey levels, the rest from the model)")
+                        "model's unless given (any head may replace any other; the rest comes from the model, and a new head's scale and shift start fitted to the views)")
     p.add_argument("--working-scale", type=float_between(0.05, 4.0),
                    help="resample frames by this factor before training (e.g. 0.5 for coarse B-mode speckle)")
     p.add_argument("--augment-prob", type=float_between(0.0, 1.0),
