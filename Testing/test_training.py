@@ -173,7 +173,7 @@ def test_a_linear_head_replacing_a_norm_head_starts_at_the_views_grey_levels():
     with torch.no_grad():
         last.weight.mul_(40.0)       # grey levels far from the views', as after a norm head
         last.bias.fill_(-3.0)
-        before = torch.mean((net([views])[0] - views) ** 2).item()
+        before = torch.mean((net.decoder(net.encoder_for(0)(views)) - views) ** 2).item()
         values = calibrate_head(net, views)
         raw = net.decoder(net.encoder_for(0)(views))
         after = torch.mean((raw - views) ** 2).item()

@@ -273,7 +273,7 @@ def init_from_model(net, model_path) -> bool:
 
     An exported model holds only the full-resolution encoder; the other scales' encoders
     start as copies of it, which is far closer to their optimum than random weights.
-    Returns True when the output head's norm was not in the model (another head: it starts
+    Returns True when the model's head differs (its norm is dropped, or this network's starts
     fresh; see :func:`calibrate_head`).
     """
     from .models import load_model
@@ -306,48 +306,42 @@ def _last_conv_index(layers) -> int:
 
 
 def calibrate_head(net, full_views) -> Optional[Dict[str, float]]:
-    """Start a fresh learned-affine head (norm_leaky) at the grey levels of the views.
+    """Start a fresh output head at the grey levels of the views.
 
     A fresh InstanceNorm scale 1 and shift 0 give a unit-variance output, while the views lie in
     [0, 1]: fine-tuning v2 with a new head kept the reconstruction MSE near 0.12 for the first
-    400 steps (0.005 with the model's own head). The scale and shift start instead at the
-    least-squares map from the normalised output to the full-resolution view of a sample batch.
-    Returns the values set, or None for heads without a learned affine.
+    400 steps (0.005 with the model's own head). A linear head that replaces a norm head gets a
+    last conv trained to feed an InstanceNorm, whose raw output has arbitrary grey levels. Either
+    way the head's scale and shift start at the least-squares map from what it scales (the
+    normalised output; the last conv's output) to the full-resolution view of a sample batch.
+    Returns the values set, or None for heads without a learned scale (norm_relu).
     """
     import torch
 
-    if net.head == "linear":
-        return _calibrate_linear_head(net, full_views)
-    norm = net.decoder.layers[-2]
-    if not (isinstance(norm, torch.nn.InstanceNorm2d) and norm.affine):
-        return None
+    layers = net.decoder.layers
     with torch.no_grad():
-        before_norm = net.decoder.layers[:-2](net.encoder_for(0)(full_views))
-        z = torch.nn.functional.instance_norm(before_norm.float())
-        v = full_views.float()
-        scale = float((z * (v - v.mean())).mean() / z.pow(2).mean().clamp_min(1e-12))
-        shift = float(v.mean() - scale * z.mean())
-        norm.weight.fill_(scale)
-        norm.bias.fill_(shift)
+        if net.head == "linear":
+            conv = layers[_last_conv_index(layers)]
+            scale, shift = _least_squares_map(net.decoder(net.encoder_for(0)(full_views)), full_views)
+            conv.weight.mul_(scale)
+            conv.bias.mul_(scale).add_(shift)
+        else:
+            norm = layers[-2]
+            if not (isinstance(norm, torch.nn.InstanceNorm2d) and norm.affine):
+                return None
+            z = torch.nn.functional.instance_norm(layers[:-2](net.encoder_for(0)(full_views)).float())
+            scale, shift = _least_squares_map(z, full_views)
+            norm.weight.fill_(scale)
+            norm.bias.fill_(shift)
     return {"head_scale": round(scale, 5), "head_shift": round(shift, 5)}
 
 
-def _calibrate_linear_head(net, full_views) -> Dict[str, float]:
-    """A linear head that replaces a model's norm head: its last conv was trained to feed an
-    InstanceNorm, so its raw output has arbitrary grey levels. Scale and shift that conv's
-    output by the least-squares map to the full-resolution view of a sample batch."""
-    import torch
-
-    conv = net.decoder.layers[_last_conv_index(net.decoder.layers)]
-    with torch.no_grad():
-        raw = net.decoder(net.encoder_for(0)(full_views)).float()
-        v = full_views.float()
-        centred = raw - raw.mean()
-        scale = float((centred * (v - v.mean())).mean() / centred.pow(2).mean().clamp_min(1e-12))
-        shift = float(v.mean() - scale * raw.mean())
-        conv.weight.mul_(scale)
-        conv.bias.mul_(scale).add_(shift)
-    return {"head_scale": round(scale, 5), "head_shift": round(shift, 5)}
+def _least_squares_map(x, target) -> Tuple[float, float]:
+    """Scale and shift minimising the mean squared difference of ``scale * x + shift`` to ``target``."""
+    x, target = x.float(), target.float()
+    centred = x - x.mean()
+    scale = float((centred * (target - target.mean())).mean() / centred.pow(2).mean().clamp_min(1e-12))
+    return scale, float(target.mean() - scale * x.mean())
 
 
 def train(cfg: TrainConfig, pool: FramePool, out_path, resume: Optional[str] = None,
