@@ -125,6 +125,7 @@ CASES = {
     "unknown refinement": (_edited(refine="sharpen"), "refine"),
     "refinement sigma out of range": (_edited(refine="guided", refine_sigma_px=500.0), "refine_sigma_px"),
     "refinement range not a number": (_edited(refine="guided", refine_range="wide"), "refine_range"),
+    "refinement range power above 1": (_edited(refine="guided", refine_range_power=2.0), "refine_range_power"),
     "refinement sigma beyond float range": (_edited(refine="guided", refine_sigma_px=10 ** 400), "refine_sigma_px"),
 }
 

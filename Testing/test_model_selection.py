@@ -32,18 +32,18 @@ def test_selection_scores_match_the_benchmark_functions(capsys):
 
 
 def test_benchmarks_label_a_models_default_output_and_score_the_other_on_request(untrained_model):
-    """A row named after a model is its default output; for v3 that is the guided refinement,
+    """A row named after a model is its default output; for the bundled default that is the guided refinement,
     and the label says so, with the network's own output as the other row (and the reverse for
     models that recommend nothing)."""
     import carotid as bench
     from Speckle2SelfLib.engine.inference import Despeckler
 
     frame = np.random.default_rng(0).integers(0, 255, (48, 48)).astype(np.uint8)
-    v3 = Despeckler.from_file(None, device="cpu", backend="fp32")
-    rows = bench.model_outputs(v3, "S", both=True)
+    default = Despeckler.from_file(None, device="cpu", backend="fp32")
+    rows = bench.model_outputs(default, "S", both=True)
     assert list(rows) == ["S, guided", "S, network output"]
-    np.testing.assert_array_equal(rows["S, guided"](frame), v3.denoise(frame, refine="guided"))
-    np.testing.assert_array_equal(rows["S, network output"](frame), v3.denoise(frame, refine="none"))
+    np.testing.assert_array_equal(rows["S, guided"](frame), default.denoise(frame, refine="guided"))
+    np.testing.assert_array_equal(rows["S, network output"](frame), default.denoise(frame, refine="none"))
     plain = Despeckler.from_file(untrained_model, device="cpu")
     assert list(bench.model_outputs(plain, "U", both=True)) == ["U", "U, guided"]
     assert list(bench.model_outputs(plain, "U", both=False)) == ["U"]

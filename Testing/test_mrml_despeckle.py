@@ -390,9 +390,11 @@ def test_model_card_is_read_without_loading_the_model(trained_model):
     # checkbox follows it when the model is chosen (refine.recommended_mode)
     default = read_metadata(resolve_model_path(None))
     assert refine.recommended_mode(default) == "guided"
-    assert "recommends guided smoothing (sigma 7 px, range 0.04)" in describe_model(default)
-    wide = describe_model({**default, "refine_sigma_px": 14.0, "refine_range": 0.08})
-    assert "sigma 14 px, range 0.08" in wide
+    assert "recommends guided smoothing (sigma 12 px, range 0.06 on guide levels ^ 0.5)" in describe_model(default)
+    wide = describe_model({**default, "refine_sigma_px": 14.0, "refine_range": 0.08, "refine_range_power": 1.0})
+    assert "sigma 14 px, range 0.08)" in wide
+    plain = describe_model({k: v for k, v in default.items() if not k.startswith("refine_")})
+    assert "recommends guided smoothing (sigma 7 px, range 0.04)" in plain
     assert "not numbers" in describe_model({**default, "refine_sigma_px": "wide"})
     with pytest.raises(ValueError, match="cannot read model metadata"):
         read_metadata(Path(__file__))

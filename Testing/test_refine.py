@@ -65,6 +65,38 @@ def test_a_flat_guide_gives_the_plain_gaussian_mean_and_a_flat_input_stays_flat(
     torch.testing.assert_close(flat, torch.full((1, 1, 20, 20), 0.3))
 
 
+def _two_steps(dark=(0.02, 0.07), bright=(0.6, 0.7), seed: int = 0):
+    """Left half: a faint dark step (a lumen and its wall); right half: a bright step of the same
+    size in grey levels (tissue texture); mild speckle; the guide is the clean image."""
+    rng = np.random.default_rng(seed)
+    rows = np.arange(SIZE)[:, None] < EDGE
+    clean = np.where(np.arange(SIZE)[None, :] < SIZE // 2, np.where(rows, *dark), np.where(rows, *bright))
+    speckled = np.clip(clean + 0.01 * ndimage.gaussian_filter(rng.standard_normal(clean.shape), 1.0), 0, 1)
+    return clean, speckled
+
+
+def _step_contrast(out: np.ndarray, cols) -> float:
+    """Mean grey level just below the step minus just above it, in the given columns."""
+    return float(out[EDGE:EDGE + 3, cols].mean() - out[EDGE - 3:EDGE, cols].mean())
+
+
+def test_a_compressed_range_keeps_a_faint_dark_step_and_merges_a_bright_one_of_the_same_size():
+    clean, speckled = _two_steps()
+    plain = refine.GuidedSmoothing(sigma_px=5.0, range_sigma=0.06, stride=1)
+    outputs = {power: refine.guided_smoothing(_as_batch(speckled), _as_batch(clean),
+                                              plain._replace(range_power=power))[0, 0].numpy()
+               for power in (1.0, 0.5)}
+    dark, bright = slice(8, SIZE // 2 - 8), slice(SIZE // 2 + 8, SIZE - 8)
+    # Plain levels treat both 0.05-0.1 steps alike; on the square-root scale the dark step
+    # (0.02 -> 0.07) is 2x larger and the bright one (0.6 -> 0.7) 0.6x, so the dark boundary
+    # keeps more of its contrast and the bright one is averaged more.
+    assert _step_contrast(outputs[0.5], dark) > _step_contrast(outputs[1.0], dark) + 0.005
+    assert _step_contrast(outputs[0.5], bright) < _step_contrast(outputs[1.0], bright) - 0.005
+    assert _step_contrast(outputs[0.5], dark) > 0.8 * (0.07 - 0.02)
+    # still a weighted mean of input pixels
+    assert speckled.min() - 1e-6 <= outputs[0.5].min() and outputs[0.5].max() <= speckled.max() + 1e-6
+
+
 def test_sparse_neighbours_cost_a_quarter_and_the_window_follows_the_working_scale():
     full = refine.settings_for(1.0)
     assert (full.sigma_px, full.range_sigma, full.stride) == (refine.GUIDED_SIGMA_PX, refine.GUIDED_RANGE, 2)
@@ -127,12 +159,15 @@ def test_a_model_carries_its_own_smoothing_settings_and_fine_tuning_keeps_them(t
     checkpoint = trained_model.with_suffix(".ckpt")
     wide, plain = tmp_path / "wide.pt", tmp_path / "plain.pt"
     assert main(["export", str(checkpoint), "--out", str(wide), "--refine", "guided",
-                 "--refine-sigma-px", "14", "--refine-range", "0.08"]) == 0
+                 "--refine-sigma-px", "14", "--refine-range", "0.08", "--refine-range-power", "0.5"]) == 0
     assert main(["export", str(checkpoint), "--out", str(plain), "--refine", "guided"]) == 0
     meta = load_model(wide).metadata
-    assert (meta["refine"], meta["refine_sigma_px"], meta["refine_range"]) == ("guided", 14.0, 0.08)
+    assert (meta["refine"], meta["refine_sigma_px"], meta["refine_range"], meta["refine_range_power"]) == \
+        ("guided", 14.0, 0.08, 0.5)
     assert "refine_sigma_px" not in load_model(plain).metadata
-    assert refine.settings_for(1.0, **refine.model_settings(meta)) == refine.GuidedSmoothing(14.0, 0.08, 2)
+    assert refine.settings_for(1.0, **refine.model_settings(meta)) == refine.GuidedSmoothing(14.0, 0.08, 2, 0.5)
+    assert refine.settings_for(1.0, **refine.model_settings(load_model(plain).metadata)) == \
+        refine.GuidedSmoothing(refine.GUIDED_SIGMA_PX, refine.GUIDED_RANGE, 2, 1.0)
 
     _clean, speckled, _guide = _speckled_step(seed=5)
     frame = np.rint(speckled * 255).astype(np.uint8)
@@ -166,7 +201,10 @@ def test_a_model_carries_its_own_smoothing_settings_and_fine_tuning_keeps_them(t
     (["--refine", "none", "--refine-range", "0.1"], "add --refine guided"),
     (["--refine", "guided", "--refine-sigma-px", "100"], "--refine-sigma-px must lie in [0.5, 32.0]"),
     (["--refine", "guided", "--refine-range", "0"], "must be positive"),
-], ids=["sigma without guided", "range with none", "sigma too wide", "range zero"])
+    (["--refine-range-power", "0.5"], "add --refine guided"),
+    (["--refine", "guided", "--refine-range-power", "2"], "--refine-range-power must lie in [0.2, 1.0]"),
+], ids=["sigma without guided", "range with none", "sigma too wide", "range zero", "power without guided",
+        "power above 1"])
 def test_export_refuses_refinement_settings_that_cannot_apply(options, needle, trained_model, tmp_path, capsys):
     out = tmp_path / "m.pt"
     capsys.readouterr()

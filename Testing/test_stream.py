@@ -390,10 +390,10 @@ def test_live_volume_node_updates_the_output(scene, fast, threaded):
 def test_stream_refinement_follows_the_model_unless_turned_off_and_bad_values_are_refused_first():
     from Speckle2SelfLib.stream import _stream_denoiser
 
-    v3 = Despeckler.from_file(None, device="cpu", backend="fp32")        # recommends the guided refinement
+    default = Despeckler.from_file(None, device="cpu", backend="fp32")        # recommends the guided refinement
     frame = np.rint(simulated_frames(n=1, size=64, seed=9)[0][0] * 255).astype(np.uint8)
-    np.testing.assert_array_equal(_stream_denoiser(v3)(frame), v3.denoise(frame, refine="guided"))
-    np.testing.assert_array_equal(_stream_denoiser(v3, "none")(frame), v3.denoise(frame, refine="none"))
-    assert not np.array_equal(v3.denoise(frame, refine="guided"), v3.denoise(frame, refine="none"))
+    np.testing.assert_array_equal(_stream_denoiser(default)(frame), default.denoise(frame, refine="guided"))
+    np.testing.assert_array_equal(_stream_denoiser(default, "none")(frame), default.denoise(frame, refine="none"))
+    assert not np.array_equal(default.denoise(frame, refine="guided"), default.denoise(frame, refine="none"))
     with pytest.raises(ValueError, match="refine must be one of auto, guided, none"):
-        StreamDespeckler(v3, refine="sharp")
+        StreamDespeckler(default, refine="sharp")

@@ -432,14 +432,16 @@ def _obnlm(u: np.ndarray, bandwidth: float, search: int, block: int, step: int, 
 
 
 def gaussian_guided(img: np.ndarray, guide_sigma_px: float = 4.0, sigma_px: float = 7.0,
-                    range_sigma: float = 0.04) -> np.ndarray:
+                    range_sigma: float = 0.04, range_power: float = 1.0) -> np.ndarray:
     """The engine's guided smoothing (Speckle2SelfLib.engine.refine; by default its settings,
     spatial sigma 7 px, range 0.04) with the input blurred by a Gaussian of ``guide_sigma_px``
     as the guide instead of a network's output: a joint bilateral filter, the ablation that
     shows what the network adds to ``refine="guided"``. Defaults chosen on the carotid tuning
     subjects (guide 2 vs 4 px); on the simulated tuning set (``simulated.py --tune``) a wider
     window wins: guide 2 px, sigma 14 px, range 0.08 (SSIM 0.963 vs NLM's 0.955 there; pass them
-    with ``--set gaussian_guided:guide_sigma_px=2 --set gaussian_guided:sigma_px=14 ...``)."""
+    with ``--set gaussian_guided:guide_sigma_px=2 --set gaussian_guided:sigma_px=14 ...``).
+    ``range_power`` compares guide levels raised to it (the bundled v4's refinement: 0.5, with
+    sigma 12 px and range 0.06)."""
     import torch
 
     from Speckle2SelfLib.engine import refine
@@ -447,7 +449,7 @@ def gaussian_guided(img: np.ndarray, guide_sigma_px: float = 4.0, sigma_px: floa
     def run(x: np.ndarray) -> np.ndarray:
         guide = ndimage.gaussian_filter(x, guide_sigma_px)
         as_batch = [torch.from_numpy(a.astype(np.float32))[None, None] for a in (x, guide)]
-        settings = refine.settings_for(1.0, sigma_px, range_sigma)
+        settings = refine.settings_for(1.0, sigma_px, range_sigma, range_power)
         return refine.guided_smoothing(*as_batch, settings)[0, 0].double().numpy()
 
     return _apply(img, run)

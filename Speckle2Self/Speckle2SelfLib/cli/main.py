@@ -342,7 +342,7 @@ def _add_denoise(sub) -> None:
     p.add_argument("--refine", default="auto", choices=["auto", "guided", "none"],
                    help="guided: the network's output steers an edge-keeping smoothing of the input (smooth "
                         "tissue, the input's own boundaries); none: the network's output itself; auto (default): "
-                        "what the model recommends (guided for the bundled v3)")
+                        "what the model recommends (guided for the bundled default)")
     p.add_argument("--threads", type=int_between(1, 1024), help="CPU threads for torch")
     p.add_argument("--backend", default="auto", choices=["auto", "fp32", "bf16", "openvino", "onnxruntime"],
                    help="CPU inference path: auto (bf16 where native, else fp32); openvino/onnxruntime: faster, optional")
@@ -473,18 +473,24 @@ def _add_export(sub) -> None:
                    help="guided smoothing's spatial sigma in pixels at the working scale (default 7)")
     p.add_argument("--refine-range", type=positive_float, metavar="R",
                    help="guided smoothing's range sigma, a fraction of the frame's grey range (default 0.04)")
+    p.add_argument("--refine-range-power", type=positive_float, metavar="P",
+                   help="compare the guide's grey levels raised to this power (0.2..1; default 1: plain levels; "
+                        "below 1 keeps dark boundaries such as a vessel lumen's and smooths bright tissue more)")
     p.set_defaults(func=_run_export)
 
 
 def _refine_metadata(args) -> dict:
     """Metadata for ``export --refine ...``; a ValueError naming the fix where the options clash."""
-    from ..engine.refine import REFINE_RANGE_LIMITS, REFINE_SIGMA_LIMITS
+    from ..engine.refine import REFINE_RANGE_LIMITS, REFINE_RANGE_POWER_LIMITS, REFINE_SIGMA_LIMITS
 
-    tuned = {"refine_sigma_px": args.refine_sigma_px, "refine_range": args.refine_range}
+    tuned = {"refine_sigma_px": args.refine_sigma_px, "refine_range": args.refine_range,
+             "refine_range_power": args.refine_range_power}
     tuned = {key: value for key, value in tuned.items() if value is not None}
     if tuned and args.refine != "guided":
-        raise ValueError("--refine-sigma-px / --refine-range set the guided smoothing: add --refine guided")
-    for key, (lo, hi) in (("refine_sigma_px", REFINE_SIGMA_LIMITS), ("refine_range", REFINE_RANGE_LIMITS)):
+        raise ValueError("--refine-sigma-px / --refine-range / --refine-range-power set the guided smoothing: "
+                         "add --refine guided")
+    for key, (lo, hi) in (("refine_sigma_px", REFINE_SIGMA_LIMITS), ("refine_range", REFINE_RANGE_LIMITS),
+                          ("refine_range_power", REFINE_RANGE_POWER_LIMITS)):
         if key in tuned and not lo <= tuned[key] <= hi:
             option = "--" + key.replace("_", "-")
             raise ValueError(f"{option} must lie in [{lo}, {hi}], got {tuned[key]}")

@@ -27,7 +27,7 @@ def add_stream_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-seconds", type=float, help="stop after this many seconds")
     p.add_argument("--no-forward", action="store_true", help="do not pass other messages (TRANSFORM, ...) through")
     p.add_argument("--refine", default="auto", choices=["auto", "guided", "none"],
-                   help="auto (default): what the model recommends (guided for the bundled v3); none: the "
+                   help="auto (default): what the model recommends (guided for the bundled default); none: the "
                         "network's output alone, about half the CPU latency")
     p.add_argument("--threads", type=int, help="CPU threads for torch")
     p.add_argument("--json", action="store_true", help="print the final statistics as JSON")

@@ -500,7 +500,7 @@ class AdaptJob:
             "warnings": self.warnings,
         }
         extra = {k: trained_meta[k] for k in ("working_scale", "working_view_difference") if k in trained_meta}
-        extra.update(recommendation(self.init_metadata))     # e.g. v3's guided smoothing stays on
+        extra.update(recommendation(self.init_metadata))     # e.g. the default model's guided smoothing stays on
         extra["adaptation"] = adaptation
         export_model(_net, final, scales=cfg.scales, interpolation=cfg.interpolation, name=self.name,
                      training=training, extra=extra)

@@ -257,7 +257,7 @@ def _metadata_problem(m: Dict[str, Any]) -> Optional[str]:
     """The first value of the metadata that no exported model has, or None."""
     import math
 
-    from .refine import REFINE_RANGE_LIMITS, REFINE_SIGMA_LIMITS
+    from .refine import REFINE_RANGE_LIMITS, REFINE_RANGE_POWER_LIMITS, REFINE_SIGMA_LIMITS
 
     def number(key, lo, hi, integer=False):
         value = m[key]
@@ -274,7 +274,8 @@ def _metadata_problem(m: Dict[str, Any]) -> Optional[str]:
     for key, lo, hi, integer in (("depth", 1, 8, True), ("num_scales", 1, 16, True), ("size_multiple", 1, 256, True),
                                  ("working_scale", 0.05, 4.0, False), ("working_view_difference", 1e-9, 1e9, False),
                                  ("refine_sigma_px", *REFINE_SIGMA_LIMITS, False),
-                                 ("refine_range", *REFINE_RANGE_LIMITS, False)):
+                                 ("refine_range", *REFINE_RANGE_LIMITS, False),
+                                 ("refine_range_power", *REFINE_RANGE_POWER_LIMITS, False)):
         if key in m and m[key] is not None:
             checks.append(number(key, lo, hi, integer))
     scales = m["scales"]
@@ -371,8 +372,9 @@ def describe_model(metadata: Dict[str, Any]) -> str:
         from .refine import model_settings
         try:
             settings = model_settings(metadata)
+            power = f" on guide levels ^ {settings['range_power']:g}" if settings["range_power"] != 1.0 else ""
             parts.append(f"recommends guided smoothing (sigma {settings['sigma_px']:g} px, "
-                         f"range {settings['range_sigma']:g})")
+                         f"range {settings['range_sigma']:g}{power})")
         except (TypeError, ValueError):     # not validated here (read without loading): say so
             parts.append("recommends guided smoothing (its settings are not numbers: the model will be refused)")
     if training.get("minutes_done") is not None:

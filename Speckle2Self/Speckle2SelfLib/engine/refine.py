@@ -8,12 +8,15 @@ boundary (where the output changes) it averages only along it, so the input's ow
 position and sharpness are kept.
 
 ``refine="auto"`` (the default of ``Despeckler.denoise``, the CLI and the module) applies it
-where the model's metadata recommends it (the bundled v3); ``"guided"`` / ``"none"`` force it
-on or off. Measured on the carotid data (docs/benchmarks.md, "Eighth session"): with v3 on the
-test subjects flood-fill IoU, AUC and GLCM homogeneity above NLM's and lumen-wall CNR above raw
-and NLM; most of the smoothing is the bilateral filter's own (a Gaussian-smoothed input as the
-guide, ``benchmarks/benchlib/baselines.gaussian_guided``, comes close), the network's guide
-adds flood fill, AUC and homogeneity.
+where the model's metadata recommends it (the bundled default v4, and v3); ``"guided"`` /
+``"none"`` force it on or off. A model carries its settings (window, range, and the power at
+which guide levels are compared: v4 uses sigma 12 px, range 0.06 on square-root levels, which
+keeps the dark lumen's faint walls while smoothing bright tissue more). Measured on the carotid
+test subjects (docs/benchmarks.md, "Eighth session", "Twelfth session"): v4's output has
+flood-fill IoU, AUC, GLCM homogeneity and lumen-wall CNR above NLM's and raw's; on the simulated
+test set its SSIM is above NLM's. Most of the smoothing is the bilateral filter's own (a
+Gaussian-smoothed input as the guide, ``benchmarks/benchlib/baselines.gaussian_guided``, comes
+close with v3's settings); the network's guide adds flood fill, AUC and homogeneity.
 """
 
 from __future__ import annotations
@@ -30,6 +33,14 @@ GUIDED_RANGE = 0.04
 #: trained on simulated phantoms, whose regions are wider than a carotid wall); these bound them.
 REFINE_SIGMA_LIMITS = (0.5, 32.0)
 REFINE_RANGE_LIMITS = (1e-3, 1.0)
+#: The range kernel may compare guide values raised to this power (metadata
+#: "refine_range_power"; 1: plain grey levels). Below 1 it stretches differences among dark
+#: levels and shrinks them among bright ones: on carotid B-mode the lumen and its faint walls sit
+#: at the bottom of the grey scale (a step from 0.03 to 0.06 of the range counts 2.4x more with
+#: the square root) while bright tissue is smoothed more (0.6x at 0.6). The residual speckle
+#: of these frames has about the same spread at every level (docs/benchmarks.md, "Twelfth
+#: session"), so this weighs where boundaries matter, not a noise model.
+REFINE_RANGE_POWER_LIMITS = (0.2, 1.0)
 #: Half-width of the (square) window in spatial sigmas.
 WINDOW_SIGMAS = 1.75
 #: Neighbours are taken every STRIDE px (at the working scale): speckle grains span about 2 px,
@@ -43,6 +54,7 @@ class GuidedSmoothing(NamedTuple):
     sigma_px: float
     range_sigma: float
     stride: int
+    range_power: float = 1.0
 
     @property
     def radius(self) -> int:
@@ -59,18 +71,18 @@ def check_refine(refine: Union[str, None]) -> str:
 
 
 def settings_for(working_scale: float, sigma_px: float = GUIDED_SIGMA_PX,
-                 range_sigma: float = GUIDED_RANGE) -> GuidedSmoothing:
+                 range_sigma: float = GUIDED_RANGE, range_power: float = 1.0) -> GuidedSmoothing:
     """The filter in input pixels for frames the network ran on at ``working_scale``
     (a frame shrunk by 2 for the network has grains twice as wide in its own pixels).
 
     The neighbour stride stays STRIDE_PX whatever ``sigma_px``, so the cost grows with its square:
     on simulated phantoms a stride grown with sigma (4 px at 14) lost 0.04 SSIM (docs/benchmarks.md)."""
     scale = max(float(working_scale), 1e-3)
-    return GuidedSmoothing(sigma_px / scale, range_sigma, max(1, int(round(STRIDE_PX / scale))))
+    return GuidedSmoothing(sigma_px / scale, range_sigma, max(1, int(round(STRIDE_PX / scale))), float(range_power))
 
 
 #: The metadata in which a model recommends its output; a model fine-tuned from it inherits them.
-RECOMMENDATION_KEYS = ("refine", "refine_sigma_px", "refine_range")
+RECOMMENDATION_KEYS = ("refine", "refine_sigma_px", "refine_range", "refine_range_power")
 
 
 def recommended_mode(metadata: dict) -> str:
@@ -87,7 +99,8 @@ def model_settings(metadata: dict) -> dict:
     """The settings a model's metadata gives (validated when it was loaded): keyword arguments
     of :func:`settings_for`; the defaults where it gives none."""
     return {"sigma_px": float(metadata.get("refine_sigma_px") or GUIDED_SIGMA_PX),
-            "range_sigma": float(metadata.get("refine_range") or GUIDED_RANGE)}
+            "range_sigma": float(metadata.get("refine_range") or GUIDED_RANGE),
+            "range_power": float(metadata.get("refine_range_power") or 1.0)}
 
 
 def fit_to(guide, target):
@@ -120,6 +133,8 @@ def guided_smoothing(image, guide, settings: GuidedSmoothing):
 
     r, stride = settings.radius, settings.stride
     guide = fit_to(guide.float(), image.float())
+    if settings.range_power != 1.0:      # compare guide levels on a compressed scale (REFINE_RANGE_POWER_LIMITS)
+        guide = guide.clamp(0.0, 1.0).pow(settings.range_power)
     h, w = image.shape[-2:]
     # replicate padding works for frames of any size (reflect needs the pad below the side)
     padded_guide = F.pad(guide, (r,) * 4, mode="replicate")

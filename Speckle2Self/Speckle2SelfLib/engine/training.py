@@ -535,7 +535,7 @@ def training_summary(cfg: TrainConfig, pool: FramePool, state: TrainState, devic
 
 def starting_recommendation(init_model) -> Dict:
     """The refinement the model a run fine-tunes recommends (metadata "refine", ...): a model
-    fine-tuned from it recommends the same output (adapting v3 must keep its guided smoothing)."""
+    fine-tuned from it recommends the same output (adapting the bundled default must keep its guided smoothing)."""
     from .models import read_metadata
     from .refine import recommendation
 
