@@ -80,21 +80,41 @@ def _step_contrast(out: np.ndarray, cols) -> float:
     return float(out[EDGE:EDGE + 3, cols].mean() - out[EDGE - 3:EDGE, cols].mean())
 
 
-def test_a_compressed_range_keeps_a_faint_dark_step_and_merges_a_bright_one_of_the_same_size():
+def test_a_compressed_range_keeps_a_faint_dark_step_and_merges_a_bright_one():
+    """Steps of 0.05 (dark) and 0.1 (bright) grey levels: on plain levels the bright one is the
+    larger and keeps more contrast; on the square-root scale the dark one becomes the larger."""
     clean, speckled = _two_steps()
     plain = refine.GuidedSmoothing(sigma_px=5.0, range_sigma=0.06, stride=1)
     outputs = {power: refine.guided_smoothing(_as_batch(speckled), _as_batch(clean),
                                               plain._replace(range_power=power))[0, 0].numpy()
                for power in (1.0, 0.5)}
     dark, bright = slice(8, SIZE // 2 - 8), slice(SIZE // 2 + 8, SIZE - 8)
-    # Plain levels treat both 0.05-0.1 steps alike; on the square-root scale the dark step
-    # (0.02 -> 0.07) is 2x larger and the bright one (0.6 -> 0.7) 0.6x, so the dark boundary
-    # keeps more of its contrast and the bright one is averaged more.
+    # On the square-root scale the dark step (0.02 -> 0.07, 0.05 on plain levels) becomes 0.12 and
+    # the bright one (0.6 -> 0.7, 0.1 on plain levels) 0.06, so the dark boundary keeps more of
+    # its contrast and the bright one is averaged more.
     assert _step_contrast(outputs[0.5], dark) > _step_contrast(outputs[1.0], dark) + 0.005
     assert _step_contrast(outputs[0.5], bright) < _step_contrast(outputs[1.0], bright) - 0.005
     assert _step_contrast(outputs[0.5], dark) > 0.8 * (0.07 - 0.02)
     # still a weighted mean of input pixels
     assert speckled.min() - 1e-6 <= outputs[0.5].min() and outputs[0.5].max() <= speckled.max() + 1e-6
+
+
+def test_the_default_models_output_is_its_network_steering_the_smoothing_it_recommends():
+    """The bundled default's metadata (sigma, range and range power) reaches denoise(): its output
+    equals the filter run by hand with those settings, and differs from plain levels."""
+    engine = Despeckler.from_file(None, "cpu", backend="fp32")
+    settings = refine.settings_for(1.0, **refine.model_settings(engine.metadata))
+    assert settings.range_power < 1.0
+    _clean, speckled, _guide = _speckled_step(seed=7)
+    frame = speckled.astype(np.float32)
+    lo, hi = float(frame.min()), float(frame.max())
+    network = engine.denoise(frame, refine="none", grey_levels="network", working_scale=1.0)
+    x, y = _as_batch((frame - lo) / (hi - lo)), _as_batch((network - lo) / (hi - lo)).clamp(0, 1)
+    by_hand = refine.guided_smoothing(x, y, settings)[0, 0].numpy() * (hi - lo) + lo
+    plain = refine.guided_smoothing(x, y, settings._replace(range_power=1.0))[0, 0].numpy() * (hi - lo) + lo
+    out = engine.denoise(frame, working_scale=1.0)
+    np.testing.assert_allclose(out, by_hand, atol=1e-4)
+    assert np.abs(out - plain).max() > 1e-3
 
 
 def test_sparse_neighbours_cost_a_quarter_and_the_window_follows_the_working_scale():
@@ -194,6 +214,13 @@ def test_a_model_carries_its_own_smoothing_settings_and_fine_tuning_keeps_them(t
     assert refine.recommendation(load_model(exported).metadata) == refine.recommendation(meta)
     assert main(["export", str(tuned.with_suffix(".ckpt")), "--out", str(tmp_path / "own.pt"), "--refine", "none"]) == 0
     assert refine.recommendation(load_model(tmp_path / "own.pt").metadata) == {"refine": "none"}
+    # --refine guided on a run that inherited it keeps the settings it does not set itself
+    assert main(["export", str(tuned.with_suffix(".ckpt")), "--out", str(tmp_path / "same.pt"), "--refine", "guided"]) == 0
+    assert refine.recommendation(load_model(tmp_path / "same.pt").metadata) == refine.recommendation(meta)
+    assert main(["export", str(tuned.with_suffix(".ckpt")), "--out", str(tmp_path / "range.pt"), "--refine", "guided",
+                 "--refine-range", "0.1"]) == 0
+    assert refine.recommendation(load_model(tmp_path / "range.pt").metadata) == {**refine.recommendation(meta),
+                                                                                "refine_range": 0.1}
 
 
 @pytest.mark.parametrize("options, needle", [

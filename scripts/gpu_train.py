@@ -14,7 +14,7 @@ Runs, each in its own process on the one GPU, for ``--minutes`` of wall-clock tr
 
 * ``a``: the paper-size net: width 32, depth 4, transposed-conv decoder, InstanceNorm + ReLU
   head, scales 1, 0.5, 0.25; batch 16, 256x256 crops, lr 1e-3;
-* ``b``: the bundled default v2 (width 16, depth 2, resize decoder, norm_relu head) fine-tuned
+* ``b``: the bundled v2 (the default when this was written; width 16, depth 2, resize decoder, norm_relu head) fine-tuned
   from Resources/Models/speckle2self-carotid-w16-d2-v2.pt as ``speckle2self train --init``
   does; batch 32, 256x256 crops, lr 5e-4;
 * ``c``: the v2 architecture from scratch; batch 32, 256x256 crops, lr 1e-3.

@@ -472,7 +472,8 @@ def _add_export(sub) -> None:
     p.add_argument("--refine-sigma-px", type=positive_float, metavar="PX",
                    help="guided smoothing's spatial sigma in pixels at the working scale (default 7)")
     p.add_argument("--refine-range", type=positive_float, metavar="R",
-                   help="guided smoothing's range sigma, a fraction of the frame's grey range (default 0.04)")
+                   help="guided smoothing's range sigma, a fraction of the frame's grey range (of its levels raised to "
+                        "--refine-range-power where that is below 1; default 0.04)")
     p.add_argument("--refine-range-power", type=positive_float, metavar="P",
                    help="compare the guide's grey levels raised to this power (0.2..1; default 1: plain levels; "
                         "below 1 keeps dark boundaries such as a vessel lumen's and smooths bright tissue more)")

@@ -581,7 +581,8 @@ def export_checkpoint(ckpt_path, out_path, name: Optional[str] = None, extra: Op
     """Export a checkpoint (e.g. from an interrupted run) as a TorchScript model.
 
     The model recommends the output the run's starting model recommended, unless ``extra``
-    gives a "refine" of its own (``speckle2self export --refine ...``)."""
+    gives another "refine" (``speckle2self export --refine ...``); ``--refine guided`` on a run
+    that inherited the guided smoothing keeps the inherited settings it does not set itself."""
     import torch
     from .models import export_model
 
@@ -592,7 +593,9 @@ def export_checkpoint(ckpt_path, out_path, name: Optional[str] = None, extra: Op
     summary = _plain(asdict(cfg))
     summary.update(steps_done=int(ckpt["step"]), minutes_done=round(float(ckpt["elapsed_s"]) / 60, 2),
                    data=ckpt.get("data", {}))
-    inherited = {} if "refine" in (extra or {}) else dict(ckpt.get("recommendation") or {})
+    inherited = dict(ckpt.get("recommendation") or {})
+    if "refine" in (extra or {}) and extra["refine"] != inherited.get("refine"):
+        inherited = {}
     return export_model(net, out_path, scales=cfg.scales, interpolation=cfg.interpolation,
                         name=name or cfg.name, training=summary,
                         extra={**_grain_metadata(cfg, ckpt.get("data", {})), **inherited, **(extra or {})})
