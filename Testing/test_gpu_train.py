@@ -132,7 +132,8 @@ def test_large_models_are_compressed_or_split_to_come_back(tmp_path, untrained_m
 def test_toy_gpu_session_on_cpu_writes_three_loadable_models(tmp_path):
     pytest.importorskip("torch")
     from Speckle2SelfLib.engine.inference import Despeckler
-    from Speckle2SelfLib.engine.models import read_metadata
+    from Speckle2SelfLib.engine.models import read_metadata, resolve_model_path
+    from Speckle2SelfLib.engine.refine import recommendation
 
     data, out = tmp_path / "data", tmp_path / "out"
     _speckle_pngs(data)
@@ -145,7 +146,7 @@ def test_toy_gpu_session_on_cpu_writes_three_loadable_models(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "done"
     models = []
-    for key, spec in (("a", "gpu-a-w32-d4-paper.pt"), ("b", "gpu-b-w16-d2-v2-finetune.pt"),
+    for key, spec in (("a", "gpu-a-w32-d4-paper.pt"), ("b", "gpu-b-w16-d2-default-finetune.pt"),
                       ("c", "gpu-c-w16-d2-scratch.pt")):
         run = summary["runs"][key]
         assert run["ok"] and run["file"] == spec and run["steps"] == 1, run
@@ -154,18 +155,22 @@ def test_toy_gpu_session_on_cpu_writes_three_loadable_models(tmp_path):
         assert {"net_fp32_b1_ms_per_frame", "net_bf16_b2_ms_per_frame", "engine_fp32_b2_ms_per_frame"} <= set(bench)
         assert spec in files
         models.append(out / spec)
-    assert "bundled-v2 (reference)" in summary["benchmark"]
+    assert "bundled default (reference)" in summary["benchmark"]
     assert {"summary.md", "preview.png"} <= set(files)
     widths = []
+    # every model recommends the default's refinement (b inherits it, a and c have it written in)
+    default = recommendation(read_metadata(resolve_model_path(None)))
+    assert default.get("refine") == "guided"
     for path in models:
         meta = read_metadata(path)
+        assert recommendation(meta) == default
         assert meta["working_view_difference"] and meta["training"]["command"].startswith("python3 scripts/gpu_train.py")
         assert meta["training"]["data"]["masks_used"] is False
         widths.append((meta["width"], meta["depth"], meta["upsample"], meta["head"]))
         frame = np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8)
         result = Despeckler.from_file(path, "cpu").denoise(frame)
         assert result.shape == frame.shape and result.dtype == frame.dtype
-    assert widths == [(32, 4, "transposed", "norm_relu"), (16, 2, "resize", "norm_relu"),
+    assert widths == [(32, 4, "transposed", "norm_relu"), (16, 2, "resize", "norm_leaky"),
                       (16, 2, "resize", "norm_relu")]
     # The paper-size model is over 16 MiB as written: it came back compressed, and still loads.
     assert (out / "gpu-a-w32-d4-paper.pt").stat().st_size <= 16 * 2**20

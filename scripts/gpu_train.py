@@ -14,9 +14,9 @@ Runs, each in its own process on the one GPU, for ``--minutes`` of wall-clock tr
 
 * ``a``: the paper-size net: width 32, depth 4, transposed-conv decoder, InstanceNorm + ReLU
   head, scales 1, 0.5, 0.25; batch 16, 256x256 crops, lr 1e-3;
-* ``b``: the bundled v2 (the default when this was written; width 16, depth 2, resize decoder, norm_relu head) fine-tuned
-  from Resources/Models/speckle2self-carotid-w16-d2-v2.pt as ``speckle2self train --init``
-  does; batch 32, 256x256 crops, lr 5e-4;
+* ``b``: the bundled default model's network (v4: v3's width 16, depth 2, resize decoder,
+  norm_leaky head, factors 1, 0.25, 0.125) fine-tuned as ``speckle2self train --init`` does,
+  with v3's edge-aware consistency (0.0075); batch 32, 256x256 crops, lr 5e-4;
 * ``c``: the v2 architecture from scratch; batch 32, 256x256 crops, lr 1e-3.
 
 The training loop, loss, checkpoint and export are the library's
@@ -29,7 +29,10 @@ Writes to ``--out`` (at most 8 files come back from a lent machine): one TorchSc
 run with the library's metadata (as ``speckle2self train`` writes it, plus the command in
 ``training.command``), ``summary.json`` and ``summary.md`` (steps, training images/s, final
 loss, GPU inference ms per 512x512 frame in fp32 and bf16 at batch 1 and 16, also for the
-bundled v2), and ``preview.png`` (one training frame: input, then each model's output).
+bundled default), and ``preview.png`` (one training frame: input, then each model's output).
+Every model recommends the bundled default's guided refinement (run b inherits it, a and c get it
+written into their metadata), so back on the CPU ``benchmarks/model_selection.py --refine`` scores
+each network both ways: as the guide of the default's smoothing, and alone.
 Needs python3 with torch, numpy and pillow only (no SimpleITK, pydicom, vtk or slicer).
 ``--toy --device cpu`` runs the same code at toy size on a CPU (the tests do).
 """
@@ -47,6 +50,7 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -55,7 +59,19 @@ sys.path.insert(0, str(ROOT / "Speckle2Self"))
 
 from Speckle2SelfLib.engine.training import FramePool, MIN_CROP_CONTRAST  # noqa: E402
 
-BUNDLED_V2 = ROOT / "Resources" / "Models" / "speckle2self-carotid-w16-d2-v2.pt"
+MODELS = ROOT / "Resources" / "Models"
+
+
+def _bundled_default() -> Path:
+    """The default model of Resources/Models/models.json (v2's file where the list is unreadable)."""
+    try:
+        entries = json.loads((MODELS / "models.json").read_text())["models"]
+        return MODELS / next(e for e in entries if e.get("default"))["file"]
+    except (OSError, ValueError, KeyError, StopIteration):
+        return MODELS / "speckle2self-carotid-w16-d2-v2.pt"
+
+
+BUNDLED_DEFAULT = _bundled_default()
 DEFAULT_SOURCE = Path("/work/train_data/tuning")
 IMAGE_SUFFIXES = (".png",)
 MAX_OUT_FILES = 8
@@ -69,8 +85,8 @@ RUNS = {
     "a": dict(file="gpu-a-w32-d4-paper.pt", batch=16, lr=1e-3, init=None,
               arch=dict(width=32, depth=4, upsample="transposed", head="norm_relu"),
               what="paper-size net (width 32, depth 4, transposed decoder, norm_relu head) from scratch"),
-    "b": dict(file="gpu-b-w16-d2-v2-finetune.pt", batch=32, lr=5e-4, init=BUNDLED_V2, arch=None,
-              what="bundled v2 (width 16, depth 2, resize decoder, norm_relu head) fine-tuned"),
+    "b": dict(file="gpu-b-w16-d2-default-finetune.pt", batch=32, lr=5e-4, init=BUNDLED_DEFAULT, arch=None,
+              edge_sigma=0.0075, what=f"bundled default ({BUNDLED_DEFAULT.stem}) fine-tuned"),
     "c": dict(file="gpu-c-w16-d2-scratch.pt", batch=32, lr=1e-3, init=None,
               arch=dict(width=16, depth=2, upsample="resize", head="norm_relu"),
               what="v2 architecture (width 16, depth 2, resize decoder, norm_relu head) from scratch"),
@@ -253,13 +269,16 @@ def run_config(key: str, args):
                     steps=args.steps, seed=args.seed, device=args.device_resolved, amp=cuda and not args.no_amp,
                     checkpoint_every=1000, preview_every=0, name=Path(spec["file"]).stem,
                     warmup_steps=args.warmup_steps)
+    if "edge_sigma" in spec:
+        settings["edge_sigma"] = spec["edge_sigma"]
     if spec["init"] is not None:
         return config_from_model(spec["init"], **settings), str(spec["init"])
     return TrainConfig(scales=[1.0, 0.5, 0.25], **spec["arch"], **settings), None
 
 
-def add_training_fields(path, fields) -> None:
-    """Add ``fields`` to a model's metadata["training"] (the weights and their checksum stay)."""
+def add_training_fields(path, fields, top: Optional[dict] = None) -> None:
+    """Add ``fields`` to a model's metadata["training"] and ``top`` to the metadata itself
+    (the weights and their checksum stay)."""
     import torch
 
     from Speckle2SelfLib.engine.models import METADATA_FILE
@@ -268,6 +287,7 @@ def add_training_fields(path, fields) -> None:
     module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
     meta = json.loads(extra[METADATA_FILE])
     meta.setdefault("training", {}).update(fields)
+    meta.update(top or {})
     tmp = Path(str(path) + ".part")
     torch.jit.save(module, str(tmp), _extra_files={METADATA_FILE: json.dumps(meta, indent=2)})
     tmp.replace(path)
@@ -360,7 +380,8 @@ def train_one(key: str, args, scratch: str, stop_at: float) -> None:
         command = (f"python3 scripts/gpu_train.py --data {args.data} --minutes {args.minutes} --runs {key}"
                    + (" --toy" if args.toy else "") + (f" --steps {args.steps}" if args.steps else ""))
         add_training_fields(out_scratch, {"command": command, "sampler": args.sampler,
-                                          "run": f"{key}: {RUNS[key]['what']}"})
+                                          "run": f"{key}: {RUNS[key]['what']}"},
+                            top=None if init else default_recommendation())
         written = fit_for_return(out_scratch, args.out)
         steady = None
         if marks["warm"] and marks.get("end") and marks["end"][0] > marks["warm"][0]:
@@ -388,6 +409,17 @@ def train_one(key: str, args, scratch: str, stop_at: float) -> None:
         result["traceback"] = traceback.format_exc()[-3000:]
         log(f"[{key}] FAILED: {result['error']}\n{result['traceback']}")
     result_path.write_text(json.dumps(result, indent=2))
+
+
+def default_recommendation() -> dict:
+    """The bundled default's refinement keys (refine, sigma, range, power), {} where it has none."""
+    from Speckle2SelfLib.engine.models import read_metadata
+    from Speckle2SelfLib.engine.refine import recommendation
+
+    try:
+        return recommendation(read_metadata(BUNDLED_DEFAULT)) if BUNDLED_DEFAULT.is_file() else {}
+    except ValueError:
+        return {}
 
 
 def _worker(key: str, args_dict: dict, scratch: str, stop_at: float) -> None:
@@ -615,8 +647,8 @@ def main(argv=None) -> int:
     if unknown or not runs:
         print(f"error: unknown run(s) {unknown}; choose among {', '.join(RUNS)}", file=sys.stderr)
         return 2
-    if "b" in runs and not BUNDLED_V2.is_file():
-        print(f"error: run b needs {BUNDLED_V2}", file=sys.stderr)
+    if "b" in runs and not BUNDLED_DEFAULT.is_file():
+        print(f"error: run b needs {BUNDLED_DEFAULT}", file=sys.stderr)
         return 2
     import multiprocessing as mp
 
@@ -679,8 +711,8 @@ def main(argv=None) -> int:
 
         # Timed from the uncompressed copies in scratch (what was written to --out may be compressed).
         models = {RUNS[k]["file"]: Path(scratch) / RUNS[k]["file"] for k, r in summary["runs"].items() if r.get("ok")}
-        if BUNDLED_V2.is_file():
-            models["bundled-v2 (reference)"] = BUNDLED_V2
+        if BUNDLED_DEFAULT.is_file():
+            models["bundled default (reference)"] = BUNDLED_DEFAULT
         if not args.no_bench:
             summary["benchmark"] = {}
             batches = (1, 2) if args.toy else (1, 16)
@@ -698,7 +730,7 @@ def main(argv=None) -> int:
                 write_summary(out, summary)
             if time.time() < deadline - 10:
                 try:
-                    labels = {Path(n).stem if n.endswith(".pt") else "bundled v2": p for n, p in models.items()}
+                    labels = {Path(n).stem if n.endswith(".pt") else "bundled default": p for n, p in models.items()}
                     write_preview(labels, args.data, args.device_resolved, out / "preview.png")
                 except Exception as err:          # noqa: BLE001
                     log(f"preview FAILED: {err}")
