@@ -94,7 +94,7 @@ class Speckle2SelfParameterNode:
     lumenVolume: vtkMRMLScalarVolumeNode
     seedPoints: vtkMRMLMarkupsFiducialNode
     lumenMethod: Annotated[str, Choice(["radial", "flood", "growcut"])] = "radial"   # segmentation.METHODS
-    tolerance: Annotated[float, WithinRange(1.0, 100.0)] = 1.0   # segmentation.DESPECKLED_TOLERANCE
+    tolerance: Annotated[float, WithinRange(1.0, 100.0)] = 2.0   # segmentation.DESPECKLED_TOLERANCE
     lumenAllFrames: bool = True
     lumenSegmentation: vtkMRMLSegmentationNode
     lumenTable: vtkMRMLTableNode
