@@ -223,6 +223,37 @@ def test_a_model_carries_its_own_smoothing_settings_and_fine_tuning_keeps_them(t
                                                                                 "refine_range": 0.1}
 
 
+def test_export_of_a_model_file_rewrites_only_its_recommendation_and_name(trained_model, tmp_path, capsys):
+    """``export MODEL.pt --refine ...`` (how v4 was made from v3): same weights, new recommendation."""
+    from Speckle2SelfLib.engine.models import load_model
+
+    source = load_model(trained_model).metadata
+    guided, kept, named, plain = (tmp_path / f"{n}.pt" for n in ("guided", "kept", "named", "plain"))
+    assert main(["export", str(trained_model), "--out", str(guided), "--name", "tuned-v2", "--refine", "guided",
+                 "--refine-sigma-px", "12", "--refine-range", "0.06", "--refine-range-power", "0.5"]) == 0
+    meta = load_model(guided).metadata
+    assert meta["weights_sha256"] == source["weights_sha256"] and meta["name"] == "tuned-v2"
+    assert refine.recommendation(meta) == {"refine": "guided", "refine_sigma_px": 12.0, "refine_range": 0.06,
+                                           "refine_range_power": 0.5}
+    assert meta["training"] == source["training"]
+    # guided over guided keeps what is not set again; none drops the settings; --name alone renames
+    assert main(["export", str(guided), "--out", str(kept), "--refine", "guided", "--refine-range-power", "1"]) == 0
+    assert refine.recommendation(load_model(kept).metadata) == {"refine": "guided", "refine_sigma_px": 12.0,
+                                                                "refine_range": 0.06, "refine_range_power": 1.0}
+    assert main(["export", str(guided), "--out", str(plain), "--refine", "none"]) == 0
+    assert refine.recommendation(load_model(plain).metadata) == {"refine": "none"}
+    assert main(["export", str(guided), "--out", str(named), "--name", "other"]) == 0
+    assert load_model(named).metadata["name"] == "other"
+    assert refine.recommendation(load_model(named).metadata) == refine.recommendation(meta)
+    frame = np.rint(_speckled_step(seed=3)[1] * 255).astype(np.uint8)
+    assert not np.array_equal(Despeckler.from_file(guided, "cpu", backend="fp32").denoise(frame),
+                              Despeckler.from_file(plain, "cpu", backend="fp32").denoise(frame))
+    capsys.readouterr()
+    assert main(["export", str(guided), "--out", str(tmp_path / "same.pt")]) == 2
+    assert "already a model: give --refine ... or --name" in capsys.readouterr().err
+    assert not (tmp_path / "same.pt").exists()
+
+
 @pytest.mark.parametrize("options, needle", [
     (["--refine-sigma-px", "14"], "add --refine guided"),
     (["--refine", "none", "--refine-range", "0.1"], "add --refine guided"),

@@ -462,7 +462,8 @@ def _run_info(args) -> int:
 
 
 def _add_export(sub) -> None:
-    p = sub.add_parser("export", help="export a training checkpoint (.ckpt) as a TorchScript model")
+    p = sub.add_parser("export", help="export a training checkpoint (.ckpt) as a TorchScript model, or copy a "
+                                      "model (.pt) with another recommended output (--refine ...) or --name")
     p.add_argument("checkpoint")
     p.add_argument("--out", required=True)
     p.add_argument("--name")
@@ -498,6 +499,17 @@ def _refine_metadata(args) -> dict:
     return {"refine": args.refine, **tuned} if args.refine else {}
 
 
+def _is_model_file(path) -> bool:
+    """A TorchScript model with Speckle2Self metadata (not a training checkpoint)."""
+    from ..engine.models import ModelFormatError, read_metadata
+
+    try:
+        read_metadata(path)
+        return True
+    except ModelFormatError:
+        return False
+
+
 def _run_export(args) -> int:
     from ..fileio.safeio import check_input_path, check_output_path, one_line
     from ..engine.training import export_checkpoint
@@ -505,6 +517,14 @@ def _run_export(args) -> int:
     check_input_path(args.checkpoint, "checkpoint")
     check_output_path(args.out, [args.checkpoint], suffixes=MODEL_SUFFIXES, what="--out")
     refine = _refine_metadata(args)
+    if _is_model_file(args.checkpoint):
+        from ..engine.models import rewrite_recommendation
+        if not refine and not args.name:
+            raise ValueError(f"{args.checkpoint} is already a model: give --refine ... or --name to write a "
+                             "copy with another recommendation or name")
+        meta = rewrite_recommendation(args.checkpoint, args.out, refine, args.name)
+        print(f"wrote {args.out} ({meta['name']}, the weights of {args.checkpoint})")
+        return 0
     try:
         import torch
         ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=True)

@@ -117,6 +117,34 @@ def export_model(net, path, *, scales, interpolation: str, name: str = "speckle2
     return metadata
 
 
+def rewrite_recommendation(src, dst, refine: Dict[str, Any], name: Optional[str] = None) -> Dict[str, Any]:
+    """Copy the model ``src`` to ``dst`` with another recommended output (``refine`` holds the
+    "refine" key and any guided settings, as ``speckle2self export --refine ...`` gives them) and
+    optionally another name; the weights and their checksum stay. A new "refine" replaces the
+    model's settings; "guided" over a guided model keeps those it does not set. Returns the
+    metadata written."""
+    import torch
+
+    from .refine import RECOMMENDATION_KEYS
+
+    loaded = load_model(src)                     # refuses anything that is not a valid model
+    metadata = dict(loaded.metadata)
+    if "refine" in refine and refine["refine"] != metadata.get("refine"):
+        for key in RECOMMENDATION_KEYS:
+            metadata.pop(key, None)
+    metadata.update(refine)
+    if name:
+        metadata["name"] = name
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(dst.name + ".part")
+    with _quiet_torchscript():
+        torch.jit.save(loaded.module, str(tmp), _extra_files={METADATA_FILE: json.dumps(metadata, indent=2)})
+    tmp.replace(dst)
+    load_model(dst)                              # the copy loads and passes the same checks
+    return metadata
+
+
 def read_metadata(path) -> Dict[str, Any]:
     """A model file's metadata straight from its archive, without torch (for GUIs and listings).
 
