@@ -57,18 +57,14 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "Speckle2Self"))
 
+from Speckle2SelfLib.engine.models import MODELS_DIR, bundled_models  # noqa: E402
 from Speckle2SelfLib.engine.training import FramePool, MIN_CROP_CONTRAST  # noqa: E402
-
-MODELS = ROOT / "Resources" / "Models"
 
 
 def _bundled_default() -> Path:
-    """The default model of Resources/Models/models.json (v2's file where the list is unreadable)."""
-    try:
-        entries = json.loads((MODELS / "models.json").read_text())["models"]
-        return MODELS / next(e for e in entries if e.get("default"))["file"]
-    except (OSError, ValueError, KeyError, StopIteration):
-        return MODELS / "speckle2self-carotid-w16-d2-v2.pt"
+    """The default model's file as models.json lists it (checked by run b before it starts)."""
+    entry = next((e for e in bundled_models() if e.get("default")), None)
+    return MODELS_DIR / (entry["file"] if entry else "models.json lists no default model")
 
 
 BUNDLED_DEFAULT = _bundled_default()

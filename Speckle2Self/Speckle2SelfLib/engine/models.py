@@ -125,14 +125,11 @@ def rewrite_recommendation(src, dst, refine: Dict[str, Any], name: Optional[str]
     metadata written."""
     import torch
 
-    from .refine import RECOMMENDATION_KEYS
+    from .refine import RECOMMENDATION_KEYS, overridden
 
     loaded = load_model(src)                     # refuses anything that is not a valid model
-    metadata = dict(loaded.metadata)
-    if "refine" in refine and refine["refine"] != metadata.get("refine"):
-        for key in RECOMMENDATION_KEYS:
-            metadata.pop(key, None)
-    metadata.update(refine)
+    metadata = {k: v for k, v in loaded.metadata.items() if k not in RECOMMENDATION_KEYS}
+    metadata.update(overridden(loaded.metadata, refine))
     if name:
         metadata["name"] = name
     dst = Path(dst)
@@ -140,8 +137,12 @@ def rewrite_recommendation(src, dst, refine: Dict[str, Any], name: Optional[str]
     tmp = dst.with_name(dst.name + ".part")
     with _quiet_torchscript():
         torch.jit.save(loaded.module, str(tmp), _extra_files={METADATA_FILE: json.dumps(metadata, indent=2)})
+    try:
+        load_model(tmp)                          # the copy passes the same checks before it takes the name
+    except Exception:
+        tmp.unlink(missing_ok=True)
+        raise
     tmp.replace(dst)
-    load_model(dst)                              # the copy loads and passes the same checks
     return metadata
 
 

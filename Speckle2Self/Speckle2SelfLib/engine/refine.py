@@ -95,6 +95,16 @@ def recommendation(metadata: dict) -> dict:
     return {key: metadata[key] for key in RECOMMENDATION_KEYS if key in metadata}
 
 
+def overridden(current: dict, requested: dict) -> dict:
+    """The recommendation a model gets when ``requested`` (``export --refine ...``: "refine" and any
+    guided settings) is written over its ``current`` one: another mode replaces the settings;
+    the same mode (guided over guided) keeps those it does not set again."""
+    current = recommendation(current)
+    if "refine" in requested and requested["refine"] != current.get("refine"):
+        current = {}
+    return {**current, **requested}
+
+
 def model_settings(metadata: dict) -> dict:
     """The settings a model's metadata gives (validated when it was loaded): keyword arguments
     of :func:`settings_for`; the defaults where it gives none."""

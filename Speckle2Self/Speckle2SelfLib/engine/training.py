@@ -585,6 +585,7 @@ def export_checkpoint(ckpt_path, out_path, name: Optional[str] = None, extra: Op
     that inherited the guided smoothing keeps the inherited settings it does not set itself."""
     import torch
     from .models import export_model
+    from .refine import overridden, recommendation
 
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     cfg = TrainConfig(**ckpt["config"])
@@ -593,12 +594,11 @@ def export_checkpoint(ckpt_path, out_path, name: Optional[str] = None, extra: Op
     summary = _plain(asdict(cfg))
     summary.update(steps_done=int(ckpt["step"]), minutes_done=round(float(ckpt["elapsed_s"]) / 60, 2),
                    data=ckpt.get("data", {}))
-    inherited = dict(ckpt.get("recommendation") or {})
-    if "refine" in (extra or {}) and extra["refine"] != inherited.get("refine"):
-        inherited = {}
+    extra = dict(extra or {})
+    extra.update(overridden(ckpt.get("recommendation") or {}, recommendation(extra)))
     return export_model(net, out_path, scales=cfg.scales, interpolation=cfg.interpolation,
                         name=name or cfg.name, training=summary,
-                        extra={**_grain_metadata(cfg, ckpt.get("data", {})), **inherited, **(extra or {})})
+                        extra={**_grain_metadata(cfg, ckpt.get("data", {})), **extra})
 
 
 # ----------------------------------------------------------------------------- preview
