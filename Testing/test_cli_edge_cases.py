@@ -123,6 +123,27 @@ def test_edge_aware_training_is_recorded_fixed_on_resume_and_checked(training_fo
     assert snapshot(tmp_path) == before
 
 
+def test_edge_power_is_recorded_fixed_on_resume_and_needs_an_edge_sigma(training_folder, tmp_path, capsys):
+    from Speckle2SelfLib.engine.models import load_model
+
+    model = tmp_path / "m.pt"
+    result = run_cli(["train", training_folder, "--out", model, "--steps", "2", "--edge-sigma", "0.0075",
+                      "--edge-power", "0.5", *TINY_TRAIN], capsys)
+    assert result.code == 0, result.err
+    assert load_model(model).metadata["training"]["edge_power"] == 0.5
+    before = snapshot(tmp_path)
+    result = run_cli(["train", training_folder, "--out", tmp_path / "n.pt", "--resume", model.with_suffix(".ckpt"),
+                      "--steps", "3", "--edge-power", "0.7"], capsys)
+    assert_refused(result, 2, "--edge-power", "cannot change when resuming")
+    result = run_cli(["train", training_folder, "--out", tmp_path / "o.pt", "--steps", "1", "--edge-power", "0.5",
+                      *TINY_TRAIN], capsys)
+    assert_refused(result, 2, "edge_sigma")
+    result = run_cli(["train", training_folder, "--out", tmp_path / "p.pt", "--steps", "1", "--edge-sigma", "0.01",
+                      "--edge-power", "1.5", *TINY_TRAIN], capsys)
+    assert_refused(result, 2, "--edge-power")
+    assert snapshot(tmp_path) == before
+
+
 def test_preview_inside_the_training_folder_is_refused(training_folder, capsys):
     before = snapshot(training_folder)
     result = run_cli(["train", training_folder, "--out", training_folder / "m.pt", "--steps", "1", *TINY_TRAIN],

@@ -169,3 +169,23 @@ def test_edge_aware_consistency_drops_the_pull_across_an_edge_only():
         "consistency"].item() == pytest.approx(1 / 8)
     with pytest.raises(ValueError, match="edge_sigma"):
         LossConfig(edge_sigma=0.0)
+
+
+def test_edge_weight_on_compressed_levels_keeps_a_faint_dark_step_and_lets_a_bright_one_go():
+    from Speckle2SelfLib.engine.losses import edge_weight
+
+    coarse = torch.zeros(1, 1, 4, 8)
+    coarse[0, 0, :2, :4], coarse[0, 0, :2, 4:] = 0.02, 0.05     # a faint wall beside a dark lumen
+    coarse[0, 0, 2:, :4], coarse[0, 0, 2:, 4:] = 0.60, 0.63     # the same step in bright tissue
+    plain = edge_weight(coarse, 0.04)
+    compressed = edge_weight(coarse, 0.04, power=0.5)
+    dark_step, bright_step = (0, 0, 0, 3), (0, 0, 3, 3)
+    assert plain[dark_step].item() == pytest.approx(plain[bright_step].item(), rel=1e-5)
+    assert compressed[dark_step].item() < 0.1 < plain[dark_step].item()     # the dark wall keeps its own output
+    assert compressed[bright_step].item() > plain[bright_step].item()       # bright tissue is pulled together more
+    assert compressed[0, 0, 0, 0].item() == pytest.approx(1.0)              # flat tissue: full pull either way
+    assert torch.equal(edge_weight(coarse, 0.04, power=1.0), plain)
+    with pytest.raises(ValueError, match="edge_sigma"):
+        LossConfig(edge_power=0.5)                 # the power changes a weight that is not there
+    with pytest.raises(ValueError, match="edge_power"):
+        LossConfig(edge_sigma=0.01, edge_power=0.1)

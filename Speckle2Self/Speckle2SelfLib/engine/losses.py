@@ -7,7 +7,11 @@ Optional edge-aware consistency (``edge_sigma``, not in the paper): the consiste
 the full-resolution output towards the blurred coarse outputs everywhere, walls included. With
 ``edge_sigma`` set, each pixel's consistency is weighted by exp(-(|grad v| / edge_sigma)^2),
 v the coarsest view, so the outputs need not agree across an edge that survives even the
-coarsest view (speckle does not), while flat tissue keeps the full pull.
+coarsest view (speckle does not), while flat tissue keeps the full pull. ``edge_power`` (below 1)
+takes the gradient of v ** edge_power instead: on B-mode the lumen and its faint walls lie at the
+bottom of the grey scale, where a power stretches steps (0.03 -> 0.06 counts 2.4x more with 0.5)
+and bright tissue's steps shrink, so faint dark boundaries keep their own output and bright
+tissue is smoothed more (the refinement's ``refine_range_power`` weighs guide levels the same way).
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ import torch.nn.functional as F
 RECONSTRUCTION = ("mse", "l1")
 CONSISTENCY = ("l1", "mse", "none")
 _FN = {"mse": F.mse_loss, "l1": F.l1_loss}
+#: Powers the edge weight may take grey levels to (1: the levels themselves).
+EDGE_POWER_LIMITS = (0.2, 1.0)
 
 
 @dataclass(frozen=True)
@@ -30,6 +36,7 @@ class LossConfig:
     reconstruction_weight: float = 1.0
     consistency_weight: float = 1.0
     edge_sigma: Optional[float] = None   # None: the paper's unweighted consistency
+    edge_power: float = 1.0              # the edge weight's gradient is taken of view ** edge_power
 
     def __post_init__(self):
         if self.reconstruction not in RECONSTRUCTION:
@@ -38,13 +45,19 @@ class LossConfig:
             raise ValueError(f"consistency loss must be one of {CONSISTENCY}")
         if self.edge_sigma is not None and not (0 < float(self.edge_sigma) < float("inf")):
             raise ValueError(f"edge_sigma must be a finite positive number, got {self.edge_sigma!r}")
+        if not EDGE_POWER_LIMITS[0] <= float(self.edge_power) <= EDGE_POWER_LIMITS[1]:
+            raise ValueError(f"edge_power must lie in {list(EDGE_POWER_LIMITS)}, got {self.edge_power!r}")
+        if float(self.edge_power) != 1.0 and self.edge_sigma is None:
+            raise ValueError("edge_power changes the edge-aware consistency: give edge_sigma (e.g. 0.0075) with it")
 
 
-def edge_weight(view: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Per-pixel weight exp(-(|grad view| / sigma)^2): 1 on flat tissue, near 0 across edges.
+def edge_weight(view: torch.Tensor, sigma: float, power: float = 1.0) -> torch.Tensor:
+    """Per-pixel weight exp(-(|grad view ** power| / sigma)^2): 1 on flat tissue, near 0 across edges.
 
     Forward differences, the last row/column repeated, so the weight has the view's shape.
     """
+    if power != 1.0:
+        view = view.clamp_min(0.0).pow(power)
     dx = F.pad(view[..., :, 1:] - view[..., :, :-1], (0, 1, 0, 0), mode="replicate")
     dy = F.pad(view[..., 1:, :] - view[..., :-1, :], (0, 0, 0, 1), mode="replicate")
     magnitude_sq = dx * dx + dy * dy
@@ -67,7 +80,8 @@ def speckle2self_loss(outputs: List[torch.Tensor], views: List[torch.Tensor],
     rec = sum(rec_fn(o, v) for o, v in zip(outputs, views))
     cons = outputs[0].new_zeros(())
     if config.consistency != "none":
-        weight = None if config.edge_sigma is None else edge_weight(views[coarsest].float(), config.edge_sigma)
+        weight = None if config.edge_sigma is None else edge_weight(views[coarsest].float(), config.edge_sigma,
+                                                                        config.edge_power)
         for k in range(len(outputs)):
             for m in range(k + 1, len(outputs)):
                 diff = outputs[k] - outputs[m]

@@ -47,6 +47,7 @@ class TrainConfig:
     reconstruction: str = "mse"
     consistency: str = "l1"
     edge_sigma: Optional[float] = None  # edge-aware consistency (losses.edge_weight); None: the paper's
+    edge_power: float = 1.0           # the edge weight compares view ** edge_power (losses.LossConfig)
     seed: int = 0
     device: str = "auto"
     amp: bool = True                  # CUDA: fp16/bf16; CPU: bf16 where the CPU has native bf16
@@ -67,7 +68,8 @@ class TrainConfig:
             raise ValueError(f"working_scale must lie in [0.05, 4], got {self.working_scale}")
         if self.lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
-        LossConfig(self.reconstruction, self.consistency, edge_sigma=self.edge_sigma)   # validates
+        LossConfig(self.reconstruction, self.consistency, edge_sigma=self.edge_sigma,
+                   edge_power=self.edge_power)   # validates
         self._check_numbers()   # issue #16: no NaN/zero/negative settings reach a run
 
     def _check_numbers(self) -> None:
@@ -385,7 +387,8 @@ def train(cfg: TrainConfig, pool: FramePool, out_path, resume: Optional[str] = N
         net = net.to(memory_format=torch.channels_last)
     pool.summary.setdefault("view_difference", pool.view_difference(cfg.working_scale))
     scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
-    loss_cfg = LossConfig(cfg.reconstruction, cfg.consistency, edge_sigma=cfg.edge_sigma)
+    loss_cfg = LossConfig(cfg.reconstruction, cfg.consistency, edge_sigma=cfg.edge_sigma,
+                          edge_power=cfg.edge_power)
     coarsest = min(range(len(cfg.scales)), key=lambda k: cfg.scales[k])
     total_steps = _total_steps(cfg, len(pool))
     bar = _progress_bar(progress, total_steps, state.step)
