@@ -105,42 +105,29 @@ def test_resume_refuses_options_the_checkpoint_fixes(training_folder, tmp_path, 
     assert snapshot(tmp_path) == before
 
 
-def test_edge_aware_training_is_recorded_fixed_on_resume_and_checked(training_folder, tmp_path, capsys):
+@pytest.mark.parametrize("given, key, value, changed, refused", [
+    (["--edge-sigma", "0.015"], "edge_sigma", 0.015, ["--edge-sigma", "0.03"],
+     [(["--edge-sigma", "0"], "--edge-sigma")]),
+    (["--edge-sigma", "0.0075", "--edge-power", "0.5"], "edge_power", 0.5, ["--edge-power", "0.7"],
+     [(["--edge-power", "0.5"], "edge_sigma"),                     # a power with no edge weight to change
+      (["--edge-sigma", "0.01", "--edge-power", "1.5"], "--edge-power")]),
+])
+def test_edge_aware_training_is_recorded_fixed_on_resume_and_checked(training_folder, tmp_path, capsys,
+                                                                    given, key, value, changed, refused):
     from Speckle2SelfLib.engine.models import load_model
 
     model = tmp_path / "m.pt"
-    result = run_cli(["train", training_folder, "--out", model, "--steps", "2", "--edge-sigma", "0.015",
-                      *TINY_TRAIN], capsys)
+    result = run_cli(["train", training_folder, "--out", model, "--steps", "2", *given, *TINY_TRAIN], capsys)
     assert result.code == 0, result.err
-    assert load_model(model).metadata["training"]["edge_sigma"] == 0.015
+    assert load_model(model).metadata["training"][key] == value
     before = snapshot(tmp_path)
     result = run_cli(["train", training_folder, "--out", tmp_path / "n.pt", "--resume", model.with_suffix(".ckpt"),
-                      "--steps", "3", "--edge-sigma", "0.03"], capsys)
-    assert_refused(result, 2, "--edge-sigma", "cannot change when resuming")
-    result = run_cli(["train", training_folder, "--out", tmp_path / "o.pt", "--steps", "1", "--edge-sigma", "0",
-                      *TINY_TRAIN], capsys)
-    assert_refused(result, 2, "--edge-sigma")
-    assert snapshot(tmp_path) == before
-
-
-def test_edge_power_is_recorded_fixed_on_resume_and_needs_an_edge_sigma(training_folder, tmp_path, capsys):
-    from Speckle2SelfLib.engine.models import load_model
-
-    model = tmp_path / "m.pt"
-    result = run_cli(["train", training_folder, "--out", model, "--steps", "2", "--edge-sigma", "0.0075",
-                      "--edge-power", "0.5", *TINY_TRAIN], capsys)
-    assert result.code == 0, result.err
-    assert load_model(model).metadata["training"]["edge_power"] == 0.5
-    before = snapshot(tmp_path)
-    result = run_cli(["train", training_folder, "--out", tmp_path / "n.pt", "--resume", model.with_suffix(".ckpt"),
-                      "--steps", "3", "--edge-power", "0.7"], capsys)
-    assert_refused(result, 2, "--edge-power", "cannot change when resuming")
-    result = run_cli(["train", training_folder, "--out", tmp_path / "o.pt", "--steps", "1", "--edge-power", "0.5",
-                      *TINY_TRAIN], capsys)
-    assert_refused(result, 2, "edge_sigma")
-    result = run_cli(["train", training_folder, "--out", tmp_path / "p.pt", "--steps", "1", "--edge-sigma", "0.01",
-                      "--edge-power", "1.5", *TINY_TRAIN], capsys)
-    assert_refused(result, 2, "--edge-power")
+                      "--steps", "3", *changed], capsys)
+    assert_refused(result, 2, changed[0], "cannot change when resuming")
+    for options, needle in refused:
+        result = run_cli(["train", training_folder, "--out", tmp_path / "o.pt", "--steps", "1", *options,
+                          *TINY_TRAIN], capsys)
+        assert_refused(result, 2, needle)
     assert snapshot(tmp_path) == before
 
 

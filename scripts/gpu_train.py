@@ -274,19 +274,15 @@ def run_config(key: str, args):
 
 def add_training_fields(path, fields, top: Optional[dict] = None) -> None:
     """Add ``fields`` to a model's metadata["training"] and ``top`` to the metadata itself
-    (the weights and their checksum stay)."""
-    import torch
+    (the weights and their checksum stay; the library's checked rewrite)."""
+    from Speckle2SelfLib.engine.models import rewrite_metadata
 
-    from Speckle2SelfLib.engine.models import METADATA_FILE
+    def change(meta):
+        meta.setdefault("training", {}).update(fields)
+        meta.update(top or {})
+        return meta
 
-    extra = {METADATA_FILE: ""}
-    module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
-    meta = json.loads(extra[METADATA_FILE])
-    meta.setdefault("training", {}).update(fields)
-    meta.update(top or {})
-    tmp = Path(str(path) + ".part")
-    torch.jit.save(module, str(tmp), _extra_files={METADATA_FILE: json.dumps(meta, indent=2)})
-    tmp.replace(path)
+    rewrite_metadata(path, path, change)
 
 
 def fit_for_return(model, out_dir, limit: int = RETURN_LIMIT) -> list:

@@ -152,7 +152,9 @@ def _add_train(sub) -> None:
     p.add_argument("--edge-sigma", type=float_between(0, 10, low_open=True),
                    help="edge-aware consistency (not in the paper): weight it by exp(-(|grad|/SIGMA)^2) of the "
                         "coarsest view, so outputs need not agree across walls; e.g. 0.015 on [0, 1] views")
-    p.add_argument("--edge-power", type=float_between(0.2, 1.0),
+    from ..engine.refine import REFINE_RANGE_POWER_LIMITS    # no torch: the parser stays light
+
+    p.add_argument("--edge-power", type=float_between(*REFINE_RANGE_POWER_LIMITS),
                    help="with --edge-sigma: take the gradient of the view's grey levels raised to this power "
                         "(default 1); 0.5 keeps faint dark boundaries (a lumen's walls) and smooths bright tissue more")
     p.add_argument("--device", default="auto", help="auto (CUDA > MPS > CPU), cpu, cuda, mps")
@@ -200,7 +202,7 @@ def _run_train(args) -> int:
         settings = dict(crop=args.crop, batch=args.batch, lr=args.lr, steps=args.steps, epochs=args.epochs,
                         minutes=args.minutes, reconstruction=args.reconstruction,
                         consistency=args.consistency, edge_sigma=args.edge_sigma,
-                        edge_power=1.0 if args.edge_power is None else args.edge_power, seed=args.seed, device=args.device,
+                        edge_power=args.edge_power, seed=args.seed, device=args.device,
                         amp=not args.no_amp, checkpoint_every=args.checkpoint_every,
                         preview_every=args.preview_every, name=args.name or Path(args.out).stem,
                         lr_schedule=args.lr_schedule, augment_prob=args.augment_prob, rotate_degrees=args.rotate_degrees)

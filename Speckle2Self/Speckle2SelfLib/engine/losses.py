@@ -22,11 +22,13 @@ from typing import Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
+from .refine import REFINE_RANGE_POWER_LIMITS, compressed_levels
+
 RECONSTRUCTION = ("mse", "l1")
 CONSISTENCY = ("l1", "mse", "none")
 _FN = {"mse": F.mse_loss, "l1": F.l1_loss}
-#: Powers the edge weight may take grey levels to (1: the levels themselves).
-EDGE_POWER_LIMITS = (0.2, 1.0)
+#: Powers the edge weight may take grey levels to (1: the levels themselves): the refinement's.
+EDGE_POWER_LIMITS = REFINE_RANGE_POWER_LIMITS
 
 
 @dataclass(frozen=True)
@@ -56,8 +58,7 @@ def edge_weight(view: torch.Tensor, sigma: float, power: float = 1.0) -> torch.T
 
     Forward differences, the last row/column repeated, so the weight has the view's shape.
     """
-    if power != 1.0:
-        view = view.clamp_min(0.0).pow(power)
+    view = compressed_levels(view, power)
     dx = F.pad(view[..., :, 1:] - view[..., :, :-1], (0, 1, 0, 0), mode="replicate")
     dy = F.pad(view[..., 1:, :] - view[..., :-1, :], (0, 0, 0, 1), mode="replicate")
     magnitude_sq = dx * dx + dy * dy

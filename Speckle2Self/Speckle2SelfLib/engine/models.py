@@ -15,7 +15,7 @@ import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from .. import __version__
 
@@ -117,33 +117,45 @@ def export_model(net, path, *, scales, interpolation: str, name: str = "speckle2
     return metadata
 
 
-def rewrite_recommendation(src, dst, refine: Dict[str, Any], name: Optional[str] = None) -> Dict[str, Any]:
-    """Copy the model ``src`` to ``dst`` with another recommended output (``refine`` holds the
-    "refine" key and any guided settings, as ``speckle2self export --refine ...`` gives them) and
-    optionally another name; the weights and their checksum stay. A new "refine" replaces the
-    model's settings; "guided" over a guided model keeps those it does not set. Returns the
-    metadata written."""
+def rewrite_metadata(src, dst, change: Callable[[Dict[str, Any]], Dict[str, Any]]) -> Dict[str, Any]:
+    """Copy the model ``src`` to ``dst`` (may be the same file) with the metadata ``change`` returns
+    for a copy of its own; the weights and their checksum stay. The copy is loaded and checked
+    before it takes the name. Returns the metadata written."""
+    import copy
+
     import torch
 
-    from .refine import RECOMMENDATION_KEYS, overridden
-
     loaded = load_model(src)                     # refuses anything that is not a valid model
-    metadata = {k: v for k, v in loaded.metadata.items() if k not in RECOMMENDATION_KEYS}
-    metadata.update(overridden(loaded.metadata, refine))
-    if name:
-        metadata["name"] = name
+    metadata = change(copy.deepcopy(loaded.metadata))
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(dst.name + ".part")
     with _quiet_torchscript():
         torch.jit.save(loaded.module, str(tmp), _extra_files={METADATA_FILE: json.dumps(metadata, indent=2)})
     try:
-        load_model(tmp)                          # the copy passes the same checks before it takes the name
+        load_model(tmp)
     except Exception:
         tmp.unlink(missing_ok=True)
         raise
     tmp.replace(dst)
     return metadata
+
+
+def rewrite_recommendation(src, dst, refine: Dict[str, Any], name: Optional[str] = None) -> Dict[str, Any]:
+    """Copy the model ``src`` to ``dst`` with another recommended output (``refine`` holds the
+    "refine" key and any guided settings, as ``speckle2self export --refine ...`` gives them) and
+    optionally another name (:func:`rewrite_metadata`). A new "refine" replaces the model's
+    settings; "guided" over a guided model keeps those it does not set. Returns the metadata written."""
+    from .refine import RECOMMENDATION_KEYS, overridden
+
+    def change(metadata):
+        updated = {k: v for k, v in metadata.items() if k not in RECOMMENDATION_KEYS}
+        updated.update(overridden(metadata, refine))
+        if name:
+            updated["name"] = name
+        return updated
+
+    return rewrite_metadata(src, dst, change)
 
 
 def read_metadata(path) -> Dict[str, Any]:

@@ -128,6 +128,13 @@ def fit_to(guide, target):
     return torch.where(usable, dg * slope + t_mean, guide)
 
 
+def compressed_levels(levels, power: float):
+    """Grey levels (0-1 of the frame's range) raised to ``power`` (REFINE_RANGE_POWER_LIMITS; 1: as
+    they are): the scale on which the refinement's range kernel and training's edge weight
+    (losses.edge_weight) compare levels, stretching steps among dark ones."""
+    return levels if power == 1.0 else levels.clamp(0.0, 1.0).pow(power)
+
+
 def guided_smoothing(image, guide, settings: GuidedSmoothing):
     """Joint bilateral filter of ``image`` steered by ``guide``; both (N, 1, H, W) in [0, 1]
     on one device. The result is a weighted mean of input pixels (same range, no new levels).
@@ -143,8 +150,7 @@ def guided_smoothing(image, guide, settings: GuidedSmoothing):
 
     r, stride = settings.radius, settings.stride
     guide = fit_to(guide.float(), image.float())
-    if settings.range_power != 1.0:      # compare guide levels on a compressed scale (REFINE_RANGE_POWER_LIMITS)
-        guide = guide.clamp(0.0, 1.0).pow(settings.range_power)
+    guide = compressed_levels(guide, settings.range_power)
     h, w = image.shape[-2:]
     # replicate padding works for frames of any size (reflect needs the pad below the side)
     padded_guide = F.pad(guide, (r,) * 4, mode="replicate")
