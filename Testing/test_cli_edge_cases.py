@@ -111,8 +111,10 @@ def test_resume_refuses_options_the_checkpoint_fixes(training_folder, tmp_path, 
     (["--edge-sigma", "0.0075", "--edge-power", "0.5"], "edge_power", 0.5, ["--edge-power", "0.7"],
      [(["--edge-power", "0.5"], "edge_sigma"),                     # a power with no edge weight to change
       (["--edge-sigma", "0.01", "--edge-power", "1.5"], "--edge-power")]),
+    (["--consistency-weight", "0.25"], "consistency_weight", 0.25, ["--consistency-weight", "0.5"],
+     [(["--consistency-weight", "0"], "--consistency-weight"), (["--consistency-weight", "nan"], "--consistency-weight")]),
 ])
-def test_edge_aware_training_is_recorded_fixed_on_resume_and_checked(training_folder, tmp_path, capsys,
+def test_loss_options_are_recorded_fixed_on_resume_and_checked(training_folder, tmp_path, capsys,
                                                                     given, key, value, changed, refused):
     from Speckle2SelfLib.engine.models import load_model
 

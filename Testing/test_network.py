@@ -171,6 +171,20 @@ def test_edge_aware_consistency_drops_the_pull_across_an_edge_only():
         LossConfig(edge_sigma=0.0)
 
 
+def test_consistency_weight_scales_only_the_consistency_term():
+    outputs = [torch.full((1, 1, 8, 8), 0.2), torch.full((1, 1, 8, 8), 0.6)]
+    views = [torch.full((1, 1, 8, 8), 0.3), torch.full((1, 1, 8, 8), 0.5)]
+    paper = speckle2self_loss(outputs, views)
+    quarter = speckle2self_loss(outputs, views, LossConfig(consistency_weight=0.25))
+    assert paper["consistency"].item() == pytest.approx(0.4) and paper["reconstruction"].item() == pytest.approx(0.02)
+    assert quarter["consistency"].item() == pytest.approx(0.4)          # reported unweighted, as in the log
+    assert paper["total"].item() == pytest.approx(0.02 + 0.4)
+    assert quarter["total"].item() == pytest.approx(0.02 + 0.25 * 0.4)
+    for bad in (0.0, -1.0, float("nan"), float("inf"), True):
+        with pytest.raises(ValueError, match="consistency_weight"):
+            LossConfig(consistency_weight=bad)
+
+
 def test_edge_weight_on_compressed_levels_keeps_a_faint_dark_step_and_lets_a_bright_one_go():
     from Speckle2SelfLib.engine.losses import edge_weight
 

@@ -149,6 +149,9 @@ def _add_train(sub) -> None:
     p.add_argument("--rotate-degrees", type=float_between(0.0, 180.0), help="largest rotation of augmented samples (default 10)")
     p.add_argument("--reconstruction", choices=["mse", "l1"], help="default mse (the paper's)")
     p.add_argument("--consistency", choices=["l1", "mse", "none"], help="default l1 (the paper's)")
+    p.add_argument("--consistency-weight", type=float_between(0, 10, low_open=True),
+                   help="weight of the consistency term (default and paper: 1); below 1 each output follows its "
+                        "own view more: less smoothing, more lumen-wall contrast")
     p.add_argument("--edge-sigma", type=float_between(0, 10, low_open=True),
                    help="edge-aware consistency (not in the paper): weight it by exp(-(|grad|/SIGMA)^2) of the "
                         "coarsest view, so outputs need not agree across walls; e.g. 0.015 on [0, 1] views")
@@ -201,7 +204,8 @@ def _run_train(args) -> int:
         _fill_training_defaults(args)
         settings = dict(crop=args.crop, batch=args.batch, lr=args.lr, steps=args.steps, epochs=args.epochs,
                         minutes=args.minutes, reconstruction=args.reconstruction,
-                        consistency=args.consistency, edge_sigma=args.edge_sigma,
+                        consistency=args.consistency, consistency_weight=args.consistency_weight,
+                        edge_sigma=args.edge_sigma,
                         edge_power=args.edge_power, seed=args.seed, device=args.device,
                         amp=not args.no_amp, checkpoint_every=args.checkpoint_every,
                         preview_every=args.preview_every, name=args.name or Path(args.out).stem,
@@ -231,7 +235,8 @@ RESUMABLE_OPTIONS = ("crop", "batch", "lr", "lr_schedule", "augment_prob", "rota
                      "preview_every", "device", "name")
 #: Options the checkpoint fixes (network, views, loss, random stream).
 FIXED_ON_RESUME = ("width", "depth", "scales", "head", "interpolation", "upsample", "working_scale",
-                   "reconstruction", "consistency", "edge_sigma", "edge_power", "shared_encoder", "seed")
+                   "reconstruction", "consistency", "consistency_weight", "edge_sigma", "edge_power", "shared_encoder",
+                   "seed")
 STOPPING_OPTIONS = ("minutes", "epochs", "steps")
 
 

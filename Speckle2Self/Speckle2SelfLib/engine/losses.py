@@ -3,6 +3,10 @@
 Default (the paper's): sum_k MSE(out_k, view_k) + sum_{k<l} L1(out_k, out_l), weights 1.
 The other pairings exist so the paper's ablation can be rerun; only MSE + L1 despeckles.
 
+``consistency_weight`` (not in the paper, which weighs both terms 1) below 1 lets each output
+follow its own view more: less smoothing. Fine-tuning the carotid model with 0.5 / 0.25 raised the
+network output's lumen-wall CNR and lowered its homogeneity (docs/benchmarks.md, "Fourteenth session").
+
 Optional edge-aware consistency (``edge_sigma``, not in the paper): the consistency term pulls
 the full-resolution output towards the blurred coarse outputs everywhere, walls included. With
 ``edge_sigma`` set, each pixel's consistency is weighted by exp(-(|grad v| / edge_sigma)^2),
@@ -45,6 +49,10 @@ class LossConfig:
             raise ValueError(f"reconstruction loss must be one of {RECONSTRUCTION}")
         if self.consistency not in CONSISTENCY:
             raise ValueError(f"consistency loss must be one of {CONSISTENCY}")
+        for name in ("reconstruction_weight", "consistency_weight"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not 0 < float(value) < float("inf"):
+                raise ValueError(f"{name} must be a finite positive number, got {value!r}")
         if self.edge_sigma is not None and not (0 < float(self.edge_sigma) < float("inf")):
             raise ValueError(f"edge_sigma must be a finite positive number, got {self.edge_sigma!r}")
         if not EDGE_POWER_LIMITS[0] <= float(self.edge_power) <= EDGE_POWER_LIMITS[1]:

@@ -46,6 +46,7 @@ class TrainConfig:
     working_scale: float = 1.0        # frames are resampled by this before the views (grain matching)
     reconstruction: str = "mse"
     consistency: str = "l1"
+    consistency_weight: float = 1.0   # the consistency term's weight (the paper: 1; losses.LossConfig)
     edge_sigma: Optional[float] = None  # edge-aware consistency (losses.edge_weight); None: the paper's
     edge_power: float = 1.0           # the edge weight compares view ** edge_power (losses.LossConfig)
     seed: int = 0
@@ -68,9 +69,13 @@ class TrainConfig:
             raise ValueError(f"working_scale must lie in [0.05, 4], got {self.working_scale}")
         if self.lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
-        LossConfig(self.reconstruction, self.consistency, edge_sigma=self.edge_sigma,
-                   edge_power=self.edge_power)   # validates
+        self.loss_config()   # validates the loss settings
         self._check_numbers()   # issue #16: no NaN/zero/negative settings reach a run
+
+    def loss_config(self) -> LossConfig:
+        """The loss this run trains with."""
+        return LossConfig(self.reconstruction, self.consistency, consistency_weight=self.consistency_weight,
+                          edge_sigma=self.edge_sigma, edge_power=self.edge_power)
 
     def _check_numbers(self) -> None:
         import math
@@ -387,8 +392,7 @@ def train(cfg: TrainConfig, pool: FramePool, out_path, resume: Optional[str] = N
         net = net.to(memory_format=torch.channels_last)
     pool.summary.setdefault("view_difference", pool.view_difference(cfg.working_scale))
     scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
-    loss_cfg = LossConfig(cfg.reconstruction, cfg.consistency, edge_sigma=cfg.edge_sigma,
-                          edge_power=cfg.edge_power)
+    loss_cfg = cfg.loss_config()
     coarsest = min(range(len(cfg.scales)), key=lambda k: cfg.scales[k])
     total_steps = _total_steps(cfg, len(pool))
     bar = _progress_bar(progress, total_steps, state.step)
