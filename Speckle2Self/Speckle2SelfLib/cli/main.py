@@ -151,7 +151,7 @@ def _add_train(sub) -> None:
     p.add_argument("--consistency", choices=["l1", "mse", "none"], help="default l1 (the paper's)")
     p.add_argument("--consistency-weight", type=float_between(0, 10, low_open=True),
                    help="weight of the consistency term (default and paper: 1); below 1 each output follows its "
-                        "own view more: less smoothing, more lumen-wall contrast")
+                        "own view more: less smoothing (the network's own output keeps more lumen-wall contrast)")
     p.add_argument("--edge-sigma", type=float_between(0, 10, low_open=True),
                    help="edge-aware consistency (not in the paper): weight it by exp(-(|grad|/SIGMA)^2) of the "
                         "coarsest view, so outputs need not agree across walls; e.g. 0.015 on [0, 1] views")
