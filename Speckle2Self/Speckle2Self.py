@@ -270,6 +270,8 @@ class Speckle2SelfWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             _("Select an image and a seed point list (place a point inside the lumen)")
         self.ui.openSegmentEditorButton.enabled = bool(p and p.lumenSegmentation)
         self.ui.toleranceSliderWidget.enabled = bool(p and p.lumenMethod != "radial")   # radial needs none
+        # a guided result is a weighted mean of input pixels: it has the input's grey levels anyway
+        self.ui.inputGreyLevelsCheckBox.enabled = bool(p and not p.guidedSmoothing)
 
     # ------------------------------------------------------------------ models
     def populateModelCombo(self) -> None:
@@ -362,7 +364,7 @@ class Speckle2SelfWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._job = self.logic.start_process(
                 p.inputVolume, p.outputVolume, all_frames=p.allFrames, model=p.model or None,
                 device=p.device.lower(), backend=BACKENDS[p.backend], batch_size=p.batchSize or None, gamma=p.gamma,
-                blend=p.blend, keep_colour=p.keepColour, grey_levels="auto" if p.inputGreyLevels else "network",
+                blend=p.blend, keep_colour=p.keepColour, grey_levels="network" if not (p.inputGreyLevels or p.guidedSmoothing) else "auto",
                 refine="guided" if p.guidedSmoothing else "none")
         except Exception as err:  # shown to the user with the details; the scene is left as it was
             self._showDespeckleError(err)

@@ -54,14 +54,21 @@ def test_bad_array_is_refused_with_its_reason(case, engine):
 
 BAD_OPTIONS = [dict(gamma=float("nan")), dict(gamma=float("inf")), dict(gamma=0.0), dict(gamma=-2.0),
                dict(blend=float("nan")), dict(blend=1.5), dict(blend=-0.5), dict(batch_size=0),
-               dict(batch_size=-1), dict(batch_size=2.5), dict(batch_size=True), dict(gamma="1.5")]
+               dict(batch_size=-1), dict(batch_size=2.5), dict(batch_size=True), dict(gamma="1.5"),
+               dict(working_scale="of"), dict(working_scale=9.0), dict(working_scale=float("nan"))]
 
 
 @pytest.mark.parametrize("options", BAD_OPTIONS, ids=[repr(o) for o in BAD_OPTIONS])
 def test_bad_option_is_refused(options, engine):
-    name = next(iter(options)).replace("_size", " size")
+    name = next(iter(options)).replace("_", " ")
     with pytest.raises(ValueError, match=name):
         engine.denoise(_speckle().astype(np.float32), **options)
+
+
+def test_working_scale_off_means_the_frames_own_resolution_as_on_the_command_line(engine):
+    frame = _speckle().astype(np.float32)
+    np.testing.assert_array_equal(engine.denoise(frame, working_scale="off"), engine.denoise(frame, working_scale=None))
+    assert engine.last_working_scale == 1.0
 
 
 @pytest.mark.parametrize("dtype, lo, hi", [(np.float32, -3.0e38, 3.0e38), (np.float64, -1.7e308, 1.7e308),

@@ -178,7 +178,7 @@ def test_bundled_model_checksum_and_manifest_are_verified(untrained_model, tmp_p
 
 
 @pytest.mark.parametrize("content, needle", [
-    (b"", "not a readable"), (b"plain text, not a checkpoint", "not a readable"),
+    (b"", "nor a training checkpoint"), (b"plain text, not a checkpoint", "nor a training checkpoint"),
     ({"weights": [1, 2]}, "no config/model/step"), ({"config": {}, "model": {}, "step": 0}, "0 training steps"),
 ], ids=["empty", "text", "foreign dict", "zero steps"])
 def test_export_refuses_bad_checkpoints(content, needle, tmp_path, capsys):

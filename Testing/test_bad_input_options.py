@@ -24,6 +24,7 @@ DENOISE_CASES = [
     (["--blend", "nan"], "--blend"), (["--batch", "0"], "--batch"), (["--batch", "-2"], "--batch"),
     (["--batch", "two"], "--batch"), (["--threads", "0"], "--threads"), (["--working-scale", "nan"], "--working-scale"),
     (["--working-scale", "9"], "--working-scale"), (["--device", "tpu"], "unknown device"),
+    (["--device", "mps"], "'mps' requested"), (["--device", "cuda:99"], "'cuda:99' requested"),   # absent here
 ]
 
 
@@ -44,6 +45,9 @@ TRAIN_CASES = [
     (["--augment-prob", "2"], "--augment-prob"), (["--working-scale", "0"], "--working-scale"),
     (["--checkpoint-every", "0"], "--checkpoint-every"), (["--preview-every", "-1"], "--preview-every"),
     (["--rotate-degrees", "inf"], "--rotate-degrees"),
+    (["--consistency", "none", "--consistency-weight", "0.5"], "--consistency-weight"),
+    (["--consistency", "none", "--edge-sigma", "0.01"], "--edge-sigma"),
+    (["--edge-power", "0.5"], "give --edge-sigma"), (["--device", "mps"], "'mps' requested"),
 ]
 
 

@@ -18,6 +18,10 @@ def test_every_bundled_model_loads_under_its_listed_name_and_used_no_masks(entry
     assert meta["name"] == entry["name"] and meta["width"] == entry["width"]
     assert meta["training"]["data"]["masks_used"] is False
     assert entry["description"]
+    # also under its file's name, which the README's "v1" points to (the first model's name has no -v1)
+    assert bundled_model_path(entry["file"].rsplit(".", 1)[0]) == path
+    # only the default says it is the default
+    assert entry["description"].startswith("Default model") == bool(entry["default"])
 
 
 def test_the_simulated_model_is_bundled_but_not_the_default():

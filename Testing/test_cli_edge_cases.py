@@ -109,7 +109,7 @@ def test_resume_refuses_options_the_checkpoint_fixes(training_folder, tmp_path, 
     (["--edge-sigma", "0.015"], "edge_sigma", 0.015, ["--edge-sigma", "0.03"],
      [(["--edge-sigma", "0"], "--edge-sigma")]),
     (["--edge-sigma", "0.0075", "--edge-power", "0.5"], "edge_power", 0.5, ["--edge-power", "0.7"],
-     [(["--edge-power", "0.5"], "edge_sigma"),                     # a power with no edge weight to change
+     [(["--edge-power", "0.5"], "give --edge-sigma"),                  # a power with no edge weight to change
       (["--edge-sigma", "0.01", "--edge-power", "1.5"], "--edge-power")]),
     (["--consistency-weight", "0.25"], "consistency_weight", 0.25, ["--consistency-weight", "0.5"],
      [(["--consistency-weight", "0"], "--consistency-weight"), (["--consistency-weight", "nan"], "--consistency-weight")]),
@@ -186,8 +186,38 @@ def test_segment_every_frame_into_a_picture_is_refused_before_any_work(tmp_path,
     assert not (tmp_path / "m.png").exists()
 
 
+def test_segment_refuses_a_lossy_mask_file_and_a_model_it_would_not_use(tmp_path, capsys):
+    Image.fromarray(speckle((48, 64))).save(tmp_path / "a.png")
+    result = run_cli(["segment", tmp_path / "a.png", "--seed", "32,24", "--out", tmp_path / "m.jpg",
+                      "--no-despeckle"], capsys)
+    assert_refused(result, 2, "m.jpg", "lossy", ".png")
+    result = run_cli(["segment", tmp_path / "a.png", "--seed", "32,24", "--out", tmp_path / "m.png",
+                      "--no-despeckle", "--model", tmp_path / "missing.pt"], capsys)
+    assert_refused(result, 2, "--model", "--no-despeckle")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png"]
+
+
 @pytest.mark.parametrize("option", ["--dynamic-range-db", "--fc"])
 def test_simulate_refuses_an_infinite_option(option, tmp_path, capsys):
     result = run_cli(["simulate", "--size", "32", option, "inf", "--out", tmp_path / "s.png"], capsys)
     assert_refused(result, 2, option)
     assert not (tmp_path / "s.png").exists()
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--fc", "7.5"], ["--fc", "in MHz? 7.5 MHz is 7.5e6 Hz"]),        # a frequency in MHz: terabytes, before
+    (["--fc", "1e12"], ["--fc", "from 500000 to 1e+08"]),
+    (["--seed", "-1"], ["--seed", "at least 0"]),
+])
+def test_simulate_refuses_a_frequency_or_seed_out_of_range_naming_the_option(args, words, tmp_path, capsys):
+    result = run_cli(["simulate", "--size", "32", *args, "--out", tmp_path / "s.png"], capsys)
+    assert_refused(result, 2, *words)
+    assert not (tmp_path / "s.png").exists()
+
+
+@pytest.mark.parametrize("second", ["--clean", "--reference"])
+def test_simulate_refuses_two_outputs_in_one_file(second, tmp_path, capsys):
+    (tmp_path / "n.png").write_bytes(b"keep")
+    result = run_cli(["simulate", "--size", "32", "--out", tmp_path / "n.png", second, f"{tmp_path}/./n.png"], capsys)
+    assert_refused(result, 2, f"--out and {second} name the same file")
+    assert (tmp_path / "n.png").read_bytes() == b"keep"

@@ -155,3 +155,9 @@ def test_denoise_grey_levels_option_reaches_the_output(tmp_path, capsys):
     assert main(["denoise", str(tmp_path / "a.png"), str(tmp_path / "b.png"), "--grey-levels", "fit"]) == 2
     assert "invalid choice: 'fit'" in capsys.readouterr().err
     assert not (tmp_path / "b.png").exists()
+    # With the default model's guided refinement the network's levels cannot reach the output:
+    # refused in one line naming the fix, before anything is written.
+    assert main(["denoise", str(tmp_path / "a.png"), str(tmp_path / "b.png"), "--grey-levels", "network"]) == 2
+    err = capsys.readouterr().err
+    assert "--refine none" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "b.png").exists()

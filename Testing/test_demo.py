@@ -28,3 +28,15 @@ def test_demo_writes_outputs_and_despeckles_the_phantom(tmp_path, capsys):
     assert phantom["despeckled"]["glcm_homogeneity"] > phantom["input"]["glcm_homogeneity"]
     assert phantom["despeckled"]["ssim"] > phantom["input"]["ssim"]
     assert "| simulated carotid phantom | despeckled |" in capsys.readouterr().out
+
+
+def test_demo_says_what_happened_to_the_sector_background_from_its_measurements():
+    from Speckle2SelfLib.cli.demo import _background_note
+
+    def levels(background, whole=0.5):
+        return {"background_level": background, "glcm_homogeneity_whole_frame": whole}
+
+    kept = _background_note(levels(0.0), levels(0.011))
+    assert "stays black" in kept and "artefact" not in kept
+    lifted = _background_note(levels(0.0), levels(10.0, 0.6))
+    assert "lifted from 0.0 to 10.0 grey levels (a model artefact" in lifted

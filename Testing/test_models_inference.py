@@ -210,6 +210,10 @@ def test_bundled_model_keeps_the_input_grey_levels_by_default_and_its_own_on_req
         assert np.mean(o <= x.min()) > 4 * max(np.mean(f <= x.min()), 0.01)
         assert np.mean((f - x) ** 2) < np.mean((o - x) ** 2)
         assert np.corrcoef(f.ravel(), o.ravel())[0, 1] > 0.99     # same image, other grey levels
+    # A guided refinement is a weighted mean of input pixels: the network's levels cannot be had
+    # with it, so asking for both is refused rather than silently ignored.
+    with pytest.raises(ValueError, match="refine 'none'"):
+        eng.denoise(frames, grey_levels="network", refine="guided")
 
 
 def test_linear_head_models_keep_their_grey_levels_unless_asked(trained_model):

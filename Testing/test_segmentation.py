@@ -139,6 +139,39 @@ def test_lumen_seed_does_not_warn_but_leak_does(phantom, smooth_tolerance, recwa
         seg.flood_fill(image, SEED, 110)
 
 
+def test_flood_and_growcut_results_that_are_no_lumen_are_flagged(phantom, smooth_tolerance):
+    image, truth = phantom
+    # a sound fill of the smoothed lumen passes; the radial method's plausibility tests, applied
+    # to any mask, do not fire on it
+    good = seg.segment(smoothed(image), SEED, "flood", tolerance=smooth_tolerance)
+    assert ev.iou(good.mask, truth) > 0.7 and not good.flagged
+    assert seg.contrast_reason(smoothed(image), truth) == ""
+    # a zero tolerance on speckle stops a few pixels from the seed, inside the lumen
+    stuck = seg.segment(image, SEED, "flood", tolerance=0)
+    assert stuck.mask.sum() < 0.1 * truth.sum()
+    assert stuck.flagged and ("weak boundary" in stuck.reason or "not a dark lumen" in stuck.reason)
+    # in a frame with nothing to segment (all black) flood filling leaks; grow from seeds stops
+    # at its automatic background seeds, with a region no darker than its surroundings
+    black = np.zeros((60, 60), np.uint8)
+    assert "leaked" in seg.segment(black, (30, 30), "flood", tolerance=3).reason
+    assert "no darker than its surroundings" in seg.segment(black, (30, 30), "growcut", tolerance=3).reason
+    # and the same masks inside a bright disc: darker surroundings than inside
+    disc = np.where(distance_from((60, 60), (30, 30)) <= 8, 200, 20).astype(np.uint8)
+    assert "no darker" in seg.contrast_reason(disc, distance_from((60, 60), (30, 30)) <= 8)
+
+
+def test_segment_refuses_what_is_not_a_finite_grey_frame(phantom):
+    image, _truth = phantom
+    rgb = np.repeat(image[..., None], 3, axis=2)
+    with pytest.raises(ValueError, match=r"2D grey image .*RGB"):
+        seg.segment(rgb, SEED)
+    holed = image.astype(np.float32)
+    holed[SEED] = np.nan
+    for call in (lambda: seg.segment(holed, SEED, "flood"), lambda: seg.segment_sequence(holed[None], SEED)):
+        with pytest.raises(ValueError, match="1 NaN or infinite pixel"):
+            call()
+
+
 # ----------------------------------------------------------------------------- grow from seeds
 
 def test_growcut_contains_seed_and_has_sane_area(phantom, smooth_tolerance):
@@ -309,15 +342,18 @@ def test_cli_volume_keeps_geometry_and_accepts_ras_seed(tmp_path, smooth_toleran
     frames, truths, centers = moving_sequence([LUMEN_RADIUS] * 3)
     volume = sitk.GetImageFromArray(frames)
     volume.SetSpacing((0.2, 0.1, 1.0))
-    volume.SetOrigin((5.0, -3.0, 2.0))
+    volume.SetOrigin((15.0, 3.0, 2.0))       # R and A negative, as they often are in Slicer
     volume.SetDirection((0.0, -1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0))
     sitk.WriteImage(volume, str(tmp_path / "loop.nrrd"))
     row, col = centers[1]
     lps = volume.TransformContinuousIndexToPhysicalPoint((float(col), float(row), 1.0))
     ras = f"{-lps[0]},{-lps[1]},{lps[2]}"
+    assert ras.startswith("-")
     out = tmp_path / "lumen.nrrd"
-    assert run_cli([str(tmp_path / "loop.nrrd"), "--seed-ras", ras, "--frame", "1", "--out", str(out),
-                    "--no-despeckle", "--method", "flood", "--tolerance", str(smooth_tolerance)]) == 0
+    from Speckle2SelfLib.cli import main
+    # the value after --seed-ras may start with a minus sign (argparse alone takes it for an option)
+    assert main(["segment", str(tmp_path / "loop.nrrd"), "--seed-ras", ras, "--frame", "1", "--out", str(out),
+                 "--no-despeckle", "--method", "flood", "--tolerance", str(smooth_tolerance)]) == 0
     mask = sitk.ReadImage(str(out))
     assert mask.GetSpacing() == volume.GetSpacing() and mask.GetOrigin() == volume.GetOrigin()
     assert mask.GetDirection() == volume.GetDirection()
@@ -325,6 +361,10 @@ def test_cli_volume_keeps_geometry_and_accepts_ras_seed(tmp_path, smooth_toleran
     assert labels.shape == frames.shape and set(np.unique(labels)) == {0, 1}
     assert not labels[0].any() and not labels[2].any()       # --frame: only that frame
     assert ev.iou(labels[1] == 1, truths[1]) > 0.7
+    # a --frame other than the seed's is a contradiction, refused before any work
+    assert main(["segment", str(tmp_path / "loop.nrrd"), "--seed-ras", ras, "--frame", "0", "--out",
+                 str(tmp_path / "other.nrrd"), "--no-despeckle"]) == 2
+    assert not (tmp_path / "other.nrrd").exists()
 
 
 def test_cli_bad_seed_is_a_clear_error(tmp_path, phantom, capsys):
@@ -343,8 +383,9 @@ def test_cli_despeckles_with_a_model_first(tmp_path, phantom, untrained_model):
 
     Image.fromarray(phantom[0]).save(tmp_path / "frame.png")
     out = tmp_path / "mask.png"
+    # an untrained model's output need not show a clean lumen: the plumbing is tested here, not the flag
     assert run_cli([str(tmp_path / "frame.png"), "--seed", "60,64", "--out", str(out),
-                    "--model", str(untrained_model), "--method", "growcut"]) == 0
+                    "--model", str(untrained_model), "--method", "growcut", "--keep-flagged"]) == 0
     mask = np.array(Image.open(out))
     assert mask.shape == phantom[0].shape and mask[SEED] == 255
 

@@ -397,3 +397,21 @@ def test_stream_refinement_follows_the_model_unless_turned_off_and_bad_values_ar
     assert not np.array_equal(default.denoise(frame, refine="guided"), default.denoise(frame, refine="none"))
     with pytest.raises(ValueError, match="refine must be one of auto, guided, none"):
         StreamDespeckler(default, refine="sharp")
+
+
+def test_connect_to_a_server_that_never_answers_says_so_and_fails(untrained_model, capsys):
+    from Speckle2SelfLib import cli
+
+    closed = socket.socket()
+    closed.bind((LOOPBACK, 0))
+    port = closed.getsockname()[1]
+    closed.close()                       # nothing listens there now: connections are refused
+    rc = cli.main(["stream", "--connect", f"{LOOPBACK}:{port}", "--send", f"{LOOPBACK}:{port}",
+                   "--model", str(untrained_model), "--device", "cpu", "--max-seconds", "1"])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert f"waiting for {LOOPBACK}:{port} to accept a connection" in err       # said while it runs, once
+    assert err.count("is the OpenIGTLink server") == 1
+    assert f"error: never connected to {LOOPBACK}:{port}" in err                  # and at the end
+    # listening and connecting for the input at once is a contradiction, refused by the parser
+    assert cli.main(["stream", "--listen", "0", "--connect", f"{LOOPBACK}:{port}"]) == 2

@@ -416,6 +416,7 @@ class _Listener:
         self.connect = connect
         self.stop_event = threading.Event()
         self.connections = 0
+        self.failed_connects = 0         # --connect: attempts the server refused or did not answer
         self.thread = threading.Thread(target=self._run, name="speckle2self-igtl-in", daemon=True)
         self.host, self.port = host, port
         self.sock: Optional[socket.socket] = None
@@ -439,7 +440,11 @@ class _Listener:
         if self.connect:
             try:
                 conn = socket.create_connection((self.host, self.port), timeout=CONNECT_TIMEOUT)
-            except OSError:
+            except OSError as err:
+                if not self.failed_connects:      # said once; the relay keeps trying (the server may start later)
+                    self.log(f"waiting for {self.host}:{self.port} to accept a connection ({err.strerror or err}); "
+                             "is the OpenIGTLink server (e.g. PlusServer) running there?")
+                self.failed_connects += 1
                 self.stop_event.wait(POLL_SECONDS)
                 return None
             self.log(f"receiving from {self.host}:{self.port}")

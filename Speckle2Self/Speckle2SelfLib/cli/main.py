@@ -344,8 +344,9 @@ def _add_denoise(sub) -> None:
     p.add_argument("--blend", type=float_between(0.0, 1.0), default=0.0, help="0..1 share of the input mixed back in")
     p.add_argument("--grey-levels", default="auto", choices=["auto", "input", "network"],
                    help="input: the output keeps each input frame's brightness and contrast; network: the "
-                        "network's own (contrast-stretched by the authors' output head); auto (default): input "
-                        "for models with that head")
+                        "network's own (contrast-stretched by the authors' output head; needs --refine none, "
+                        "since a guided refinement keeps the input's levels); auto (default): input for models "
+                        "with that head")
     p.add_argument("--working-scale", default="auto", type=_working_scale_arg,
                    help="auto (default): shrink frames whose speckle is coarser than the model's training data "
                         "until the grain matches (finer speckle: own resolution); off: the input's own resolution; "
@@ -388,9 +389,12 @@ def _run_denoise(args) -> int:
             print(f"{src} -> {dst} skipped (exists)")
             return EXIT_OK
         data = _read_checked(src, dst)          # a bad input is refused before the model is loaded
-        _denoise_file(Despeckler.from_file(args.model, args.device, args.backend), src, dst, options, data)
+        engine = Despeckler.from_file(args.model, args.device, args.backend)
+        engine.check_output_options(args.grey_levels, args.refine)
+        _denoise_file(engine, src, dst, options, data)
         return EXIT_OK
     engine = Despeckler.from_file(args.model, args.device, args.backend)
+    engine.check_output_options(args.grey_levels, args.refine)      # once, not as each file's error
     return _denoise_folder(engine, pairs, options, args.skip_existing)
 
 
@@ -482,13 +486,16 @@ def _add_export(sub) -> None:
                    help="the output the model recommends (what refine 'auto' applies): its network output "
                         "steering a smoothing of the input (guided) or the network output alone (none)")
     p.add_argument("--refine-sigma-px", type=positive_float, metavar="PX",
-                   help="guided smoothing's spatial sigma in pixels at the working scale (default 7)")
+                   help="guided smoothing's spatial sigma in pixels at the working scale (default: the value the run's "
+                        "starting model recommended, if it was guided, else 7)")
     p.add_argument("--refine-range", type=positive_float, metavar="R",
                    help="guided smoothing's range sigma, a fraction of the frame's grey range (of its levels raised to "
-                        "--refine-range-power where that is below 1; default 0.04)")
+                        "--refine-range-power where that is below 1; default: the starting model's value if it "
+                        "recommended guided smoothing, else 0.04)")
     p.add_argument("--refine-range-power", type=positive_float, metavar="P",
-                   help="compare the guide's grey levels raised to this power (0.2..1; default 1: plain levels; "
-                        "below 1 keeps dark boundaries such as a vessel lumen's and smooths bright tissue more)")
+                   help="compare the guide's grey levels raised to this power (0.2..1; default: the starting "
+                        "model's value if it recommended guided smoothing, else 1: plain levels; below 1 keeps dark "
+                        "boundaries such as a vessel lumen's and smooths bright tissue more)")
     p.set_defaults(func=_run_export)
 
 
@@ -544,8 +551,9 @@ def _run_export(args) -> int:
         steps = int(ckpt["step"])
         del ckpt
     except Exception as err:  # pickle.UnpicklingError, zip errors, EOFError, ... from a foreign or damaged file
-        raise ValueError(f"{args.checkpoint}: not a readable Speckle2Self training checkpoint "
-                         f"({one_line(err, 160)})") from err
+        raise ValueError(f"{args.checkpoint}: neither a Speckle2Self model (.pt) nor a training checkpoint "
+                         f"(.ckpt) written by `speckle2self train`; export takes one of those (reading it as a "
+                         f"checkpoint failed: {one_line(err, 120)})") from err
     if steps < 1:
         raise ValueError(f"{args.checkpoint}: the checkpoint has {steps} training steps; an untrained network "
                          "is not exported (train with --steps N, N >= 1)")
@@ -657,6 +665,35 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     print(f"warning: {' '.join(str(message).split())}", file=sys.stderr)
 
 
+#: Options whose value may start with a minus sign (RAS coordinates are often negative).
+_SIGNED_VALUE_OPTIONS = ("--seed", "--seed-ras")
+
+
+def _attach_signed_values(argv: List[str]) -> List[str]:
+    """``--seed-ras -27.2,-52.5,30.5`` as ``--seed-ras=-27.2,-52.5,30.5``: argparse takes a value
+    that starts with '-' and is not a plain number for an option, and would refuse it."""
+    out: List[str] = []
+    for arg in argv:
+        if out and out[-1] in _SIGNED_VALUE_OPTIONS and len(arg) > 1 and arg[0] == "-" \
+                and (arg[1].isdigit() or arg[1] == "."):
+            out[-1] = f"{out[-1]}={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
+def _with_option_names(message: str, args: argparse.Namespace) -> str:
+    """The library names its arguments (edge_power, max_frames); on the command line the user
+    gave the options (--edge-power, --max-frames): say those. Only names with an underscore,
+    which prose never uses."""
+    import re
+
+    for dest in vars(args):
+        if "_" in dest:
+            message = re.sub(rf"(?<![-\w]){dest}\b", "--" + dest.replace("_", "-"), message)
+    return message
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Run the command line; returns the exit code (see the module docstring)."""
     import signal
@@ -665,6 +702,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     from ..fileio.safeio import one_line
 
+    argv = _attach_signed_values(sys.argv[1:] if argv is None else [str(a) for a in argv])
     try:
         args = build_parser(argv).parse_args(argv)
     except SystemExit as done:      # --help, --version, or a one-line option error (exit 2)
@@ -691,7 +729,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             import traceback
             traceback.print_exc()
         hint = "" if debug or _is_bad_input(err) else " (run with --debug for the traceback)"
-        print(f"error: {one_line(err)}{hint}", file=sys.stderr)
+        print(f"error: {_with_option_names(one_line(err), args)}{hint}", file=sys.stderr)
         return EXIT_BAD_INPUT if _is_bad_input(err) else EXIT_FAILED
     finally:
         if previous is not None:

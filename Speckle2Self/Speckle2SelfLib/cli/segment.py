@@ -32,7 +32,8 @@ def add_segment_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
                       help="a point inside the lumen in RAS mm, as Slicer shows it (its frame is the seed's frame)")
     parser.add_argument("--frame", type=int, default=None, metavar="K",
                         help="segment only frame K of a multi-frame input (default: every frame, the seed "
-                             "following the lumen from frame 0 or the --seed-ras frame)")
+                             "following the lumen from frame 0 or the --seed-ras frame; with --seed-ras, K "
+                             "must be the point's frame)")
     parser.add_argument("--out", required=True, metavar="MASK",
                         help="mask file in the input's format and geometry: .png/.dcm (0/255), "
                              ".mha/.nrrd/.nii.gz (0/1 labels)")
@@ -73,6 +74,9 @@ def run_segment(args: argparse.Namespace) -> int:
 
 
 def _run_segment(args: argparse.Namespace) -> int:
+    if args.no_despeckle and args.model is not None:
+        raise ValueError("--model despeckles the input first and --no-despeckle segments it as it is: "
+                         "give one of them")
     if args.method == "radial" and (args.tolerance is not None or args.neighborhood):
         raise ValueError("--tolerance and --neighborhood set the flood fill; the radial method needs none "
                          "(add --method flood to use them)")
@@ -85,6 +89,9 @@ def _run_segment(args: argparse.Namespace) -> int:
     if args.frame is not None:
         if not 0 <= args.frame < len(frames):
             raise ValueError(f"--frame {args.frame} is outside the input's {len(frames)} frames (0..{len(frames) - 1})")
+        if args.seed_ras is not None and args.frame != start:
+            raise ValueError(f"the --seed-ras point lies in frame {start}, not in --frame {args.frame}: leave out "
+                             "--frame (the seed's frame is segmented) or give the point in that frame")
         start = args.frame
     check_seed(seed_rc, frames.shape)
     if not 0 <= start < len(frames):

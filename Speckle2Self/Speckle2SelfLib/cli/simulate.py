@@ -8,16 +8,17 @@ from pathlib import Path
 
 import numpy as np
 
-from ..simulation import LATERAL_SCALINGS, PHANTOM_KINDS, make_phantom, simulate_bmode
+from ..simulation import LATERAL_SCALINGS, PHANTOM_KINDS, check_fc, make_phantom, simulate_bmode
 
 
 def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``speckle2self simulate``."""
-    from .main import positive_float   # finite and > 0: inf dB would write an all-black image
+    from .main import int_at_least, positive_float   # finite and > 0: inf dB would write an all-black image
 
     parser.add_argument("--phantom", choices=PHANTOM_KINDS, default="carotid", help="clean phantom to image")
-    parser.add_argument("--fc", type=positive_float, default=7.5e6, help="centre frequency in Hz (default 7.5e6)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed of phantom layout and speckle")
+    parser.add_argument("--fc", type=_frequency, default=7.5e6,
+                        help="centre frequency in Hz, 0.5e6..1e8 (default 7.5e6, i.e. 7.5 MHz)")
+    parser.add_argument("--seed", type=int_at_least(0), default=0, help="random seed of phantom layout and speckle")
     parser.add_argument("--size", type=int, nargs="+", default=[512], metavar="N",
                         help="output size: N (square) or H W (default 512)")
     parser.add_argument("--out", required=True, help="noisy B-mode image to write (8-bit PNG)")
@@ -27,6 +28,13 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dynamic-range-db", type=positive_float, default=60.0, help="display dynamic range (dB)")
     parser.add_argument("--lateral-scaling", choices=LATERAL_SCALINGS, default="must",
                         help="lateral grain vs fc: MUST's receive f-number rule (default) or plain c/fc")
+
+
+def _frequency(text: str) -> float:
+    try:
+        return check_fc(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err).replace("fc must be", "must be")) from None
 
 
 def _write_png(path: str, img01: np.ndarray) -> None:
@@ -43,9 +51,17 @@ def run_simulate(args: argparse.Namespace) -> int:
     if len(size) != 2 or min(size) < 16:
         print(f"error: --size takes N or H W with values >= 16, got {args.size}", file=sys.stderr)
         return 2
-    if not args.fc > 0:
-        print(f"error: --fc must be a positive frequency in Hz (e.g. 7.5e6), got {args.fc}", file=sys.stderr)
-        return 2
+    named = [(option, path) for option, path in (("--out", args.out), ("--clean", args.clean),
+                                                  ("--reference", args.reference), ("--envelope", args.envelope))
+             if path is not None]
+    seen = {}
+    for option, path in named:
+        key = Path(path).resolve()
+        if key in seen:
+            print(f"error: {seen[key]} and {option} name the same file {path}; give each output its own name",
+                  file=sys.stderr)
+            return 2
+        seen[key] = option
     for path in (args.out, args.clean, args.reference):
         if path is not None and Path(path).suffix.lower() != ".png":
             print(f"error: {path}: images are written as PNG; use a .png file name", file=sys.stderr)

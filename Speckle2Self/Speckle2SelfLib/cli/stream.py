@@ -13,13 +13,14 @@ from ..stream import StreamRelay, _quiet, parse_address, warm_up
 
 def add_stream_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments of ``speckle2self stream``."""
-    p.add_argument("--listen", default="18945", metavar="[HOST:]PORT",
-                   help="where the relay accepts the image stream (default 127.0.0.1:18945; 0.0.0.0:PORT for "
-                        "every interface; port 0: any free port, printed)")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--listen", default="18945", metavar="[HOST:]PORT",
+                        help="where the relay accepts the image stream (default 127.0.0.1:18945; 0.0.0.0:PORT for "
+                             "every interface; port 0: any free port, printed)")
     p.add_argument("--send", default="127.0.0.1:18944", metavar="HOST:PORT",
                    help="where despeckled images go, e.g. 3D Slicer's OpenIGTLinkIF server (default 127.0.0.1:18944)")
-    p.add_argument("--connect", metavar="HOST:PORT",
-                   help="instead of listening, receive by connecting to this OpenIGTLink server (e.g. PlusServer)")
+    source.add_argument("--connect", metavar="HOST:PORT",
+                        help="instead of listening, receive by connecting to this OpenIGTLink server (e.g. PlusServer)")
     p.add_argument("--model", help="model file or bundled model name (default: the bundled default model)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     p.add_argument("--suffix", default="_S2S", help="appended to the device name of despeckled images (default _S2S)")
@@ -65,4 +66,8 @@ def run_stream(args) -> int:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     print(json.dumps(asdict(stats)) if args.json else stats.summary(), flush=True)
+    if receive_from and relay.listener.connections == 0:
+        print(f"error: never connected to {receive_from[0]}:{receive_from[1]} ({relay.listener.failed_connects} "
+              "attempt(s)); start the OpenIGTLink server (e.g. PlusServer) there or fix --connect", file=sys.stderr)
+        return 1
     return 0

@@ -7,6 +7,7 @@ Only one batch at a time lives on the device, so memory stays bounded for long c
 
 from __future__ import annotations
 
+import math
 import threading
 import warnings
 from typing import Callable, Iterable, List, Optional, Union
@@ -49,11 +50,33 @@ def pick_device(device: str = "auto") -> str:
         if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
             return "mps"
         return "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' requested but no CUDA GPU is available; use --device cpu or auto")
-    if device not in ("cpu", "mps") and not device.startswith("cuda"):
+    if device not in ("cpu", "mps") and not (device == "cuda" or device.startswith("cuda:")):
         raise ValueError(f"unknown device {device!r}; use auto, cpu, cuda or mps")
+    if device.startswith("cuda"):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = device.partition(":")[2]
+        if not count:
+            raise DeviceUnavailable(f"device {device!r} requested but this PyTorch sees no CUDA GPU "
+                                    f"({_torch_build()}); use device cpu or auto")
+        if index and not (index.isdigit() and int(index) < count):
+            raise DeviceUnavailable(f"device {device!r} requested but this machine has {count} CUDA GPU(s) "
+                                    f"(cuda:0..cuda:{count - 1}); use one of them, cuda or auto")
+    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise DeviceUnavailable("device 'mps' requested but Apple's Metal GPU is not available here (it needs "
+                                "an Apple-silicon Mac and a PyTorch built with MPS); use device cpu or auto")
     return device
+
+
+class DeviceUnavailable(ValueError):
+    """The requested device does not exist here: a bad option (CLI exit 2), not a failed run."""
+
+
+def _torch_build() -> str:
+    import torch
+
+    version = getattr(torch, "__version__", "?")
+    return f"PyTorch {version} is a CPU-only build" if "+cpu" in version or not torch.version.cuda \
+        else f"PyTorch {version} with CUDA {torch.version.cuda}, but no GPU or driver found"
 
 
 def cpu_has_native_bf16() -> bool:
@@ -236,17 +259,17 @@ class Despeckler:
         Cancelled when ``cancel`` is set between batches (no partial result).
         ``working_scale``: "auto" resamples the frames so their speckle grain matches the
         model's training data (one factor for the whole call); a number forces a factor;
-        None or 1 runs at the frames' own resolution.
+        "off", None or 1 runs at the frames' own resolution.
         ``grey_levels``: "input" gives each output frame the brightness and contrast of its
         input frame (:func:`fit_grey_levels`), "network" keeps the network's own (the authors'
         head stretches contrast), "auto" (default) fits them where the model's head needs it.
         ``refine``: "guided" smooths the input where the network's output is uniform and only
         along boundaries where it changes (Speckle2SelfLib.engine.refine): smoother tissue with
-        the input's own edges, always in the input's grey levels (``grey_levels`` then only
-        shapes the guide); "none" (or None) returns the network's output itself; "auto"
+        the input's own edges, always in the input's grey levels (``grey_levels`` "network" is
+        refused with it); "none" (or None) returns the network's output itself; "auto"
         (default) does what the model's metadata recommends (:meth:`resolve_refine`).
         """
-        refine = self.resolve_refine(refine)
+        refine = self.check_output_options(grey_levels, refine)
         if isinstance(blend, bool) or not isinstance(blend, (int, float, np.floating, np.integer)) \
                 or not 0.0 <= blend <= 1.0:
             raise ValueError(f"blend must be a number in [0, 1], got {blend!r}")
@@ -324,6 +347,16 @@ class Despeckler:
         refine = check_refine(refine)
         if refine == "auto":
             return recommended_mode(self.metadata)
+        return refine
+
+    def check_output_options(self, grey_levels: str = "auto", refine: Optional[str] = "auto") -> str:
+        """The refinement :meth:`denoise` applies ("guided" or "none"); a ValueError where
+        ``grey_levels`` asks for what the refinement cannot give."""
+        refine = self.resolve_refine(refine)
+        if check_grey_levels(grey_levels) == "network" and refine == "guided":
+            raise ValueError("grey levels 'network' are the network output's own, but this model's output is its "
+                             "guided refinement, which always has the input's grey levels: add refine 'none' "
+                             "(CLI: --refine none) to get the network's output and its grey levels")
         return refine
 
     def fits_grey_levels(self, grey_levels: str = "auto") -> bool:
@@ -407,12 +440,16 @@ class Despeckler:
         """
         from . import grain
 
-        if working_scale is None:
+        if working_scale is None or working_scale == "off":
             return 1.0
         if working_scale != "auto":
-            scale = float(working_scale)
+            try:
+                scale = float(working_scale)
+            except (TypeError, ValueError):
+                scale = math.nan
             if not np.isfinite(scale) or not grain.SCALE_LIMITS[0] <= scale <= grain.SCALE_LIMITS[1]:
-                raise ValueError(f"working scale must lie in {grain.SCALE_LIMITS}, got {working_scale}")
+                raise ValueError(f"working scale must be 'auto', 'off' (or None) or a number in "
+                                 f"{list(grain.SCALE_LIMITS)}, got {working_scale!r}")
             return scale
         target = self.metadata.get("working_view_difference")
         if target:

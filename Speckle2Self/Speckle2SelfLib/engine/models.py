@@ -189,7 +189,8 @@ def load_model(path, device: str = "cpu") -> LoadedModel:
     except Exception as err:  # torch raises RuntimeError / ValueError variants
         raise ModelFormatError(
             f"{path}: not a TorchScript model ({_short(err)}). A training checkpoint or a pickled "
-            "model cannot be loaded; export one with `speckle2self train ... --out MODEL.pt`") from err
+            "model cannot be loaded; a training checkpoint becomes a model with `speckle2self export CHECKPOINT.ckpt "
+            "--out MODEL.pt`") from err
     if not extra[METADATA_FILE]:
         raise ModelFormatError(f"{path}: TorchScript file without Speckle2Self metadata ({METADATA_FILE}); "
                                "export models with Speckle2SelfLib.engine.models.export_model")
@@ -270,7 +271,8 @@ def _check_archive(path: Path) -> None:
     if not any("/code/" in n for n in names):
         raise ModelFormatError(
             f"{path}: a PyTorch checkpoint or pickle, not a TorchScript model; it is refused because loading "
-            "it would run pickled code. Export a model with `speckle2self train ... --out MODEL.pt`")
+            "it would run pickled code. A training checkpoint becomes a model with `speckle2self export CHECKPOINT.ckpt "
+            "--out MODEL.pt`")
 
 
 def _parse_metadata(path: Path, text) -> Dict[str, Any]:
@@ -374,7 +376,9 @@ def bundled_model_path(name: Optional[str] = None) -> Path:
     if name is None:
         entry = next((e for e in entries if e.get("default")), entries[0])
     else:
-        entry = next((e for e in entries if e["name"] == name), None)
+        # a bundled model is also found by its file's name (v1's is "...-v1.pt", its name has no "-v1")
+        entry = next((e for e in entries if e["name"] == name), None) or \
+            next((e for e in entries if Path(e["file"]).stem == name), None)
         if entry is None:
             raise KeyError(f"no bundled model {name!r}; available: {', '.join(e['name'] for e in entries)}")
     path = MODELS_DIR / entry["file"]

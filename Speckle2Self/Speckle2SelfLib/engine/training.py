@@ -141,6 +141,20 @@ class FramePool:
     def __len__(self) -> int:
         return len(self.frames)
 
+    def check_crop(self, crop: int, working_scale: float = 1.0, multiple: int = 16) -> None:
+        """A ValueError, before any training, when a frame at the working scale is smaller than
+        the crop: its crops would be padded with mirrored anatomy the network then learns."""
+        sides = [(max(1, round(h * working_scale)), max(1, round(w * working_scale))) for h, w in
+                 (f.shape for f in self.frames)]
+        h, w = min(sides, key=min)
+        if crop > min(h, w):
+            fits = min(h, w) // multiple * multiple
+            fix = f"use --crop {fits} or less (a multiple of {multiple})" if fits >= 32 else \
+                "leave out frames this small"
+            scale = f" at working scale {working_scale:g}" if working_scale != 1.0 else ""
+            raise ValueError(f"crop {crop} (--crop) is larger than the smallest training frame, {h}x{w} px{scale}: "
+                             f"{fix}")
+
     def prepare_views(self, scales: Sequence[float], interpolation: str = "bilinear",
                       working_scale: float = 1.0) -> None:
         """Compute and keep (S, H, W) float16 views of every frame (idempotent)."""
@@ -369,6 +383,7 @@ def train(cfg: TrainConfig, pool: FramePool, out_path, resume: Optional[str] = N
     from .models import export_model
 
     out_path = Path(out_path)
+    pool.check_crop(cfg.crop, cfg.working_scale)
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)

@@ -142,8 +142,12 @@ _PROBED: set = set()
 
 
 def check_mask_output(out, source) -> Path:
-    """``segment``'s --out: not the input, a known extension, an existing writable folder."""
+    """``segment``'s --out: not the input, a known extension that keeps a mask exact (not
+    JPEG), an existing writable folder."""
     from .imageio import WRITABLE_SUFFIXES
+    if Path(out).suffix.lower() in (".jpg", ".jpeg"):
+        raise ValueError(f"--out {out}: JPEG's lossy compression would turn the mask's 0/255 into other grey "
+                         "levels along its edge; write it as .png (or .nrrd / .mha for a label volume)")
     return check_output_path(out, [source], suffixes=WRITABLE_SUFFIXES, what="--out")
 
 

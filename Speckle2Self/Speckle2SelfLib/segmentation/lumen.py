@@ -18,10 +18,16 @@ import numpy as np
 from .editor_effects import DEFAULT_TOLERANCE, flood_fill, grow_from_seeds
 from .masks import (Measurement, RowCol, _as_image2d, check_seed, leak_reason, measure, seed_from_mask,
                     warn_if_seed_on_wall)
-from .radial import SeedNotInLumenError, radial_boundary, radial_segment
+from .radial import (MAX_INSIDE_OUTSIDE_RATIO, RADIAL_EDGE_WIDTH_PX, RADIAL_SIGMA_PX, SeedNotInLumenError,
+                     radial_boundary, radial_segment)
 
 #: Relative area change between consecutive accepted frames above which a frame is flagged.
 MAX_AREA_CHANGE = 0.5
+#: Least rise from a flood / growcut region's inside to the ring just outside it, as a fraction
+#: of the way to the bright tissue nearby (:func:`contrast_reason`). On 29 tuning images the
+#: regions of a zero tolerance, which stop inside the lumen, score at most 0.17 (most below
+#: 0.08); tolerance-3 fills 0.20-0.34, Slicer's grow from seeds 0.19-0.67, radial contours 0.36-0.79.
+MIN_RING_STEP = 0.15
 #: Segmentation methods: "radial" (the default: a star-shaped boundary around the seed, robust
 #: to wall gaps), and Slicer's own "flood" (flood filling) and "growcut" (grow from seeds).
 METHODS = ("radial", "flood", "growcut")
@@ -66,10 +72,12 @@ def segment(image2d: np.ndarray, seed_rc: RowCol, method: str = DEFAULT_METHOD,
     ``method``: "radial" (default, :func:`radial_boundary`), "flood" or "growcut" (Slicer's
     effects, ``tolerance`` in grey levels). Never returns an implausible mask silently: the
     result's ``reason`` says why it should not be trusted (leak, weak boundary, not a dark
-    lumen, empty). A radial seed on bright tissue raises :class:`SeedNotInLumenError`.
+    lumen -- for every method, see :func:`contrast_reason` --, empty). The image must be 2D and
+    finite (a ValueError otherwise). A radial seed on bright tissue raises :class:`SeedNotInLumenError`.
     ``prior_mask`` (radial only) is a previous boundary to stay close to.
     """
-    seed = check_seed(seed_rc, np.shape(image2d))
+    image2d = _checked_image(image2d)
+    seed = check_seed(seed_rc, image2d.shape)
     mask, reason = _segment_checked(image2d, seed, method, tolerance, options, prior_mask)
     m = measure(mask, spacing_mm)
     if m.area_px == 0 and not reason:
@@ -86,7 +94,68 @@ def _segment_checked(image2d, seed, method, tolerance, options, prior_mask=None)
         raise ValueError(f"prior_mask is used by the radial method only, not {method!r}")
     mask = segment_frame(image2d, seed, method, tolerance, check=False, **options)
     leak = leak_reason(mask)
-    return mask, f"leaked: {leak}" if leak else ""
+    if leak:
+        return mask, f"leaked: {leak}"
+    return mask, contrast_reason(image2d, mask)
+
+
+def _checked_image(image2d) -> np.ndarray:
+    """The frame as an array; a ValueError before any work for what cannot be a grey frame."""
+    image = np.asarray(image2d)
+    if image.ndim != 2:
+        hint = " (an RGB picture: pass its grey levels, e.g. image.mean(axis=-1))" \
+            if image.ndim == 3 and image.shape[-1] in (3, 4) else "; use segment_sequence for (N, H, W) frames"
+        raise ValueError(f"expected a 2D grey image (H, W), got shape {image.shape}{hint}")
+    if image.dtype.kind not in "uif":
+        raise ValueError(f"expected a numeric grey image, got dtype {image.dtype}")
+    if image.dtype.kind == "f" and not np.isfinite(image).all():
+        raise ValueError(f"the image has {np.count_nonzero(~np.isfinite(image))} NaN or infinite pixel(s); "
+                         "replace them (e.g. np.nan_to_num) before segmenting")
+    return image
+
+
+def contrast_reason(image2d: np.ndarray, mask: np.ndarray, ring_px: int = 2 * RADIAL_EDGE_WIDTH_PX) -> str:
+    """Why ``mask`` is not a dark lumen in brighter surroundings ('' if it is). The median grey
+    level inside (3 px or more from its boundary) over that of a ring of ``ring_px`` px just
+    outside it (1 px apart), both on the image smoothed as the radial method smooths it, must be at
+    most :data:`~.radial.MAX_INSIDE_OUTSIDE_RATIO` of it (the radial method's own test), and rise
+    from the inside by at least :data:`MIN_RING_STEP` of the way to the bright tissue nearby (90th
+    percentile). A region that stops inside the lumen (too low a tolerance) or grows in flat
+    surroundings fails."""
+    from scipy import ndimage
+
+    mask = np.asarray(mask, bool)
+    if not mask.any():
+        return ""                      # "empty mask" is said by the caller
+    rows, cols = np.nonzero(mask)
+    margin = ring_px + 3 * int(RADIAL_SIGMA_PX) + 2
+    r0, r1 = max(rows.min() - margin, 0), min(rows.max() + margin + 1, mask.shape[0])
+    c0, c1 = max(cols.min() - margin, 0), min(cols.max() + margin + 1, mask.shape[1])
+    region = mask[r0:r1, c0:c1]
+    smooth = ndimage.gaussian_filter(np.asarray(image2d, np.float32)[r0:r1, c0:c1], RADIAL_SIGMA_PX)
+    distance = ndimage.distance_transform_edt(~region)
+    ring = (distance > 1) & (distance <= 1 + ring_px)
+    if not ring.any():
+        return ""                      # the mask fills the image: leak_reason says so
+    # the inside's level away from the boundary, where the smoothing mixes in the wall's
+    core = ndimage.distance_transform_edt(region) >= 1 + int(RADIAL_SIGMA_PX)
+    inside = float(np.median(smooth[core if core.any() else region]))
+    outside = float(np.median(smooth[ring]))
+    if outside <= inside:
+        return (f"not a dark lumen: the region is no darker than its surroundings (median grey {inside:.3g} "
+                f"inside, {outside:.3g} just outside); move the seed or raise the tolerance")
+    if outside > 0 and inside / outside > MAX_INSIDE_OUTSIDE_RATIO:
+        return (f"not a dark lumen: the inside is {100 * inside / outside:.0f}% as bright as its surroundings "
+                f"(at most {100 * MAX_INSIDE_OUTSIDE_RATIO:.0f}%); the region may stop inside the lumen "
+                "(raise the tolerance) or have grown into tissue")
+    # a region that stops inside the lumen has lumen around it: its ring is barely brighter,
+    # measured against the bright tissue nearby (as the radial method measures its edges)
+    step = (outside - inside) / max(float(np.percentile(smooth, 90)) - inside, 1e-6)
+    if step < MIN_RING_STEP:
+        return (f"weak boundary: just outside, the grey level is only {100 * step:.0f}% of the way from the "
+                f"inside's to the bright tissue's (needs {100 * MIN_RING_STEP:.0f}%); the region may stop "
+                "inside the lumen (raise the tolerance)")
+    return ""
 
 
 @dataclass
@@ -116,8 +185,8 @@ def segment_sequence(frames: np.ndarray, seed_rc: RowCol, method: str = DEFAULT_
     the probe and pulsates); with the radial method that frame's boundary is also the prior
     (``prior_mask`` of :func:`radial_boundary`). A frame is flagged -- kept in ``masks`` but
     marked in ``flagged`` with a reason, and not used to seed the next one -- when its mask is
-    empty, implausible (a leak, see :func:`leak_reason`; for radial also :func:`radial_reason`;
-    a seed that fell on bright tissue), or its area differs from the last accepted frame's by
+    empty, implausible (a leak, see :func:`leak_reason`; for radial also :func:`radial_reason`,
+    for flood and growcut :func:`contrast_reason`; a seed that fell on bright tissue), or its area differs from the last accepted frame's by
     more than ``max_area_change`` (0.5 = 50%). ``frames_to_segment`` limits the work to some
     frames (others stay empty and unflagged). ``options`` go to the method's function.
     ``progress(done, total)`` is called after each segmented frame (total: the frames to
@@ -127,6 +196,9 @@ def segment_sequence(frames: np.ndarray, seed_rc: RowCol, method: str = DEFAULT_
     frames = np.asarray(frames)
     if frames.ndim != 3:
         raise ValueError(f"frames must be (N, H, W), got shape {frames.shape}")
+    if frames.dtype.kind == "f" and not np.isfinite(frames).all():
+        raise ValueError(f"the frames have {np.count_nonzero(~np.isfinite(frames))} NaN or infinite pixel(s); "
+                         "replace them (e.g. np.nan_to_num) before segmenting")
     n = frames.shape[0]
     if not 0 <= start_frame < n:
         raise ValueError(f"start_frame {start_frame} is outside 0..{n - 1}")

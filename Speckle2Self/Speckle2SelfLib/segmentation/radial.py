@@ -199,7 +199,8 @@ def _check_seed_in_dark(smooth: np.ndarray, seed: Tuple[int, int], radius: int,
     if high > low and (local - low) / (high - low) > SEED_BRIGHTNESS_LIMIT:
         raise SeedNotInLumenError(
             f"the seed (row={shown_seed[0]}, col={shown_seed[1]}, i.e. x={shown_seed[1]}, y={shown_seed[0]}) is on "
-            f"bright tissue (grey level {local:.0f}; the darkest nearby is {low:.0f}, the brightest {high:.0f}), "
+            f"bright tissue (grey level {local:.0f}, where nearby levels run from {low:.0f} to {high:.0f}: the "
+            "5th and 95th percentiles), "
             "not in a dark lumen: place the seed inside the vessel lumen")
 
 

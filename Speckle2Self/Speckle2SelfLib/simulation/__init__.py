@@ -10,10 +10,10 @@ phantom, result = sim.simulate_phantom("carotid")``); ``speckle2self simulate`` 
 :mod:`Speckle2SelfLib.cli.simulate`.
 """
 
-from .bmode import (LATERAL_SCALINGS, PAPER_FREQUENCIES_HZ, PLANE_WAVE_TILTS_DEG, REFERENCE_FC_HZ, SimulationResult,
-                    grain_fwhm_mm, log_compress, must_receive_fnumber, simulate_bmode, speckle_contrast)
+from .bmode import (FC_LIMITS_HZ, LATERAL_SCALINGS, PAPER_FREQUENCIES_HZ, PLANE_WAVE_TILTS_DEG, REFERENCE_FC_HZ, SimulationResult,
+                    check_fc, grain_fwhm_mm, log_compress, must_receive_fnumber, simulate_bmode, speckle_contrast)
 from .phantoms import PHANTOM_KINDS, PhantomResult, make_phantom, simulate_phantom, simulated_set
 
-__all__ = ["LATERAL_SCALINGS", "PAPER_FREQUENCIES_HZ", "PHANTOM_KINDS", "PLANE_WAVE_TILTS_DEG", "REFERENCE_FC_HZ",
-           "PhantomResult", "SimulationResult", "grain_fwhm_mm", "log_compress", "make_phantom",
+__all__ = ["FC_LIMITS_HZ", "LATERAL_SCALINGS", "PAPER_FREQUENCIES_HZ", "PHANTOM_KINDS", "PLANE_WAVE_TILTS_DEG", "REFERENCE_FC_HZ",
+           "PhantomResult", "SimulationResult", "check_fc", "grain_fwhm_mm", "log_compress", "make_phantom",
            "must_receive_fnumber", "simulate_bmode", "simulate_phantom", "simulated_set", "speckle_contrast"]

@@ -265,6 +265,26 @@ def log_compress(envelope: np.ndarray, dynamic_range_db: float = 60.0,
     return np.clip((env_db - top_db + dynamic_range_db) / dynamic_range_db, 0.0, 1.0).astype(np.float32)
 
 
+#: Centre frequencies the simulator takes (Hz): clinical to high-frequency probes. Below, the
+#: PSF kernels grow with the wavelength until they no longer fit in memory (7.5 Hz, a frequency
+#: given in MHz by mistake, would need terabytes).
+FC_LIMITS_HZ = (0.5e6, 100e6)
+
+
+def check_fc(fc: float) -> float:
+    """``fc`` as a float if it lies in :data:`FC_LIMITS_HZ`, else a ValueError naming the unit."""
+    low, high = FC_LIMITS_HZ
+    try:
+        value = float(fc)
+    except (TypeError, ValueError):
+        raise ValueError(f"fc must be a centre frequency in Hz, got {fc!r}") from None
+    if not low <= value <= high:
+        hint = f" (in MHz? {value:g} MHz is {value:g}e6 Hz)" if 0 < value < 1000 else ""
+        raise ValueError(f"fc must be a centre frequency in Hz from {low:g} to {high:g}, e.g. 7.5e6 for "
+                         f"7.5 MHz; got {value:g}{hint}")
+    return value
+
+
 def simulate_bmode(clean: np.ndarray, fc: float = 7.5e6, seed: Optional[int] = None,
                    width_mm: float = 45.0, depth_mm: float = 50.0,
                    dynamic_range_db: float = 60.0, echo_range_db: float = 40.0,
@@ -275,7 +295,7 @@ def simulate_bmode(clean: np.ndarray, fc: float = 7.5e6, seed: Optional[int] = N
     Parameters
     ----------
     clean: clean image, rows = depth (0 at the probe), columns = lateral; not modified.
-    fc: centre frequency in Hz; the speckle grain scales with the wavelength c / fc.
+    fc: centre frequency in Hz (:data:`FC_LIMITS_HZ`); the speckle grain scales with the wavelength c / fc.
     seed: random seed of the scatterer field (None: fresh entropy).
     width_mm, depth_mm: physical extent of the image (the paper: 45 x 50 mm).
     dynamic_range_db: displayed dynamic range of the log compression.
@@ -287,8 +307,9 @@ def simulate_bmode(clean: np.ndarray, fc: float = 7.5e6, seed: Optional[int] = N
     lateral_scaling: how the lateral grain follows fc, see :func:`grain_fwhm_mm`.
     """
     clean = _check_clean(clean)
-    if not fc > 0 or not width_mm > 0 or not depth_mm > 0:
-        raise ValueError(f"fc, width_mm and depth_mm must be positive, got {fc}, {width_mm}, {depth_mm}")
+    fc = check_fc(fc)
+    if not width_mm > 0 or not depth_mm > 0:
+        raise ValueError(f"width_mm and depth_mm must be positive, got {width_mm}, {depth_mm}")
     if not dynamic_range_db > 0 or not echo_range_db >= 0:
         raise ValueError("dynamic_range_db must be > 0 and echo_range_db >= 0")
     height, width = clean.shape
