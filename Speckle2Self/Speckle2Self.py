@@ -246,7 +246,9 @@ class Speckle2SelfWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 count=sequence.GetNumberOfDataNodes(), name=sequence.GetName())
         self.ui.keepColourCheckBox.enabled = bool(node and is_rgb(node))
         lumenNode = self.ui.lumenVolumeSelector.currentNode()
-        self.ui.lumenAllFramesCheckBox.visible = bool(lumenNode and find_sequence(lumenNode))
+        slices = lumenNode.GetImageData().GetDimensions()[2] if lumenNode and lumenNode.GetImageData() else 1
+        # it decides between the seed's frame and all of them for a sequence and for a multi-slice volume
+        self.ui.lumenAllFramesCheckBox.visible = bool(lumenNode and (find_sequence(lumenNode) or slices > 1))
         self.updateButtons()
 
     def updateButtons(self) -> None:
@@ -311,6 +313,11 @@ class Speckle2SelfWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 combo.currentIndex = index
         finally:
             self._updatingModelCombo = False
+        if model and index < 0 and self._parameterNode:
+            # e.g. a scene saved with a model file that is gone: Apply must use what the list shows
+            self.ui.statusLabel.text = _("Model {model} was not found; using {shown}.").format(
+                model=model, shown=combo.currentText)
+            self._parameterNode.model = self.currentModel()
         self.showModelInfo()
 
     def onModelComboChanged(self, index: int) -> None:
@@ -324,6 +331,7 @@ class Speckle2SelfWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.selectModelInCombo(self._parameterNode.model)
                 return
             self._parameterNode.model = path
+            self.selectModelInCombo(path)     # also when it was the model already (no Modified event)
         else:
             self._parameterNode.model = self.currentModel()
         self.showModelInfo(followRecommendation=True)
@@ -460,7 +468,7 @@ class Speckle2SelfWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._cancelRequested = False
         for widget in (self.ui.inputSelector, self.ui.outputSelector, self.ui.allFramesCheckBox,
                        self.ui.modelComboBox, self.ui.deviceComboBox, self.ui.backendComboBox, self.ui.batchSizeSpinBox,
-                       self.ui.advancedCollapsibleButton, self.ui.lumenCollapsibleButton):
+                       self.ui.advancedCollapsibleButton, self.ui.lumenCollapsibleButton, self.ui.liveCheckBox):
             widget.enabled = not running
         self.ui.applyButton.text = _("Cancel") if running else _("Apply")
         self.ui.applyButton.enabled = True
@@ -509,7 +517,8 @@ class Speckle2SelfWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         if self._running or not p or not p.inputVolume:
             self._setLiveChecked(False)
-            self.ui.liveStatusLabel.text = _("Select an input volume to despeckle live.")
+            self.ui.liveStatusLabel.text = _("Wait for Apply to finish (or cancel it).") if self._running else \
+                _("Select an input volume to despeckle live.")
             return
         if not self.torchReady():
             self._setLiveChecked(False)

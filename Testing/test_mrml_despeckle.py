@@ -293,6 +293,42 @@ def test_rerun_into_the_same_output_replaces_the_earlier_sequence(scene, fast, p
         logic.despeckle_sequence(other, second.proxy_node)
 
 
+def test_a_single_volume_result_never_goes_into_an_earlier_sequence_results_proxy(scene, fast, phantoms):
+    """The module remembers the last output; after a sequence run that is a proxy, and its
+    browser would replace a single volume written there with a frame at its next step."""
+    frames, _ = phantoms
+    sequence, browser, proxy = make_sequence(scene, frames[:2])
+    logic = Speckle2SelfLogic(fast, sequences_logic=scene.sequences_logic)
+    earlier = logic.process(proxy, None).output_node
+    assert browser.GetSequenceNode(earlier) is not None
+    before = nodes.volume_to_array(earlier)
+    other = make_volume(scene, frames[2:3], name="Other")
+    for source, all_frames in ((other, True), (proxy, False)):      # Apply with another image / one frame
+        run = logic.process(source, earlier, all_frames=all_frames)
+        assert run.output_node is not earlier and browser.GetSequenceNode(run.output_node) is None
+        np.testing.assert_array_equal(nodes.volume_to_array(earlier), before)
+    # the console API, given such a node explicitly, says why instead of losing the result
+    with pytest.raises(ValueError, match="shows a frame of sequence 'Cine despeckled sequence'"):
+        logic.despeckle_volume(other, earlier)
+
+
+def test_a_reused_output_takes_the_inputs_transform_or_none(scene, fast, phantoms):
+    frames, _ = phantoms
+    volume = make_volume(scene, frames[:1])
+    probe = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "Probe")
+    volume.SetAndObserveTransformNodeID(probe.GetID())
+    logic = Speckle2SelfLogic(fast, sequences_logic=scene.sequences_logic)
+    out = logic.despeckle_volume(volume)
+    assert out.GetParentTransformNode() is probe
+    volume.SetAndObserveTransformNodeID(None)          # the input left the transform: so does the output
+    assert logic.despeckle_volume(volume, out) is out and out.GetParentTransformNode() is None
+    # a sequence result into a remembered output under a transform: the input proxy's (none)
+    _sequence, _browser, proxy = make_sequence(scene, frames[:2])
+    mine = make_volume(scene, frames[:1], name="Mine")
+    mine.SetAndObserveTransformNodeID(probe.GetID())
+    assert logic.despeckle_sequence(proxy, mine).proxy_node.GetParentTransformNode() is None
+
+
 def test_console_api_despeckles_a_proxy_volume_or_all_its_frames(scene, fast, phantoms):
     frames, _ = phantoms
     sequence, browser, proxy = make_sequence(scene, frames[:2])

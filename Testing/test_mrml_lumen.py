@@ -324,6 +324,38 @@ def test_tracked_sequence_seed_frame_transform_and_proxy_segmentation(scene):
     assert browser.GetNumberOfSynchronizedSequenceNodes() == 2      # image + lumen (the clock is primary)
 
 
+def test_a_single_image_is_never_segmented_into_an_earlier_sequence_results_proxy(scene):
+    """The module remembers the last segmentation; after an all-frames run that is the proxy of
+    the lumen sequence, whose browser would replace a single result written there."""
+    frames, truths = moving_frames(3)
+    image, browser, proxy, _transform = tracked_loop(scene, frames)
+    local = ijk_to_ras(image.GetNthDataNode(0), (45, 35, 0))
+    earlier = scene_lumen.segment_lumen(image, (local[0] + 25.0, local[1], local[2]), tolerance=TOLERANCE)
+    shown = earlier.segmentation_node
+    assert browser.GetSequenceNode(shown) is earlier.segmentation_sequence_node
+    assert shown.GetName() == "Image lumen", "named after the sequence, not one frame's item"
+    assert earlier.segmentation_sequence_node.GetName() == "Image lumen sequence"
+
+    frame, truth = lumen_frame((40, 50), seed=7)
+    other = make_volume(scene, frame[None], "Other")
+    single = scene_lumen.segment_lumen(other, ijk_to_ras(other, (50, 40, 0)), tolerance=TOLERANCE,
+                                       segmentation_node=shown)
+    assert single.segmentation_node is not shown and browser.GetSequenceNode(single.segmentation_node) is None
+    assert single.segmentation_node.GetName() == "Other lumen"
+    browser.SetSelectedItemNumber(2)                 # browsing leaves the single result alone
+    node = single.segmentation_node
+    mask = segment_array(node, node.GetSegmentation().GetSegmentIdBySegmentName("Carotid lumen"), (1, ROWS, COLS))
+    assert iou(mask[0], truth) > 0.8
+
+    # another recording's all-frames run does not take over this browser's proxy either
+    second, second_browser, _proxy, _t = tracked_loop(scene, frames)
+    again = scene_lumen.segment_lumen(second, (local[0] + 25.0, local[1], local[2]), tolerance=TOLERANCE,
+                                      segmentation_node=shown)
+    assert again.segmentation_node is not shown
+    assert browser.GetSequenceNode(shown) is earlier.segmentation_sequence_node
+    assert second_browser.GetSequenceNode(again.segmentation_node) is again.segmentation_sequence_node
+
+
 def test_seed_is_the_last_placed_point_of_the_list(scene):
     points = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "Seed")
     assert scene_lumen.last_seed_ras(points) is None and scene_lumen.last_seed_ras(None) is None

@@ -69,6 +69,11 @@ class VolumeSource:
         pixels = read_pixels(node)
         colour_out = keep_colour and pixels.rgb is not None
         check_output_node(output_node, node, colour_out)
+        shown = find_sequence(output_node) if output_node is not None else None
+        if shown is not None:
+            raise ValueError(f"output {display_name(output_node)} shows a frame of sequence {display_name(shown[0])}: "
+                             "its browser would replace this result at its next step; choose or create another "
+                             "output volume")
         return cls(scene, node, pixels, colour_out)
 
 
@@ -174,8 +179,7 @@ def store_sequence(src: SequenceSource, output_node, per_item: List[np.ndarray],
         # Sequence items are copies without scene references (vtkMRMLSequenceNode::CopyContent):
         # the parent transform (e.g. ImageToReference of tracked ultrasound) is the input proxy's.
         transform = input_proxy.GetParentTransformNode() if input_proxy is not None else None
-        if transform is not None:
-            output_node.SetAndObserveTransformNodeID(transform.GetID())
+        output_node.SetAndObserveTransformNodeID(transform.GetID() if transform is not None else None)
         copy_display(input_proxy if input_proxy is not None else sequence.GetNthDataNode(0), output_node)
         created.track_display(output_node)
         made_browser = browser is None

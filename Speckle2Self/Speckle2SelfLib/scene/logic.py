@@ -242,8 +242,9 @@ class Speckle2SelfLogic:
         options = dict(model=model, device=device, batch_size=batch_size, gamma=_gamma(gamma), blend=blend,
                        keep_colour=keep_colour, progress=progress, cancel=cancel, grey_levels=grey_levels,
                        refine=refine)
-        output_node = _usable_output(output_node, keep_colour and is_rgb(input_node))
-        if all_frames and means_sequence(input_node, True):
+        whole_sequence = means_sequence(input_node, all_frames)
+        output_node = _usable_output(output_node, keep_colour and is_rgb(input_node), whole_sequence)
+        if whole_sequence:
             result = self.despeckle_sequence(input_node, output_node, **options)
         else:
             result = self.despeckle_volume(input_node, output_node, **options)
@@ -260,7 +261,8 @@ class Speckle2SelfLogic:
         if input_node is None:
             raise ValueError("Select an input volume.")
         self.backend = backend
-        output_node = _usable_output(output_node, keep_colour and is_rgb(input_node))
+        output_node = _usable_output(output_node, keep_colour and is_rgb(input_node),
+                                     means_sequence(input_node, all_frames))
         job = self.prepare_job(input_node, output_node, all_frames=all_frames, model=model, device=device,
                                batch_size=batch_size, gamma=_gamma(gamma), blend=blend, keep_colour=keep_colour,
                                grey_levels=grey_levels, refine=refine)
@@ -310,12 +312,20 @@ def _gamma(gamma: Optional[float]) -> Optional[float]:
     return None if gamma is None or abs(gamma - 1.0) < 1e-6 else gamma
 
 
-def _usable_output(output_node, colour: bool):
-    """A remembered output of the other kind (grey vs RGB) is not overwritten: a new one is made."""
+def _usable_output(output_node, colour: bool, whole_sequence: bool = False):
+    """The remembered output (the module keeps the last result), or None for a new one where it
+    cannot take this result: one of the other kind (grey vs RGB), or -- for a single volume --
+    the proxy of an earlier sequence result, whose browser would replace the result with a frame
+    of that sequence at its next step."""
+    from .nodes import find_sequence
+
     if output_node is None:
         return None
     if output_node.IsA("vtkMRMLVectorVolumeNode") != colour:
         logging.info(f"{display_name(output_node)} cannot hold this result type; creating a new output volume")
+        return None
+    if not whole_sequence and find_sequence(output_node) is not None:
+        logging.info(f"{display_name(output_node)} shows a frame of a sequence; creating a new output volume")
         return None
     return output_node
 

@@ -33,7 +33,7 @@ from ..segmentation import (DEFAULT_METHOD, DEFAULT_TOLERANCE, MAX_AREA_CHANGE, 
                             segment_sequence)
 from ..vtkimage import image_from_array
 from .jobs import BackgroundJob
-from .nodes import (CreatedNodes, base_name, browser_item_number, check_still_in_scene, display_name,
+from .nodes import (CreatedNodes, base_name, browser_item_number, browser_showing, check_still_in_scene, display_name,
                     nodes_of_class, read_pixels, read_sequence_items, remove_with_display_nodes, resolve_sequence,
                     synchronized_sequences)
 
@@ -125,6 +125,10 @@ def prepare_segmentation(volume_node, seed_ras: Optional[Sequence[float]] = None
         raise ValueError("volume_node must be a volume or sequence node that is in an MRML scene")
     _check_output_nodes(segmentation_node, table_node)
     frames = _read_frames(volume_node)
+    if segmentation_node is not None and frames.slice_frames and browser_showing(segmentation_node) is not None:
+        # the proxy of an earlier sequence result: its browser would replace this result with a
+        # frame of that sequence at its next step (the module remembers the last segmentation)
+        segmentation_node = None
     start = _start_frame(frames, frame, seed_ras, seed_ijk)
     i, j, _ = _seed_ijk(frames.geometry(start), seed_ras, seed_ijk, frames.transform_node)
     return SegmentJob(volume_node.GetScene(), volume_node, frames, (i, j, start), range(len(frames.pixels)) if all_frames else [start],
@@ -300,11 +304,12 @@ def _frame_spacing_rc(volume_node) -> Tuple[float, float]:
 # ----------------------------------------------------------------------------- writing
 
 def _write_segmentation(created: CreatedNodes, segmentation_node, volume_node, masks: np.ndarray,
-                        transform_node=None):
+                        transform_node=None, stem: Optional[str] = None):
     """Put (k, j, i) masks as the "Carotid lumen" segment of a segmentation in the volume's
-    geometry, under ``transform_node`` (the volume's parent transform)."""
+    geometry, under ``transform_node`` (the volume's parent transform); a new node is named
+    "``stem`` lumen" (default: the volume's name)."""
     if segmentation_node is None:
-        segmentation_node = created.add("vtkMRMLSegmentationNode", f"{base_name(volume_node)} lumen")
+        segmentation_node = created.add("vtkMRMLSegmentationNode", f"{stem or base_name(volume_node)} lumen")
         segmentation_node.CreateDefaultDisplayNodes()
         created.track_display(segmentation_node)
     segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
@@ -361,8 +366,8 @@ def _write_sequence_segmentations(created: CreatedNodes, lumen: LumenResult, fra
     scene, source, browser = created.scene, frames.sequence_node, frames.browser_node
     stem = base_name(source, "Sequence")
     sequence, segmentation_node = _earlier_lumen_sequence(browser, segmentation_node, source)
-    if sequence is None:
-        sequence = created.add("vtkMRMLSequenceNode", f"{stem} lumen")
+    if sequence is None:     # "<input> lumen sequence", shown by "<input> lumen" (as despeckling names its output)
+        sequence = created.add("vtkMRMLSequenceNode", f"{stem} lumen sequence")
     else:
         sequence.RemoveAllDataNodes()
     sequence.SetIndexName(source.GetIndexName())
@@ -382,7 +387,8 @@ def _write_sequence_segmentations(created: CreatedNodes, lumen: LumenResult, fra
         remove_with_display_nodes(scene, frame_segmentation)
     lumen.segmentation_sequence_node = sequence
     lumen.segmentation_node, lumen.segment_id = _write_segmentation(
-        created, segmentation_node, frames.geometry(start), lumen.sequence.masks[start][None], frames.transform_node)
+        created, segmentation_node, frames.geometry(start), lumen.sequence.masks[start][None], frames.transform_node,
+        stem)      # named as the lumen sequence it shows, not after one frame's item
     if browser is not None:
         _play_as_proxy(browser, sequence, lumen.segmentation_node)
         lumen.segment_id = lumen.segmentation_node.GetSegmentation().GetSegmentIdBySegmentName(
@@ -394,11 +400,11 @@ def _earlier_lumen_sequence(browser, segmentation_node, source):
     node to use as its proxy). A given segmentation node that is the proxy of another sequence
     is not taken over: a new one is made (None)."""
     if browser is None:
-        return None, segmentation_node
+        return None, (segmentation_node if browser_showing(segmentation_node) is None else None)
     if segmentation_node is not None:
         shown = browser.GetSequenceNode(segmentation_node)
-        if shown is None:
-            return None, segmentation_node
+        if shown is None:     # free, unless another browser shows it: not taken over
+            return None, (segmentation_node if browser_showing(segmentation_node) is None else None)
         if shown.GetAttribute(LUMEN_SOURCE_ATTRIBUTE) == source.GetID():
             return shown, segmentation_node
         return None, None

@@ -109,6 +109,15 @@ def find_sequence(volume_node) -> Optional[Tuple[Any, Any]]:
     return None if browser is None else (browser.GetSequenceNode(volume_node), browser)
 
 
+def browser_showing(node):
+    """The sequence browser that shows ``node`` (any node class: volumes, segmentations) as the
+    proxy of one of its sequences, else None."""
+    scene = node.GetScene() if node is not None else None
+    if scene is None:
+        return None
+    return first_browser(scene, lambda b: b.GetSequenceNode(node) is not None)
+
+
 def means_sequence(node, all_frames: bool) -> bool:
     """True when ``node`` stands for a whole sequence: a sequence or sequence browser node, or
     (``all_frames``) a volume that a browser shows (a sequence proxy)."""
@@ -298,9 +307,10 @@ def copy_geometry(source, target) -> None:
     ijk_to_ras = vtk.vtkMatrix4x4()
     source.GetIJKToRASMatrix(ijk_to_ras)
     target.SetIJKToRASMatrix(ijk_to_ras)
-    parent = source.GetParentTransformNode() if source.GetScene() is not None else None
-    if parent is not None and target.GetScene() is not None:
-        target.SetAndObserveTransformNodeID(parent.GetID())
+    if source.GetScene() is not None and target.GetScene() is not None:
+        # also none: a reused output must not keep the transform of what it showed before
+        parent = source.GetParentTransformNode()
+        target.SetAndObserveTransformNodeID(parent.GetID() if parent is not None else None)
 
 
 def copy_display(source, target) -> None:
