@@ -220,7 +220,83 @@ def test_a_user_model_can_be_the_starting_point(scene, models_dir, untrained_mod
     assert job.init_path == models_dir / "mine.pt"
 
 
+def test_a_bundled_models_name_means_that_model_even_beside_a_user_model_so_named(scene, models_dir,
+                                                                                  untrained_model):
+    from Speckle2SelfLib.engine.models import bundled_model_path
+
+    models_dir.mkdir()
+    bundled = bundled_model_path()
+    shutil.copy(untrained_model, models_dir / "hand-copied.pt")
+    user_models.register_user_model(models_dir / "hand-copied.pt", bundled.stem)
+    volume = make_volume(scene, np.stack(speckle_uint8(2)), "US")
+    job = AdaptJob(frames_from_nodes([volume]), init=bundled.stem, steps=1, minutes=None, **TINY)
+    assert job.init_path == bundled
+    # and adapting continues the starting model's recipe: its learning rate unless one is given
+    assert job.lr == load_model(bundled).metadata["training"]["lr"] != 1e-3
+
+
+def test_two_adaptations_at_once_both_write_their_model(scene, models_dir, untrained_model):
+    volume = make_volume(scene, np.stack(speckle_uint8(2)), "US")
+    jobs = [AdaptJob(frames_from_nodes([volume]), init=str(untrained_model), steps=2, minutes=None, name="twin",
+                     seed=seed, **TINY).start() for seed in (0, 1)]
+    results = [job.wait(120) for job in jobs]     # TorchScript compilation is serialised; names reserved in turn
+    assert sorted(r.path.name for r in results) == ["twin-2.pt", "twin.pt"]
+    models, messages = user_models.list_user_models()
+    assert sorted(m.name for m in models) == ["twin", "twin-2"] and not messages
+
+
+def test_models_exported_from_two_threads_at_once_are_both_written(tmp_path):
+    """TorchScript compilation is not thread-safe: unserialised, two exports of the default
+    model's network at once hung (or failed: "Can't redefine method: forward")."""
+    import threading
+
+    from Speckle2SelfLib.engine.models import bundled_model_path, export_model
+    from Speckle2SelfLib.engine.training import build_net, config_from_model
+
+    cfg = config_from_model(bundled_model_path(), crop=32, batch=2, steps=1)
+    barrier, errors = threading.Barrier(2), []
+
+    def export(k):
+        try:
+            for i in range(2):
+                barrier.wait()
+                export_model(build_net(cfg), tmp_path / f"m{k}{i}.pt", scales=cfg.scales, interpolation="bilinear")
+        except Exception as err:  # reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=export, args=(k,), daemon=True) for k in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert not any(t.is_alive() for t in threads), "concurrent exports hung"
+    assert not errors and all(load_model(tmp_path / f"m{k}{i}.pt") for k in range(2) for i in range(2))
+
+
 # ----------------------------------------------------------------------------- user models folder
+
+def test_a_second_model_of_the_same_name_gets_its_own_entry(models_dir, untrained_model):
+    models_dir.mkdir()
+    for file in ("same.pt", "same-2.pt"):
+        shutil.copy(untrained_model, models_dir / file)
+        user_models.register_user_model(models_dir / file, "same")
+    models, messages = user_models.list_user_models()
+    assert {(m.name, m.path.name, m.registered) for m in models} == {("same", "same.pt", True),
+                                                                     ("same-2", "same-2.pt", True)}
+    assert not messages
+    # a registered model whose file is gone can be forgotten (it was reported on every listing)
+    (models_dir / "same.pt").unlink()
+    assert any("missing its file" in m for m in user_models.list_user_models()[1])
+    assert user_models.remove_user_model("same") == models_dir / "same.pt"
+    assert not user_models.list_user_models()[1]
+    with pytest.raises(KeyError):
+        user_models.remove_user_model("same")
+    # a damaged registry is not silently replaced: it is kept beside the new one
+    registry = next(models_dir.glob("*.json"))
+    registry.write_text("{damaged")
+    user_models.register_user_model(models_dir / "same-2.pt", "same")
+    assert [p.read_text() for p in models_dir.glob(registry.name + ".damaged-*")] == ["{damaged"]
+    assert [m.name for m in user_models.list_user_models()[0]] == ["same"]
 
 def test_corrupt_user_models_are_skipped_with_a_message_and_can_be_removed(models_dir, untrained_model):
     models_dir.mkdir()

@@ -48,6 +48,7 @@ TRAIN_CASES = [
     (["--consistency", "none", "--consistency-weight", "0.5"], "--consistency-weight"),
     (["--consistency", "none", "--edge-sigma", "0.01"], "--edge-sigma"),
     (["--edge-power", "0.5"], "give --edge-sigma"), (["--device", "mps"], "'mps' requested"),
+    (["--seed", "-1"], "--seed"),
 ]
 
 

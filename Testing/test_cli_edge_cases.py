@@ -80,6 +80,36 @@ def training_folder(tmp_path):
     return folder
 
 
+def test_fine_tuning_continues_the_starting_models_loss_and_learning_rate(training_folder, tmp_path, capsys):
+    from Speckle2SelfLib.engine.models import bundled_model_path, load_model
+
+    start = load_model(bundled_model_path()).metadata["training"]       # the default model's recipe
+    assert start["edge_sigma"] and start["lr"] != 1e-3
+    tiny = ["--steps", "1", "--crop", "32", "--batch", "2", "--preview-every", "0"]
+    cases = {"kept": [], "lr given": ["--lr", "5e-4"], "no consistency": ["--consistency", "none"]}
+    trained = {}
+    for case, options in cases.items():
+        out = tmp_path / f"{case.replace(' ', '_')}.pt"
+        assert run_cli(["train", training_folder, "--out", out, "--init", "default", *tiny, *options],
+                       capsys).code == 0
+        trained[case] = load_model(out).metadata["training"]
+    kept = trained["kept"]
+    assert (kept["edge_sigma"], kept["lr"]) == (start["edge_sigma"], start["lr"])
+    assert kept["edge_power"] == start.get("edge_power", 1.0)
+    assert trained["lr given"]["lr"] == 5e-4 and trained["lr given"]["edge_sigma"] == start["edge_sigma"]
+    # no consistency term: its weight and edge weighting are not carried into it (nor refused)
+    assert trained["no consistency"]["edge_sigma"] is None and trained["no consistency"]["consistency_weight"] == 1.0
+    # the fine-tuned model says what it started from, and whether mixed precision really ran
+    from Speckle2SelfLib.engine.inference import cpu_has_native_bf16
+    from Speckle2SelfLib.engine.models import file_sha256
+
+    bundled = bundled_model_path()
+    assert kept["started_from"] == {"name": load_model(bundled).metadata["name"], "file": bundled.name,
+                                    "sha256": file_sha256(bundled),
+                                    "weights_sha256": load_model(bundled).metadata["weights_sha256"]}
+    assert kept["amp"] is cpu_has_native_bf16()
+
+
 def test_resume_applies_training_settings_and_a_new_stopping_rule(training_folder, tmp_path, capsys):
     from Speckle2SelfLib.engine.models import load_model
 
@@ -113,6 +143,7 @@ def test_resume_refuses_options_the_checkpoint_fixes(training_folder, tmp_path, 
       (["--edge-sigma", "0.01", "--edge-power", "1.5"], "--edge-power")]),
     (["--consistency-weight", "0.25"], "consistency_weight", 0.25, ["--consistency-weight", "0.5"],
      [(["--consistency-weight", "0"], "--consistency-weight"), (["--consistency-weight", "nan"], "--consistency-weight")]),
+    (["--seed", "5"], "seed", 5, ["--seed", "0"], [(["--seed", "-1"], "--seed")]),     # 0 is a value, not "left out"
 ])
 def test_loss_options_are_recorded_fixed_on_resume_and_checked(training_folder, tmp_path, capsys,
                                                                     given, key, value, changed, refused):
@@ -131,6 +162,18 @@ def test_loss_options_are_recorded_fixed_on_resume_and_checked(training_folder, 
                           *TINY_TRAIN], capsys)
         assert_refused(result, 2, needle)
     assert snapshot(tmp_path) == before
+
+
+def test_fine_tuning_never_writes_over_its_starting_model_even_a_bundled_one_named(training_folder, capsys):
+    from Speckle2SelfLib.engine.models import bundled_model_path, file_sha256
+
+    bundled = bundled_model_path()
+    checksum = file_sha256(bundled)
+    for init in ("default", bundled.stem):
+        result = run_cli(["train", training_folder, "--out", bundled, "--init", init, "--steps", "1", *TINY_TRAIN],
+                         capsys)
+        assert_refused(result, 2, "overwrite")
+    assert file_sha256(bundled) == checksum and not bundled.with_suffix(".ckpt").exists()
 
 
 def test_preview_inside_the_training_folder_is_refused(training_folder, capsys):

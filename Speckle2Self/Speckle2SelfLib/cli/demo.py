@@ -19,10 +19,12 @@ DEMO_DICOM = "US1_UNCR.dcm"   # GE lymph node scan with a power-Doppler overlay
 
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    from .main import int_at_least
+
     parser.add_argument("--out", default="demo_output", help="output folder (default: demo_output)")
     parser.add_argument("--model", help="model file or bundled name (default: the bundled default model)")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--seed", type=int, default=0, help="phantom seed")
+    parser.add_argument("--seed", type=int_at_least(0), default=0, help="phantom seed")
 
 
 def run_demo(args: argparse.Namespace) -> int:

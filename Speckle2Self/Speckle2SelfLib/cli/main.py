@@ -163,7 +163,7 @@ def _add_train(sub) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA > MPS > CPU), cpu, cuda, mps")
     p.add_argument("--no-amp", action="store_true",
                    help="disable mixed precision (CUDA fp16/bf16; CPU bf16 where the CPU has it natively)")
-    p.add_argument("--seed", type=int, help="random seed (default 0)")
+    p.add_argument("--seed", type=int_at_least(0), help="random seed (default 0)")
     p.add_argument("--resume", help="checkpoint (.ckpt) to continue from")
     p.add_argument("--init", help="fine-tune this model (file, bundled name, or 'default'); its architecture "
                                   "replaces --width/--depth/--interpolation/--upsample; --scales and --head "
@@ -186,11 +186,11 @@ def _run_train(args) -> int:
         check_input_path(path)
     if args.resume:
         check_input_path(args.resume, "--resume checkpoint")
-    out = check_output_path(args.out, args.inputs + [p for p in (args.init,) if p and Path(p).exists()],
-                            suffixes=MODEL_SUFFIXES, what="--out")
+    # the starting model, also a bundled one given by name, is an input: never written over
+    start = [str(resolve_model_path(None if args.init == "default" else args.init))] if args.init else []
+    out = check_output_path(args.out, args.inputs + start, suffixes=MODEL_SUFFIXES, what="--out")
     for beside in (out.with_suffix(".ckpt"), out.with_suffix(".preview.png")):
-        check_output_path(beside, args.inputs + ([args.init] if args.init and Path(args.init).exists() else []),
-                          what=f"--out (the {beside.name} written beside it)")
+        check_output_path(beside, args.inputs + start, what=f"--out (the {beside.name} written beside it)")
     if args.resume and args.init:
         raise ValueError("give --resume or --init, not both")
     _check_preview_outside_inputs(out, args.inputs, args.preview_every)
@@ -258,9 +258,13 @@ def _fill_training_defaults(args) -> None:
     import dataclasses
     from ..engine.training import TrainConfig
 
+    from ..engine.training import INHERITED_SETTINGS
+
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    # --init: what is left out comes from the starting model's own training (config_from_model)
+    kept = ("scales", "head", "name") + (INHERITED_SETTINGS if args.init else ())
     for key in RESUMABLE_OPTIONS + FIXED_ON_RESUME:
-        if getattr(args, key, None) is None and key not in ("scales", "head", "name"):
+        if getattr(args, key, None) is None and key not in kept:
             setattr(args, key, defaults[key])
 
 
@@ -268,7 +272,9 @@ def _resumed_config(cfg, args):
     """The checkpoint's configuration with the options given now: a training setting given is
     applied, a stopping rule given replaces the checkpoint's, a network or loss option is refused
     (ignoring it silently would train something other than what was asked)."""
-    fixed = [f"--{key.replace('_', '-')}" for key in FIXED_ON_RESUME if getattr(args, key) not in (None, False)]
+    # given = not None (--seed 0 is given); the one flag, --shared-encoder, is given when True
+    fixed = [f"--{key.replace('_', '-')}" for key in FIXED_ON_RESUME
+             if getattr(args, key) is not None and getattr(args, key) is not False]
     if fixed:
         raise ValueError(f"{', '.join(fixed)} cannot change when resuming (the checkpoint fixes the network, "
                          "views and loss); leave them out, or start a new run from the model with --init")

@@ -323,23 +323,29 @@ class AdaptProgress:
         return min(1.0, max(parts)) if parts else 0.0
 
 
+#: Held while an adaptation names, writes and registers its model (two jobs in one process
+#: would otherwise pick the same free file name).
+_FINISHING = threading.Lock()
+
+
 class AdaptJob:
     """Fine-tune a model on frames read from the scene, in a background thread.
 
     ``data``: :class:`AdaptData` from :func:`frames_from_nodes` (read on the main thread).
     ``init``: the starting model: None (the bundled default), a bundled model's name, a user
     model's name or a model file. Stops after ``minutes`` or ``steps`` (the first reached) or
-    :meth:`stop`. ``crop`` (multiple of 16), ``batch``, ``lr`` (constant; the bundled model was
-    trained at 1e-3) and ``device`` as for training.
+    :meth:`stop`. ``crop`` (multiple of 16), ``batch``, ``lr`` (constant; default: the starting
+    model's own, e.g. 3e-4 for v4's network) and ``device`` as for training. The loss is the
+    starting model's (:data:`~.training.INHERITED_SETTINGS`: v4's edge-aware consistency).
     The result is written to the user models folder (``directory``; see user_models) and
     registered there.
     """
 
     def __init__(self, data: AdaptData, *, init=None, minutes: Optional[float] = 10.0, steps: Optional[int] = None,
-                 crop: int = 128, batch: int = 8, lr: float = 1e-3, device: str = "auto",
+                 crop: int = 128, batch: int = 8, lr: Optional[float] = None, device: str = "auto",
                  name: Optional[str] = None, directory=None, preview_every: int = 25, seed: int = 0):
         from . import user_models
-        from .models import file_sha256, read_metadata, resolve_model_path
+        from .models import bundled_models, file_sha256, read_metadata, resolve_model_path
 
         if not minutes and not steps:
             raise ValueError("give a time budget (minutes) or a number of steps")
@@ -350,13 +356,19 @@ class AdaptJob:
         if int(crop) % 16 or int(crop) < 32:
             raise ValueError(f"crop must be a multiple of 16 and at least 32, got {crop}")
         self.data = data
-        user = user_models.find_user_model(init, directory) if init else None
+        # a bundled model's name means that model, even if a user model was given the same name
+        bundled = {name for e in bundled_models() for name in (e["name"], Path(e["file"]).stem)}
+        user = user_models.find_user_model(init, directory) if init and str(init) not in bundled else None
         self.init_path = user.path if user is not None else resolve_model_path(None if init is None else str(init))
         self.init_metadata = read_metadata(self.init_path)
         self.init_sha256 = file_sha256(self.init_path)
         self.minutes = float(minutes) if minutes else None
         self.steps = int(steps) if steps else None
-        self.crop, self.batch, self.lr, self.device = int(crop), int(batch), float(lr), device
+        self.crop, self.batch, self.device = int(crop), int(batch), device
+        trained_at = (self.init_metadata.get("training") or {}).get("lr")
+        self.lr = float(lr if lr is not None else trained_at or 1e-3)
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a positive number, got {lr!r}")
         self.preview_every, self.seed = max(1, int(preview_every)), int(seed)
         self.directory = directory
         first = data.nodes[0]["name"] if data.nodes else "scene"
@@ -443,10 +455,8 @@ class AdaptJob:
                 self._progress.warnings.append(message)
 
     def _run(self) -> AdaptResult:
-        from . import user_models
         from .inference import pick_device
-        from .models import export_model, load_model, read_metadata
-        from .refine import recommendation
+        from .models import read_metadata
         from .training import FramePool, config_from_model, train
 
         started = _dt.datetime.now(_dt.timezone.utc)
@@ -485,6 +495,14 @@ class AdaptJob:
         self._refresh_views(None)
         trained_meta = read_metadata(trained)
         training = trained_meta.get("training", {})
+        with _FINISHING:     # pick the file name, write and register it: one adaptation at a time
+            return self._finish(_net, cfg, state, trained, trained_meta, training, device, started)
+
+    def _finish(self, _net, cfg, state, trained, trained_meta, training, device, started) -> AdaptResult:
+        from . import user_models
+        from .models import export_model, load_model
+        from .refine import recommendation
+
         final = user_models.unique_model_path(self.name, self.directory)
         adaptation = {
             "source": {"kind": "3D Slicer scene", "nodes": self.data.nodes, "frames": len(self.data.frames)},

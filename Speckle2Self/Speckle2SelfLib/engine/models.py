@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import threading
 import warnings
 import zipfile
 from contextlib import contextmanager
@@ -78,13 +79,18 @@ def file_sha256(path) -> str:
     return digest.hexdigest()
 
 
+#: TorchScript compilation is not thread-safe (two at once: "Can't redefine method: forward on
+#: class ... Conv2d"): two adaptations started from the console would lose one run at export.
+_TORCHSCRIPT_LOCK = threading.RLock()
+
+
 def export_model(net, path, *, scales, interpolation: str, name: str = "speckle2self",
                  training: Optional[Dict[str, Any]] = None, extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Script ``net.inference_module()`` and save it with metadata. Returns the metadata."""
     import torch
 
     inference = net.inference_module().cpu().eval()
-    with _quiet_torchscript():
+    with _TORCHSCRIPT_LOCK, _quiet_torchscript():
         scripted = torch.jit.script(inference)
     metadata = {
         "format": FORMAT_NAME,
@@ -111,7 +117,7 @@ def export_model(net, path, *, scales, interpolation: str, name: str = "speckle2
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".part")
-    with _quiet_torchscript():
+    with _TORCHSCRIPT_LOCK, _quiet_torchscript():
         torch.jit.save(scripted, str(tmp), _extra_files={METADATA_FILE: json.dumps(metadata, indent=2)})
     tmp.replace(path)   # never leave a half-written model under the final name
     return metadata

@@ -149,10 +149,10 @@ class FramePool:
         h, w = min(sides, key=min)
         if crop > min(h, w):
             fits = min(h, w) // multiple * multiple
-            fix = f"use --crop {fits} or less (a multiple of {multiple})" if fits >= 32 else \
+            fix = f"use a crop of {fits} px or less (a multiple of {multiple})" if fits >= 32 else \
                 "leave out frames this small"
             scale = f" at working scale {working_scale:g}" if working_scale != 1.0 else ""
-            raise ValueError(f"crop {crop} (--crop) is larger than the smallest training frame, {h}x{w} px{scale}: "
+            raise ValueError(f"the crop ({crop} px) is larger than the smallest training frame, {h}x{w} px{scale}: "
                              f"{fix}")
 
     def prepare_views(self, scales: Sequence[float], interpolation: str = "bilinear",
@@ -271,16 +271,30 @@ def _amp_dtype(device: str):
     return torch.bfloat16 if cpu_has_native_bf16() else None
 
 
+#: Settings a fine-tuned run takes from its starting model's training where the caller leaves
+#: them out (None): its loss (v4's network was trained with an edge-aware consistency) and
+#: learning rate (v4: 3e-4), so fine-tuning continues the recipe instead of switching it.
+INHERITED_SETTINGS = ("reconstruction", "consistency", "consistency_weight", "edge_sigma", "edge_power", "lr")
+
+
 def config_from_model(model_path, scales: Optional[Sequence[float]] = None, head: Optional[str] = None,
                       **overrides) -> TrainConfig:
     """A TrainConfig whose architecture matches an exported model (for fine-tuning it).
 
     ``scales`` and ``head`` replace the model's when given: every scale's encoder starts from the
     model's full-resolution one anyway, and a new head's parameters start fresh while everything
-    before it comes from the model."""
+    before it comes from the model. :data:`INHERITED_SETTINGS` left out or None come from the
+    model's training record (TrainConfig's defaults where it has none)."""
     from .models import load_model
 
     meta = load_model(model_path).metadata
+    training = meta.get("training") or {}
+    dropped = ("consistency_weight", "edge_sigma", "edge_power") if overrides.get("consistency") == "none" else ()
+    for key in INHERITED_SETTINGS:
+        if overrides.get(key) is None:
+            overrides.pop(key, None)
+            if key not in dropped and training.get(key) is not None:
+                overrides[key] = training[key]
     arch = dict(width=int(meta["width"]), scales=list(scales or meta["scales"]),
                 interpolation=meta["interpolation"],
                 upsample=meta.get("upsample", "transposed"), shared_encoder=bool(meta.get("shared_encoder", False)),
@@ -394,8 +408,9 @@ def train(cfg: TrainConfig, pool: FramePool, out_path, resume: Optional[str] = N
     # the output the starting model recommends, read now (the file may be gone when training
     # ends) and kept in every checkpoint, so a resumed or exported run recommends it too
     recommended = starting_recommendation(init_model) if init_model and not resume else {}
+    started_from = model_record(init_model) if init_model and not resume else None
     if resume:
-        rng, recommended = _load_checkpoint(resume, net, opt, state, device)
+        rng, recommended, started_from = _load_checkpoint(resume, net, opt, state, device)
     pool.prepare_views(cfg.scales, cfg.interpolation, cfg.working_scale)
     if fresh_head:   # own random stream: the training samples stay those of the seed
         sample = pool.sample(np.random.default_rng(cfg.seed + 1), max(cfg.batch, 8), cfg.crop, 0.0)
@@ -443,7 +458,7 @@ def train(cfg: TrainConfig, pool: FramePool, out_path, resume: Optional[str] = N
             best.update(net, state)
         _update_bar(bar, state)
         if state.step % cfg.checkpoint_every == 0:
-            save_checkpoint(ckpt_path, net, opt, state, cfg, pool.summary, recommended)
+            save_checkpoint(ckpt_path, net, opt, state, cfg, pool.summary, recommended, started_from)
         if cfg.preview_every and state.step % cfg.preview_every == 0:
             write_preview(net, pool, out_path.with_suffix(".preview.png"))
         if on_step is not None:
@@ -453,8 +468,11 @@ def train(cfg: TrainConfig, pool: FramePool, out_path, resume: Optional[str] = N
             break
     if bar is not None:
         bar.close()
-    save_checkpoint(ckpt_path, net, opt, state, cfg, pool.summary, recommended)
+    save_checkpoint(ckpt_path, net, opt, state, cfg, pool.summary, recommended, started_from)
     summary = training_summary(cfg, pool, state, device)
+    summary["amp"] = amp is not None        # what ran: CPUs without native bf16 train in fp32 even when asked
+    if started_from:
+        summary["started_from"] = started_from
     if stopped:
         summary["stopped_early"] = True
     if best is not None:
@@ -564,15 +582,25 @@ def starting_recommendation(init_model) -> Dict:
     return recommendation(read_metadata(init_model))
 
 
+def model_record(model_path) -> Dict:
+    """Which model a run started from: name, file and checksums (kept in its checkpoint and
+    metadata, so a fine-tuned model says what it was fine-tuned from)."""
+    from .models import file_sha256, read_metadata
+
+    meta = read_metadata(model_path)
+    return {"name": meta.get("name"), "file": Path(model_path).name, "sha256": file_sha256(model_path),
+            "weights_sha256": meta.get("weights_sha256")}
+
+
 def save_checkpoint(path, net, opt, state: TrainState, cfg: TrainConfig, data: Optional[Dict] = None,
-                    recommendation: Optional[Dict] = None) -> None:
+                    recommendation: Optional[Dict] = None, started_from: Optional[Dict] = None) -> None:
     import torch
 
     path = Path(path)
     tmp = path.with_name(path.name + ".part")
     torch.save({"model": net.state_dict(), "optimizer": opt.state_dict(), "step": state.step,
                 "elapsed_s": state.elapsed_s, "config": _plain(asdict(cfg)), "data": data or {},
-                "recommendation": recommendation or {}}, tmp)
+                "recommendation": recommendation or {}, "started_from": started_from or {}}, tmp)
     tmp.replace(path)   # an interrupted save never clobbers the last good checkpoint
 
 
@@ -586,8 +614,9 @@ def load_checkpoint_config(path) -> TrainConfig:
     return TrainConfig(**ckpt["config"])
 
 
-def _load_checkpoint(path, net, opt, state: TrainState, device: str) -> Tuple[np.random.Generator, Dict]:
-    """Restore a run; returns its random stream and the output its starting model recommended."""
+def _load_checkpoint(path, net, opt, state: TrainState, device: str) -> Tuple[np.random.Generator, Dict, Dict]:
+    """Restore a run; returns its random stream, the output its starting model recommended and
+    that model's record (:func:`model_record`; empty for a run from scratch)."""
     import torch
 
     # weights_only: a checkpoint holds tensors and plain values; nothing is unpickled as code.
@@ -596,7 +625,8 @@ def _load_checkpoint(path, net, opt, state: TrainState, device: str) -> Tuple[np
     opt.load_state_dict(ckpt["optimizer"])
     state.step, state.elapsed_s = int(ckpt["step"]), float(ckpt["elapsed_s"])
     # Continue the crop sequence instead of replaying the first crops again.
-    return np.random.default_rng([int(ckpt["config"]["seed"]), state.step]), dict(ckpt.get("recommendation") or {})
+    return (np.random.default_rng([int(ckpt["config"]["seed"]), state.step]), dict(ckpt.get("recommendation") or {}),
+            dict(ckpt.get("started_from") or {}))
 
 
 def export_checkpoint(ckpt_path, out_path, name: Optional[str] = None, extra: Optional[Dict] = None) -> Dict:
@@ -616,6 +646,8 @@ def export_checkpoint(ckpt_path, out_path, name: Optional[str] = None, extra: Op
     summary = _plain(asdict(cfg))
     summary.update(steps_done=int(ckpt["step"]), minutes_done=round(float(ckpt["elapsed_s"]) / 60, 2),
                    data=ckpt.get("data", {}))
+    if ckpt.get("started_from"):
+        summary["started_from"] = ckpt["started_from"]
     extra = dict(extra or {})
     extra.update(overridden(ckpt.get("recommendation") or {}, recommendation(extra)))
     return export_model(net, out_path, scales=cfg.scales, interpolation=cfg.interpolation,
@@ -646,4 +678,7 @@ def write_preview(net, pool: FramePool, path, size: int = 512) -> None:
     if net.head in NORMALISED_HEADS:     # as the engine shows it (grey_levels="auto")
         y = fit_grey_levels(y, x[0, 0].float().cpu().numpy()).astype(np.float32)
     side = np.concatenate([patch, np.ones((patch.shape[0], 4), np.float32), y], axis=1)
-    Image.fromarray(np.round(np.clip(side, 0, 1) * 255).astype(np.uint8)).save(path)
+    path = Path(path)
+    tmp = path.with_name(path.name + ".part")
+    Image.fromarray(np.round(np.clip(side, 0, 1) * 255).astype(np.uint8)).save(tmp, format="PNG")
+    tmp.replace(path)        # a viewer (or the module's preview) never reads a half-written PNG

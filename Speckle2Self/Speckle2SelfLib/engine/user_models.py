@@ -104,6 +104,9 @@ def _read_registry(directory) -> Tuple[List[Dict[str, Any]], List[str]]:
 def _write_registry(directory, entries: List[Dict[str, Any]]) -> None:
     path = _registry_path(directory)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_file() and _read_registry(directory)[1]:
+        # a damaged registry is kept beside the new one (its entries may be recoverable by hand)
+        path.replace(path.with_name(f"{path.name}.damaged-{_dt.datetime.now():%Y%m%d-%H%M%S}"))
     tmp = path.with_name(path.name + ".part")
     tmp.write_text(json.dumps({"models": entries}, indent=2))
     tmp.replace(path)      # never a half-written registry
@@ -154,7 +157,13 @@ def register_user_model(path, name: Optional[str] = None, directory=None) -> Use
     digest = file_sha256(path)
     name = name or metadata.get("name") or path.stem
     entries, _messages = _read_registry(directory)
-    entries = [e for e in entries if e["file"] != path.name and e["name"] != name]
+    entries = [e for e in entries if e["file"] != path.name]
+    # another file already has this name: this one is told apart as its file is ("same-2.pt" -> "same-2"),
+    # never by taking the other's entry (which would leave that file unchecked)
+    taken = {e["name"] for e in entries}
+    if name in taken:
+        name = path.stem if path.stem not in taken else next(
+            f"{name}-{k}" for k in range(2, len(taken) + 3) if f"{name}-{k}" not in taken)
     entries.append({"name": name, "file": path.name, "sha256": digest,
                     "registered": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")})
     _write_registry(directory, entries)
@@ -183,7 +192,8 @@ def is_user_model(path, directory=None) -> bool:
 def remove_user_model(name_or_path, directory=None) -> Path:
     """Delete a user model's file and registry entry; returns the deleted path.
 
-    Works for skipped (corrupt) files too when given their path or file name.
+    Works for skipped (corrupt) files too when given their path or file name, and for an entry
+    whose file is already gone (only the entry is removed).
     """
     folder = user_models_dir(directory)
     model = find_user_model(name_or_path, directory)
@@ -193,7 +203,7 @@ def remove_user_model(name_or_path, directory=None) -> Path:
         candidate = Path(str(name_or_path))
         path = candidate if candidate.is_absolute() else folder / candidate.name
         if not (is_user_model(path, directory) and path.suffix == MODEL_SUFFIX and path.is_file()):
-            raise KeyError(f"no user model {name_or_path!r} in {folder}")
+            return _forget_missing(name_or_path, directory, folder)
     path.unlink()
     for leftover in (path.with_suffix(".ckpt"), path.with_suffix(".preview.png")):
         if leftover.is_file():
@@ -203,6 +213,19 @@ def remove_user_model(name_or_path, directory=None) -> Path:
     if len(kept) != len(entries):
         _write_registry(directory, kept)
     return path
+
+
+def _forget_missing(name_or_path, directory, folder: Path) -> Path:
+    """Drop the registry entry of a model whose file is gone (else it is reported on every
+    listing, with nothing to delete); KeyError when no such entry exists either."""
+    wanted = str(name_or_path)
+    entries, _messages = _read_registry(directory)
+    gone = [e for e in entries if wanted in (e["name"], e["file"], str(folder / e["file"]))
+            and not (folder / e["file"]).is_file()]
+    if not gone:
+        raise KeyError(f"no user model {name_or_path!r} in {folder}")
+    _write_registry(directory, [e for e in entries if e not in gone])
+    return folder / gone[0]["file"]
 
 
 def unique_model_path(name: str, directory=None) -> Path:
