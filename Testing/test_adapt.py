@@ -231,8 +231,6 @@ def test_a_bundled_models_name_means_that_model_even_beside_a_user_model_so_name
     volume = make_volume(scene, np.stack(speckle_uint8(2)), "US")
     job = AdaptJob(frames_from_nodes([volume]), init=bundled.stem, steps=1, minutes=None, **TINY)
     assert job.init_path == bundled
-    # and adapting continues the starting model's recipe: its learning rate unless one is given
-    assert job.lr == load_model(bundled).metadata["training"]["lr"] != 1e-3
 
 
 def test_two_adaptations_at_once_both_write_their_model(scene, models_dir, untrained_model):

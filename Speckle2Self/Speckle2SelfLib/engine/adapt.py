@@ -334,15 +334,15 @@ class AdaptJob:
     ``data``: :class:`AdaptData` from :func:`frames_from_nodes` (read on the main thread).
     ``init``: the starting model: None (the bundled default), a bundled model's name, a user
     model's name or a model file. Stops after ``minutes`` or ``steps`` (the first reached) or
-    :meth:`stop`. ``crop`` (multiple of 16), ``batch``, ``lr`` (constant; default: the starting
-    model's own, e.g. 3e-4 for v4's network) and ``device`` as for training. The loss is the
+    :meth:`stop`. ``crop`` (multiple of 16), ``batch``, ``lr`` (constant; 1e-3 adapted faster than
+    3e-4 in 3-minute trials, docs/benchmarks.md) and ``device`` as for training. The loss is the
     starting model's (:data:`~.training.INHERITED_SETTINGS`: v4's edge-aware consistency).
     The result is written to the user models folder (``directory``; see user_models) and
     registered there.
     """
 
     def __init__(self, data: AdaptData, *, init=None, minutes: Optional[float] = 10.0, steps: Optional[int] = None,
-                 crop: int = 128, batch: int = 8, lr: Optional[float] = None, device: str = "auto",
+                 crop: int = 128, batch: int = 8, lr: float = 1e-3, device: str = "auto",
                  name: Optional[str] = None, directory=None, preview_every: int = 25, seed: int = 0):
         from . import user_models
         from .models import bundled_models, file_sha256, read_metadata, resolve_model_path
@@ -365,8 +365,7 @@ class AdaptJob:
         self.minutes = float(minutes) if minutes else None
         self.steps = int(steps) if steps else None
         self.crop, self.batch, self.device = int(crop), int(batch), device
-        trained_at = (self.init_metadata.get("training") or {}).get("lr")
-        self.lr = float(lr if lr is not None else trained_at or 1e-3)
+        self.lr = float(lr)
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be a positive number, got {lr!r}")
         self.preview_every, self.seed = max(1, int(preview_every)), int(seed)
