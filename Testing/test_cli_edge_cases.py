@@ -80,35 +80,27 @@ def training_folder(tmp_path):
     return folder
 
 
-def test_fine_tuning_continues_the_starting_models_loss(training_folder, tmp_path, capsys):
-    from Speckle2SelfLib.engine.models import bundled_model_path, load_model
+def test_fine_tuning_records_its_start_and_uses_the_loss_it_is_given(training_folder, tmp_path, capsys):
+    from Speckle2SelfLib.engine.inference import cpu_has_native_bf16
+    from Speckle2SelfLib.engine.models import bundled_model_path, file_sha256, load_model
 
-    start = load_model(bundled_model_path()).metadata["training"]       # the default model's recipe
-    assert start["edge_sigma"]
+    bundled = bundled_model_path()
+    start = load_model(bundled).metadata
+    assert start["training"]["edge_sigma"]            # the default model's own edge-aware consistency ...
     tiny = ["--steps", "1", "--crop", "32", "--batch", "2", "--preview-every", "0"]
-    cases = {"kept": [], "weight given": ["--consistency-weight", "0.5"], "no consistency": ["--consistency", "none"]}
     trained = {}
-    for case, options in cases.items():
-        out = tmp_path / f"{case.replace(' ', '_')}.pt"
+    for case, options in {"plain": [], "edge": ["--edge-sigma", "0.01"]}.items():
+        out = tmp_path / f"{case}.pt"
         assert run_cli(["train", training_folder, "--out", out, "--init", "default", *tiny, *options],
                        capsys).code == 0
         trained[case] = load_model(out).metadata["training"]
-    kept = trained["kept"]
-    assert kept["edge_sigma"] == start["edge_sigma"] and kept["lr"] == 1e-3     # the rate is the run's own
-    assert kept["edge_power"] == start.get("edge_power", 1.0)
-    given = trained["weight given"]
-    assert given["consistency_weight"] == 0.5 and given["edge_sigma"] == start["edge_sigma"]
-    # no consistency term: its weight and edge weighting are not carried into it (nor refused)
-    assert trained["no consistency"]["edge_sigma"] is None and trained["no consistency"]["consistency_weight"] == 1.0
+    # ... is not carried into fine-tuning, which adapted far better with the paper's loss (docs/benchmarks.md)
+    assert trained["plain"]["edge_sigma"] is None and trained["edge"]["edge_sigma"] == 0.01
     # the fine-tuned model says what it started from, and whether mixed precision really ran
-    from Speckle2SelfLib.engine.inference import cpu_has_native_bf16
-    from Speckle2SelfLib.engine.models import file_sha256
-
-    bundled = bundled_model_path()
-    assert kept["started_from"] == {"name": load_model(bundled).metadata["name"], "file": bundled.name,
-                                    "sha256": file_sha256(bundled),
-                                    "weights_sha256": load_model(bundled).metadata["weights_sha256"]}
-    assert kept["amp"] is cpu_has_native_bf16()
+    assert trained["plain"]["started_from"] == {"name": start["name"], "file": bundled.name,
+                                                "sha256": file_sha256(bundled),
+                                                "weights_sha256": start["weights_sha256"]}
+    assert trained["plain"]["amp"] is cpu_has_native_bf16()
 
 
 def test_resume_applies_training_settings_and_a_new_stopping_rule(training_folder, tmp_path, capsys):

@@ -258,13 +258,9 @@ def _fill_training_defaults(args) -> None:
     import dataclasses
     from ..engine.training import TrainConfig
 
-    from ..engine.training import INHERITED_SETTINGS
-
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-    # --init: what is left out comes from the starting model's own training (config_from_model)
-    kept = ("scales", "head", "name") + (INHERITED_SETTINGS if args.init else ())
     for key in RESUMABLE_OPTIONS + FIXED_ON_RESUME:
-        if getattr(args, key, None) is None and key not in kept:
+        if getattr(args, key, None) is None and key not in ("scales", "head", "name"):
             setattr(args, key, defaults[key])
 
 

@@ -336,7 +336,8 @@ class AdaptJob:
     model's name or a model file. Stops after ``minutes`` or ``steps`` (the first reached) or
     :meth:`stop`. ``crop`` (multiple of 16), ``batch``, ``lr`` (constant; 1e-3 adapted faster than
     3e-4 in 3-minute trials, docs/benchmarks.md) and ``device`` as for training. The loss is the
-    starting model's (:data:`~.training.INHERITED_SETTINGS`: v4's edge-aware consistency).
+    paper's, whatever the starting model was trained with: adapting v4 with its own edge-aware
+    consistency gained far less (see :func:`~.training.config_from_model`).
     The result is written to the user models folder (``directory``; see user_models) and
     registered there.
     """
