@@ -237,7 +237,7 @@ def test_two_adaptations_at_once_both_write_their_model(scene, models_dir, untra
     volume = make_volume(scene, np.stack(speckle_uint8(2)), "US")
     jobs = [AdaptJob(frames_from_nodes([volume]), init=str(untrained_model), steps=2, minutes=None, name="twin",
                      seed=seed, **TINY).start() for seed in (0, 1)]
-    results = [job.wait(120) for job in jobs]     # TorchScript compilation is serialised; names reserved in turn
+    results = [job.wait(120) for job in jobs]     # file names reserved in turn, one registry entry each
     assert sorted(r.path.name for r in results) == ["twin-2.pt", "twin.pt"]
     models, messages = user_models.list_user_models()
     assert sorted(m.name for m in models) == ["twin", "twin-2"] and not messages

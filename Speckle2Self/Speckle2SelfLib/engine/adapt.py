@@ -346,7 +346,8 @@ class AdaptJob:
                  crop: int = 128, batch: int = 8, lr: float = 1e-3, device: str = "auto",
                  name: Optional[str] = None, directory=None, preview_every: int = 25, seed: int = 0):
         from . import user_models
-        from .models import bundled_models, file_sha256, read_metadata, resolve_model_path
+        from .models import bundled_entry, read_metadata, resolve_model_path
+        from .training import model_record
 
         if not minutes and not steps:
             raise ValueError("give a time budget (minutes) or a number of steps")
@@ -358,11 +359,10 @@ class AdaptJob:
             raise ValueError(f"crop must be a multiple of 16 and at least 32, got {crop}")
         self.data = data
         # a bundled model's name means that model, even if a user model was given the same name
-        bundled = {name for e in bundled_models() for name in (e["name"], Path(e["file"]).stem)}
-        user = user_models.find_user_model(init, directory) if init and str(init) not in bundled else None
+        user = user_models.find_user_model(init, directory) if init and bundled_entry(str(init)) is None else None
         self.init_path = user.path if user is not None else resolve_model_path(None if init is None else str(init))
         self.init_metadata = read_metadata(self.init_path)
-        self.init_sha256 = file_sha256(self.init_path)
+        self.init_record = model_record(self.init_path)
         self.minutes = float(minutes) if minutes else None
         self.steps = int(steps) if steps else None
         self.crop, self.batch, self.device = int(crop), int(batch), device
@@ -506,8 +506,7 @@ class AdaptJob:
         final = user_models.unique_model_path(self.name, self.directory)
         adaptation = {
             "source": {"kind": "3D Slicer scene", "nodes": self.data.nodes, "frames": len(self.data.frames)},
-            "initial_model": {"name": self.init_metadata.get("name"), "file": self.init_path.name,
-                              "sha256": self.init_sha256, "weights_sha256": self.init_metadata.get("weights_sha256")},
+            "initial_model": self.init_record,
             "steps": state.step, "best_step": training.get("best_step"),
             "stopped_early": bool(training.get("stopped_early", False)),
             "budget": {"minutes": self.minutes, "steps": self.steps},

@@ -59,13 +59,11 @@ class LossConfig:
             raise ValueError(f"edge_power must lie in {list(EDGE_POWER_LIMITS)}, got {self.edge_power!r}")
         if float(self.edge_power) != 1.0 and self.edge_sigma is None:
             raise ValueError("edge_power changes the edge-aware consistency: give edge_sigma (e.g. 0.0075) with it")
-        if self.consistency == "none":
-            unused = [name for name, value, default in (("consistency_weight", self.consistency_weight, 1.0),
-                                                        ("edge_sigma", self.edge_sigma, None))
-                      if value != default]
-            if unused:
-                raise ValueError(f"{' and '.join(unused)} {'shape' if len(unused) > 1 else 'shapes'} the consistency "
-                                 "term, which consistency 'none' drops: leave one or the other out")
+        unused = [name for name, given in (("consistency_weight", float(self.consistency_weight) != 1.0),
+                                           ("edge_sigma", self.edge_sigma is not None)) if given]
+        if self.consistency == "none" and unused:
+            raise ValueError(f"{' and '.join(unused)} only weigh the consistency term, which consistency 'none' "
+                             "drops: leave them out or keep the term")
 
 
 def edge_weight(view: torch.Tensor, sigma: float, power: float = 1.0) -> torch.Tensor:

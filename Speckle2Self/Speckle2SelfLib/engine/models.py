@@ -79,8 +79,8 @@ def file_sha256(path) -> str:
     return digest.hexdigest()
 
 
-#: TorchScript compilation is not thread-safe (two at once: "Can't redefine method: forward on
-#: class ... Conv2d"): two adaptations started from the console would lose one run at export.
+#: TorchScript compilation is not thread-safe: two exports of the default network at once hung
+#: here, or failed ("Can't redefine method: forward on class ... Conv2d"), losing an adaptation.
 _TORCHSCRIPT_LOCK = threading.RLock()
 
 
@@ -373,6 +373,14 @@ def bundled_models() -> List[Dict[str, Any]]:
     return entries
 
 
+def bundled_entry(name: str, entries: Optional[List[Dict[str, Any]]] = None) -> Optional[Dict[str, Any]]:
+    """The models.json entry of the bundled model called ``name``, or whose file is ``name``.pt
+    (v1's file is "...-v1.pt", its name has no "-v1"); None when there is none."""
+    entries = bundled_models() if entries is None else entries
+    return next((e for e in entries if e["name"] == name), None) or \
+        next((e for e in entries if Path(e["file"]).stem == name), None)
+
+
 def bundled_model_path(name: Optional[str] = None) -> Path:
     """Path of a bundled model (the default one when name is None), checksum-verified."""
     entries = bundled_models()
@@ -382,9 +390,7 @@ def bundled_model_path(name: Optional[str] = None) -> Path:
     if name is None:
         entry = next((e for e in entries if e.get("default")), entries[0])
     else:
-        # a bundled model is also found by its file's name (v1's is "...-v1.pt", its name has no "-v1")
-        entry = next((e for e in entries if e["name"] == name), None) or \
-            next((e for e in entries if Path(e["file"]).stem == name), None)
+        entry = bundled_entry(name, entries)
         if entry is None:
             raise KeyError(f"no bundled model {name!r}; available: {', '.join(e['name'] for e in entries)}")
     path = MODELS_DIR / entry["file"]

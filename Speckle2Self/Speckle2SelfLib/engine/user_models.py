@@ -104,9 +104,6 @@ def _read_registry(directory) -> Tuple[List[Dict[str, Any]], List[str]]:
 def _write_registry(directory, entries: List[Dict[str, Any]]) -> None:
     path = _registry_path(directory)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if path.is_file() and _read_registry(directory)[1]:
-        # a damaged registry is kept beside the new one (its entries may be recoverable by hand)
-        path.replace(path.with_name(f"{path.name}.damaged-{_dt.datetime.now():%Y%m%d-%H%M%S}"))
     tmp = path.with_name(path.name + ".part")
     tmp.write_text(json.dumps({"models": entries}, indent=2))
     tmp.replace(path)      # never a half-written registry
@@ -156,7 +153,10 @@ def register_user_model(path, name: Optional[str] = None, directory=None) -> Use
     metadata = read_metadata(path)
     digest = file_sha256(path)
     name = name or metadata.get("name") or path.stem
-    entries, _messages = _read_registry(directory)
+    entries, damaged = _read_registry(directory)
+    if damaged:     # kept beside the new registry: its entries may be recoverable by hand
+        registry = _registry_path(directory)
+        registry.replace(registry.with_name(f"{registry.name}.damaged-{_dt.datetime.now():%Y%m%d-%H%M%S}"))
     entries = [e for e in entries if e["file"] != path.name]
     # another file already has this name: this one is told apart as its file is ("same-2.pt" -> "same-2"),
     # never by taking the other's entry (which would leave that file unchecked)

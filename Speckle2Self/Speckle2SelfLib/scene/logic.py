@@ -34,7 +34,7 @@ from ..engine.refine import check_refine
 from ..segmentation import DEFAULT_METHOD
 from .despeckle import (CancelFn, DespeckleJob, ProgressFn, SequenceOutput, SequenceSource, VolumeSource,
                         despeckle_pixels, prepare_job, scaled_progress, store_sequence, store_volume)
-from .nodes import COLOUR_THRESHOLD, display_name, means_sequence
+from .nodes import COLOUR_THRESHOLD, display_name, find_sequence, means_sequence
 
 #: The module's name: its parameter node's singleton tag and ``ModuleName`` attribute.
 MODULE_NAME = "Speckle2Self"
@@ -292,7 +292,7 @@ class Speckle2SelfLogic:
         shows (matched by index value), under the proxy's parent transform. The frames are read
         now (main thread) for a :class:`~Speckle2SelfLib.scene.lumen.SegmentJob`."""
         from .lumen import last_seed_ras, prepare_segmentation
-        from .nodes import browser_item_number, find_sequence
+        from .nodes import browser_item_number
 
         if volume_node is None:
             raise ValueError("Select an image to segment.")
@@ -317,8 +317,6 @@ def _usable_output(output_node, colour: bool, whole_sequence: bool = False):
     cannot take this result: one of the other kind (grey vs RGB), or -- for a single volume --
     the proxy of an earlier sequence result, whose browser would replace the result with a frame
     of that sequence at its next step."""
-    from .nodes import find_sequence
-
     if output_node is None:
         return None
     if output_node.IsA("vtkMRMLVectorVolumeNode") != colour:

@@ -16,8 +16,8 @@ from typing import Callable, Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .editor_effects import DEFAULT_TOLERANCE, flood_fill, grow_from_seeds
-from .masks import (Measurement, RowCol, _as_image2d, check_seed, leak_reason, measure, seed_from_mask,
-                    warn_if_seed_on_wall)
+from .masks import (Measurement, RowCol, _as_image2d, check_finite, check_image2d, check_seed, leak_reason, measure,
+                    seed_from_mask, warn_if_seed_on_wall)
 from .radial import (MAX_INSIDE_OUTSIDE_RATIO, RADIAL_EDGE_WIDTH_PX, RADIAL_SIGMA_PX, SeedNotInLumenError,
                      radial_boundary, radial_segment)
 
@@ -26,7 +26,8 @@ MAX_AREA_CHANGE = 0.5
 #: Least rise from a flood / growcut region's inside to the ring just outside it, as a fraction
 #: of the way to the bright tissue nearby (:func:`contrast_reason`). On 29 tuning images the
 #: regions of a zero tolerance, which stop inside the lumen, score at most 0.17 (most below
-#: 0.08); tolerance-3 fills 0.20-0.34, Slicer's grow from seeds 0.19-0.67, radial contours 0.36-0.79.
+#: 0.08); among regions that pass the inside/outside ratio, tolerance-3 fills score 0.20-0.34,
+#: grow from seeds 0.19-0.67; radial contours 0.36-0.79.
 MIN_RING_STEP = 0.15
 #: Segmentation methods: "radial" (the default: a star-shaped boundary around the seed, robust
 #: to wall gaps), and Slicer's own "flood" (flood filling) and "growcut" (grow from seeds).
@@ -76,7 +77,7 @@ def segment(image2d: np.ndarray, seed_rc: RowCol, method: str = DEFAULT_METHOD,
     finite (a ValueError otherwise). A radial seed on bright tissue raises :class:`SeedNotInLumenError`.
     ``prior_mask`` (radial only) is a previous boundary to stay close to.
     """
-    image2d = _checked_image(image2d)
+    image2d = check_image2d(image2d)
     seed = check_seed(seed_rc, image2d.shape)
     mask, reason = _segment_checked(image2d, seed, method, tolerance, options, prior_mask)
     m = measure(mask, spacing_mm)
@@ -98,20 +99,6 @@ def _segment_checked(image2d, seed, method, tolerance, options, prior_mask=None)
         return mask, f"leaked: {leak}"
     return mask, contrast_reason(image2d, mask)
 
-
-def _checked_image(image2d) -> np.ndarray:
-    """The frame as an array; a ValueError before any work for what cannot be a grey frame."""
-    image = np.asarray(image2d)
-    if image.ndim != 2:
-        hint = " (an RGB picture: pass its grey levels, e.g. image.mean(axis=-1))" \
-            if image.ndim == 3 and image.shape[-1] in (3, 4) else "; use segment_sequence for (N, H, W) frames"
-        raise ValueError(f"expected a 2D grey image (H, W), got shape {image.shape}{hint}")
-    if image.dtype.kind not in "uif":
-        raise ValueError(f"expected a numeric grey image, got dtype {image.dtype}")
-    if image.dtype.kind == "f" and not np.isfinite(image).all():
-        raise ValueError(f"the image has {np.count_nonzero(~np.isfinite(image))} NaN or infinite pixel(s); "
-                         "replace them (e.g. np.nan_to_num) before segmenting")
-    return image
 
 
 def contrast_reason(image2d: np.ndarray, mask: np.ndarray, ring_px: int = 2 * RADIAL_EDGE_WIDTH_PX) -> str:
@@ -196,9 +183,7 @@ def segment_sequence(frames: np.ndarray, seed_rc: RowCol, method: str = DEFAULT_
     frames = np.asarray(frames)
     if frames.ndim != 3:
         raise ValueError(f"frames must be (N, H, W), got shape {frames.shape}")
-    if frames.dtype.kind == "f" and not np.isfinite(frames).all():
-        raise ValueError(f"the frames have {np.count_nonzero(~np.isfinite(frames))} NaN or infinite pixel(s); "
-                         "replace them (e.g. np.nan_to_num) before segmenting")
+    check_finite(frames, "the stack of frames")      # before any frame is segmented
     n = frames.shape[0]
     if not 0 <= start_frame < n:
         raise ValueError(f"start_frame {start_frame} is outside 0..{n - 1}")

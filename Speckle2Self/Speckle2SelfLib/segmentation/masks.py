@@ -136,15 +136,32 @@ _VTK_NATIVE = tuple(np.dtype(t) for t in (np.uint8, np.int8, np.uint16, np.int16
                                           np.int32, np.float32, np.float64))
 
 
-def _as_image2d(image: np.ndarray) -> np.ndarray:
-    """A 2D copy in a VTK pixel type. The input's own integer type is kept because VTK casts
-    the thresholds to the pixel type, as it does for the volume in Slicer."""
+def check_image2d(image) -> np.ndarray:
+    """``image`` as an array if it is a finite 2D grey frame; a ValueError naming the problem
+    (an RGB picture, a stack, NaN pixels) before any work."""
     image = np.asarray(image)
     if image.ndim != 2:
-        raise ValueError(f"expected a 2D grey image (H, W), got shape {image.shape}; "
-                         "use segment_sequence for (N, H, W) frames")
+        hint = " (an RGB picture: pass its grey levels, e.g. image.mean(axis=-1))" \
+            if image.ndim == 3 and image.shape[-1] in (3, 4) else "; use segment_sequence for (N, H, W) frames"
+        raise ValueError(f"expected a 2D grey image (H, W), got shape {image.shape}{hint}")
     if image.shape[0] < 2 or image.shape[1] < 2:
         raise ValueError(f"image {image.shape} is too small to segment")
+    check_finite(image, "the image")
+    return image
+
+
+def check_finite(array: np.ndarray, what: str) -> None:
+    """A ValueError counting the NaN / infinite pixels of a float ``array``."""
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise ValueError(f"{what} has {np.count_nonzero(~np.isfinite(array))} NaN or infinite pixel(s); "
+                         "replace them (e.g. np.nan_to_num) before segmenting")
+
+
+def _as_image2d(image: np.ndarray) -> np.ndarray:
+    """A 2D copy in a VTK pixel type (:func:`check_image2d` first). The input's own integer
+    type is kept because VTK casts the thresholds to the pixel type, as it does for the volume
+    in Slicer."""
+    image = check_image2d(image)
     if image.dtype.newbyteorder("=") in _VTK_NATIVE:
         return image.astype(image.dtype.newbyteorder("="), copy=True)
     return image.astype(np.float32)
