@@ -23,10 +23,10 @@ from test_mrml_despeckle import make_image  # noqa: E402
 
 from Speckle2SelfLib.engine import adapt as adapt_module  # noqa: E402
 from Speckle2SelfLib.engine import user_models  # noqa: E402
-from Speckle2SelfLib.engine.adapt import (AdaptationStopped, AdaptJob, adapt, diagnose_losses,  # noqa: E402
-                                   diagnose_output, frames_from_nodes, render_loss_plot, start_adaptation,
-                                   trivial_losses)
+from Speckle2SelfLib.engine.adapt import (AdaptationStopped, AdaptJob, diagnose_losses,  # noqa: E402
+                                          diagnose_output, render_loss_plot, trivial_losses)
 from Speckle2SelfLib.engine.models import file_sha256, load_model, read_metadata  # noqa: E402
+from Speckle2SelfLib.scene.adapt import adapt, frames_from_nodes, start_adaptation  # noqa: E402
 
 SPACING = (0.3, 0.2, 1.0)
 TINY = dict(crop=32, batch=2, device="cpu")
@@ -166,6 +166,8 @@ def test_the_run_can_be_stopped_and_keeps_the_best_weights(scene, models_dir, un
     assert meta["adaptation"]["source"]["nodes"][0]["name"] == "Stack"
     assert meta["adaptation"]["source"]["nodes"][0]["frames"] == 4
     assert job.snapshot().phase == "done" and not job.is_running()
+    state = job.poll()                # the job protocol the GUI's poller reads: stopped with a model
+    assert state.finished and not state.running and not state.cancelled and state.result is result
     assert_same_state(before, scene_state(scene))
 
 
@@ -187,10 +189,18 @@ def test_an_adapted_model_keeps_the_output_its_starting_model_recommends(scene, 
 def test_stopping_before_training_writes_nothing(scene, models_dir, untrained_model):
     volume = make_volume(scene, np.stack(speckle_uint8(2)), "US")
     job = AdaptJob(frames_from_nodes([volume]), init=str(untrained_model), steps=5, minutes=None, **TINY)
-    job.stop()
+    assert not job.poll().running          # not started yet
+    job.cancel()                           # the job protocol's name for stop()
     with pytest.raises(AdaptationStopped):
         job.run()
     assert not list(models_dir.glob("*.pt")) and not list(models_dir.glob(".adapt-*"))
+    started = AdaptJob(frames_from_nodes([volume]), init=str(untrained_model), steps=5, minutes=None, **TINY)
+    started.cancel()
+    started.start()
+    with pytest.raises(AdaptationStopped):
+        started.wait(60)
+    state = started.poll()                 # what the GUI's poller sees: cancelled, no model
+    assert state.cancelled and not state.running and not state.finished and state.result is None
 
 
 def test_bad_settings_and_inputs_are_refused_before_anything_runs(scene, models_dir, untrained_model):

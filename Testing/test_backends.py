@@ -31,12 +31,12 @@ def network_output(engine, frames):
     return engine._run_module(x).numpy()
 
 
-def test_auto_is_native_bf16_else_fp32_and_names_are_checked(monkeypatch):
-    import Speckle2SelfLib.engine.inference as inference
-    monkeypatch.setattr(inference, "cpu_has_native_bf16", lambda: False)
+def test_auto_without_runtimes_is_native_bf16_else_fp32_and_names_are_checked(monkeypatch):
+    monkeypatch.setattr(backends, "runtime_installed", lambda name: False)
+    monkeypatch.setattr(backends, "cpu_has_native_bf16", lambda: False)
     assert backends.resolve_backend("auto", "cpu") == "fp32"
     assert backends.resolve_backend(None, "cpu") == "fp32"
-    monkeypatch.setattr(inference, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(backends, "cpu_has_native_bf16", lambda: True)
     assert backends.resolve_backend("AUTO", "cpu") == "bf16"
     assert backends.resolve_backend("fp32", "cpu") == "fp32"
     with pytest.raises(ValueError, match="unknown backend 'int4'"):
@@ -53,9 +53,9 @@ def test_a_missing_runtime_is_refused_with_the_install_command(monkeypatch, untr
         Despeckler.from_file(untrained_model, "cpu", backend="onnxruntime")
 
 
-def test_fp32_is_the_default_here_and_gives_the_torchscript_result(untrained_model, monkeypatch):
-    import Speckle2SelfLib.engine.inference as inference
-    monkeypatch.setattr(inference, "cpu_has_native_bf16", lambda: False)
+def test_fp32_is_the_default_without_runtimes_and_gives_the_torchscript_result(untrained_model, monkeypatch):
+    monkeypatch.setattr(backends, "runtime_installed", lambda name: False)
+    monkeypatch.setattr(backends, "cpu_has_native_bf16", lambda: False)
     engine = Despeckler.from_file(untrained_model, "cpu")
     assert engine.backend == "fp32" and engine._runner is None
     frames = speckle()
@@ -102,6 +102,7 @@ def test_the_converted_network_is_cached_by_weights_and_reused(runtime_engine, u
     files = sorted(cache.iterdir())
     assert files and all(p.name.startswith(sha) for p in files) and not any(".part" in p.name for p in files)
     stamps = {p.name: p.stat().st_mtime_ns for p in files}
+    backends._SHARED_RUNNERS.clear()              # a new process: the cached file is what it has
     Despeckler.from_file(untrained_model, "cpu", backend=runtime)        # read back, checked, not rewritten
     assert {p.name: p.stat().st_mtime_ns for p in cache.iterdir()} == stamps
 
@@ -162,3 +163,52 @@ def test_cli_denoise_takes_a_backend(untrained_model, tmp_path, monkeypatch, cap
                  "--backend", "openvino"]) != 0
     assert "pip install openvino" in capsys.readouterr().err
     assert not (tmp_path / "out2.png").exists()
+
+
+OPENVINO = pytest.mark.skipif(not backends.runtime_installed("openvino"), reason="openvino is not installed "
+                              f"({backends.INSTALL_HINT['openvino']})")
+
+
+@OPENVINO
+def test_auto_runs_the_fastest_installed_runtime_and_the_picture_stays_within_2_grey_levels(tmp_path, monkeypatch):
+    """The bundled default model, its default (refined) output: auto takes OpenVINO where it is
+    installed, and a user sees the fp32 picture within 2 grey levels."""
+    monkeypatch.setenv("SPECKLE2SELF_CACHE_DIR", str(tmp_path))
+    engine = Despeckler.from_file(None, "cpu")
+    assert engine.backend == "openvino" and engine._runner is not None
+    frames = speckle(n=2, h=96, w=130, seed=5)
+    fp32 = Despeckler.from_file(None, "cpu", backend="fp32").denoise(frames)
+    assert np.abs(engine.denoise(frames).astype(int) - fp32).max() <= 2
+
+
+def test_auto_goes_on_past_a_runtime_that_fails(untrained_model, monkeypatch, tmp_path):
+    monkeypatch.setenv("SPECKLE2SELF_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(backends, "runtime_installed", lambda name: True)
+    monkeypatch.setattr(backends, "cpu_has_native_bf16", lambda: False)
+    tried = []
+
+    def failing(name, loaded, threads=None, cache=None):
+        tried.append(name)
+        if name in backends.RUNTIMES:
+            raise RuntimeError(f"{name} conversion failed")
+        return None
+
+    monkeypatch.setattr(backends, "build_runner", failing)
+    with pytest.warns(UserWarning, match="backend openvino skipped.*conversion failed"):
+        engine = Despeckler.from_file(untrained_model, "cpu")
+    assert tried == ["openvino", "onnxruntime"] and engine.backend == "fp32" and engine._runner is None
+    with pytest.raises(RuntimeError, match="backend 'onnxruntime' could not be set up.*conversion failed"):
+        Despeckler.from_file(untrained_model, "cpu", backend="onnxruntime")   # named: an error, no fallback
+
+
+@OPENVINO
+def test_a_second_engine_of_the_same_model_reuses_the_converted_network(untrained_model, monkeypatch, tmp_path):
+    monkeypatch.setenv("SPECKLE2SELF_CACHE_DIR", str(tmp_path))
+    built = []
+    build = backends.build_runner
+    monkeypatch.setattr(backends, "build_runner", lambda *a, **k: built.append(a[0]) or build(*a, **k))
+    first = Despeckler.from_file(untrained_model, "cpu", backend="openvino")
+    second = Despeckler.from_file(untrained_model, "cpu", backend="openvino")
+    assert built == ["openvino"] and first._runner is second._runner
+    frames = speckle(seed=4)
+    np.testing.assert_array_equal(first.denoise(frames), second.denoise(frames))

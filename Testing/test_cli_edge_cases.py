@@ -1,4 +1,4 @@
-"""Command-line edge cases found in a review (sixth session): DICOM value tags, DICOM files
+"""Command-line edge cases found in a review: DICOM value tags, DICOM files
 named without .dcm, options given on --resume, the preview inside a training folder, SIGTERM
 in forked children, a single --frame into a picture, an infinite simulator option."""
 
@@ -94,7 +94,7 @@ def test_fine_tuning_records_its_start_and_uses_the_loss_it_is_given(training_fo
         assert run_cli(["train", training_folder, "--out", out, "--init", "default", *tiny, *options],
                        capsys).code == 0
         trained[case] = load_model(out).metadata["training"]
-    # ... is not carried into fine-tuning, which adapted far better with the paper's loss (docs/benchmarks.md)
+    # ... is not carried into fine-tuning, which adapted far better with the paper's loss (benchmarks/adaptation.py)
     assert trained["plain"]["edge_sigma"] is None and trained["edge"]["edge_sigma"] == 0.01
     # the fine-tuned model says what it started from, and whether mixed precision really ran
     assert trained["plain"]["started_from"] == {"name": start["name"], "file": bundled.name,

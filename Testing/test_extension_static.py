@@ -1,10 +1,10 @@
-"""Static checks of the Slicer extension: module file, .ui, CMake lists, .s4ext and the Lib's imports.
+"""Static checks of the Slicer extension: module file, panels, .ui, CMake lists, .s4ext and the Lib's imports.
 
-Speckle2Self.py needs Slicer's Qt (it cannot be imported here), so it is checked as source:
-it compiles, every ``ui.X`` widget it uses exists in the .ui, every .ui parameter name is a
-field of the parameter node, torch is not imported at module level and the logic is the Lib's.
-The CMake lists must name exactly the files on disk, and the Lib must never import Qt, ctk or
-slicer.app.
+Speckle2Self.py and its panels (Speckle2SelfWidgets) need Slicer's Qt, so they are checked here
+as source (Testing/test_gui_panels.py runs them under PySide6): they compile, every ``ui.X``
+widget they use exists in the .ui, every .ui parameter name is a field of the parameter node,
+torch is not imported at module level and the logic is the Lib's. The CMake lists must name
+exactly the files on disk, and the Lib must never import Qt, ctk or slicer.app.
 """
 
 from __future__ import annotations
@@ -22,6 +22,9 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 MODULE_DIR = REPO / "Speckle2Self"
 MODULE_FILE = MODULE_DIR / "Speckle2Self.py"
+WIDGETS_DIR = MODULE_DIR / "Speckle2SelfWidgets"
+SELFTEST_FILE = WIDGETS_DIR / "selftest.py"
+INSTALLER_FILE = WIDGETS_DIR / "installer.py"
 UI_FILE = MODULE_DIR / "Resources" / "UI" / "Speckle2Self.ui"
 LIB_DIR = MODULE_DIR / "Speckle2SelfLib"
 LOGIC_FILE = LIB_DIR / "scene" / "logic.py"
@@ -34,6 +37,22 @@ MRML_WIDGETS = {"qMRMLNodeComboBox", "qSlicerMarkupsPlaceWidget", "qMRMLTableVie
 @pytest.fixture(scope="module")
 def module_source() -> str:
     return MODULE_FILE.read_text()
+
+
+def gui_sources() -> list:
+    """The module file and its panels: the code that runs in Slicer's Qt."""
+    return [MODULE_FILE, *sorted(p for p in WIDGETS_DIR.glob("*.py"))]
+
+
+@pytest.fixture(scope="module")
+def gui_source() -> str:
+    return "\n".join(p.read_text() for p in gui_sources())
+
+
+def class_methods(path: Path, class_name: str) -> dict:
+    """Method name -> source of a class defined in ``path``."""
+    classes = {c.name: c for c in ast.parse(path.read_text()).body if isinstance(c, ast.ClassDef)}
+    return {f.name: ast.unparse(f) for f in classes[class_name].body if isinstance(f, ast.FunctionDef)}
 
 
 @pytest.fixture(scope="module")
@@ -62,15 +81,22 @@ def parameter_fields(source: str) -> dict:
 
 # ----------------------------------------------------------------------------- module file and .ui
 
-def test_module_file_compiles(tmp_path):
-    py_compile.compile(str(MODULE_FILE), cfile=str(tmp_path / "Speckle2Self.pyc"), doraise=True)
+def test_module_file_and_panels_compile(tmp_path):
+    sources = gui_sources()
+    assert len(sources) >= 8, "the module file, the panels, the poller, the installer and the self-test"
+    for path in sources:
+        py_compile.compile(str(path), cfile=str(tmp_path / (path.stem + ".pyc")), doraise=True)
 
 
-def test_every_widget_the_module_uses_exists_in_the_ui(module_source, ui_tree):
-    used = set(re.findall(r"\bui\.([A-Za-z_]\w*)", module_source))
-    assert used, "the module uses no widget of its .ui?"
+def test_module_file_is_thin():
+    assert len(MODULE_FILE.read_text().splitlines()) <= 300, "panels, jobs and installer belong in their own files"
+
+
+def test_every_widget_the_module_uses_exists_in_the_ui(gui_source, ui_tree):
+    used = set(re.findall(r"\bui\.([A-Za-z_]\w*)", gui_source))
+    assert len(used) >= 40, "the panels use the .ui's widgets"
     missing = sorted(used - set(ui_widgets(ui_tree)))
-    assert not missing, f"Speckle2Self.py uses widgets missing from {UI_FILE.name}: {missing}"
+    assert not missing, f"the module's code uses widgets missing from {UI_FILE.name}: {missing}"
 
 
 def test_ui_parameter_names_are_parameter_node_fields_with_fitting_types(module_source, ui_tree):
@@ -104,25 +130,31 @@ def lib_sources() -> list:
     return sorted(p for p in LIB_DIR.rglob("*.py") if "__pycache__" not in p.parts)
 
 
-def test_module_has_title_category_help_and_a_slicer_self_test(module_source):
+def test_module_has_title_category_help_and_a_slicer_self_test(module_source, gui_source):
     tree = ast.parse(module_source)
     classes = {c.name: c for c in tree.body if isinstance(c, ast.ClassDef)}
-    assert {"Speckle2Self", "Speckle2SelfWidget", "Speckle2SelfTest"} <= set(classes)
-    # the logic is the Lib's (qt-free, tested headless), not a wrapper in the module file
-    assert "Speckle2SelfLogic" not in classes and "ScriptedLoadableModuleLogic" not in module_source
+    assert {"Speckle2Self", "Speckle2SelfWidget"} <= set(classes)
+    # the logic is the Lib's (qt-free, tested headless), not a wrapper in the module file or a panel
+    assert "Speckle2SelfLogic" not in classes and "ScriptedLoadableModuleLogic" not in gui_source
     imports = [n for n in tree.body if isinstance(n, ast.ImportFrom) and n.module == "Speckle2SelfLib.scene.logic"]
     assert imports and "Speckle2SelfLogic" in {a.name for n in imports for a in n.names}
-    assert [ast.unparse(b) for b in classes["Speckle2SelfTest"].bases] == ["ScriptedLoadableModuleTest"]
-    assert "runTest" in {f.name for f in classes["Speckle2SelfTest"].body if isinstance(f, ast.FunctionDef)}
+    # Slicer's "Reload and Test" and CTest look for <Module>Test in the module file's namespace
+    tests = [n for n in tree.body if isinstance(n, ast.ImportFrom) and n.module == "Speckle2SelfWidgets.selftest"]
+    assert tests and "Speckle2SelfTest" in {a.name for n in tests for a in n.names}
+    test_classes = {c.name: c for c in ast.parse(SELFTEST_FILE.read_text()).body if isinstance(c, ast.ClassDef)}
+    assert [ast.unparse(b) for b in test_classes["Speckle2SelfTest"].bases] == ["ScriptedLoadableModuleTest"]
+    assert "runTest" in {f.name for f in test_classes["Speckle2SelfTest"].body if isinstance(f, ast.FunctionDef)}
     assert 'self.parent.title = _("Speckle2Self")' in module_source
     assert 'self.parent.categories = ["Ultrasound"]' in module_source
     assert "<a href=" in module_source and "acknowledgementText" in module_source
 
 
-def test_module_and_its_lib_load_without_torch(module_source):
-    top_level = [n for n in ast.parse(module_source).body if isinstance(n, (ast.Import, ast.ImportFrom))]
-    names = {a.name for n in top_level for a in n.names} | {n.module for n in top_level if isinstance(n, ast.ImportFrom)}
-    assert "torch" not in names, "Speckle2Self.py must import torch lazily"
+def test_module_and_its_lib_load_without_torch():
+    for path in gui_sources():
+        top_level = [n for n in ast.parse(path.read_text()).body if isinstance(n, (ast.Import, ast.ImportFrom))]
+        names = {a.name for n in top_level for a in n.names} | \
+            {n.module for n in top_level if isinstance(n, ast.ImportFrom)}
+        assert "torch" not in names, f"{path.name} must import torch lazily"
     # What the GUI imports at setup must work with torch missing (None in sys.modules blocks it).
     code = ("import sys; sys.modules['torch'] = None; sys.path.insert(0, sys.argv[1])\n"
             "import Speckle2SelfLib.scene.logic, Speckle2SelfLib.scene.lumen, Speckle2SelfLib.scene.live, "
@@ -147,7 +179,7 @@ def test_module_cmake_lists_every_lib_script_and_resource():
     name = cmake_set(text, "MODULE_NAME")[0]
     expand = lambda items: {i.replace("${MODULE_NAME}", name) for i in items}  # noqa: E731
     scripts = expand(cmake_set(text, "MODULE_PYTHON_SCRIPTS"))
-    on_disk = {"Speckle2Self.py"} | {p.relative_to(MODULE_DIR).as_posix() for p in lib_sources()}
+    on_disk = {p.relative_to(MODULE_DIR).as_posix() for p in gui_sources() + lib_sources()}
     assert scripts == on_disk, (f"scripts not listed: {sorted(on_disk - scripts)}; "
                                 f"listed but absent: {sorted(scripts - on_disk)}")
     resources = expand(cmake_set(text, "MODULE_PYTHON_RESOURCES"))
@@ -273,27 +305,28 @@ def test_modules_slicer_loads_need_no_scikit_image_or_opencv():
 
 # ----------------------------------------------------------------------------- issue #11 (module review)
 
-def module_function(source: str, name: str, namespace: dict):
-    """Define one top-level function of Speckle2Self.py (it cannot be imported without Qt)."""
-    tree = ast.parse(source)
+def module_function(path: Path, name: str, namespace: dict):
+    """Define one top-level function of a GUI source file (it cannot be imported without Qt)."""
+    tree = ast.parse(path.read_text())
     found = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == name]
-    assert found, f"Speckle2Self.py has no top-level function {name}"
-    exec(compile(ast.Module(body=found, type_ignores=[]), str(MODULE_FILE), "exec"), namespace)
+    assert found, f"{path.name} has no top-level function {name}"
+    exec(compile(ast.Module(body=found, type_ignores=[]), str(path), "exec"), namespace)
     return namespace[name]
 
 
-def test_every_slicer_test_method_skips_cleanly_without_torch(module_source, monkeypatch):
+def test_every_slicer_test_method_skips_cleanly_without_torch(monkeypatch):
+    import functools
     import importlib.util
     import unittest
 
-    classes = {c.name: c for c in ast.parse(module_source).body if isinstance(c, ast.ClassDef)}
+    classes = {c.name: c for c in ast.parse(SELFTEST_FILE.read_text()).body if isinstance(c, ast.ClassDef)}
     methods = [f for f in classes["Speckle2SelfTest"].body
                if isinstance(f, ast.FunctionDef) and f.name.startswith("test_")]
     assert len(methods) >= 4
     for method in methods:   # CTest calls each test_* method directly, not runTest
         assert [ast.unparse(d) for d in method.decorator_list] == ["requiresTorch"], method.name
         assert "pip_install" not in ast.unparse(method) and "ensurePythonDependencies" not in ast.unparse(method)
-    requires_torch = module_function(module_source, "requiresTorch", {"importlib": importlib})
+    requires_torch = module_function(SELFTEST_FILE, "requiresTorch", {"importlib": importlib, "functools": functools})
     ran = []
 
     class Probe(unittest.TestCase):
@@ -313,26 +346,30 @@ def test_every_slicer_test_method_skips_cleanly_without_torch(module_source, mon
     assert ran == [True] and result.wasSuccessful() and not result.skipped
 
 
-def test_torch_prompt_does_not_promise_a_small_cpu_build_on_linux(module_source, monkeypatch):
-    assert "several hundred MB" not in module_source
-    note = module_function(module_source, "torchDownloadNote", {"_": lambda text: text})
+def test_torch_prompt_does_not_promise_a_small_cpu_build_on_linux(gui_source, monkeypatch):
+    assert "several hundred MB" not in gui_source
+    note = module_function(INSTALLER_FILE, "torchDownloadNote", {"_": lambda text: text, "sys": sys})
     monkeypatch.setattr(sys, "platform", "linux")
     assert "CUDA" in note() and "hundred MB" not in note()
     monkeypatch.setattr(sys, "platform", "win32")
     assert "CPU" in note()
 
 
-def test_torch_install_runs_inside_error_handling(module_source):
-    classes = {c.name: c for c in ast.parse(module_source).body if isinstance(c, ast.ClassDef)}
-    widget = classes["Speckle2SelfWidget"]
+def test_torch_install_runs_inside_error_handling():
+    installer = ast.parse(INSTALLER_FILE.read_text())
     guarded = set()
-    for node in ast.walk(widget):
+    for node in ast.walk(installer):
         if isinstance(node, ast.Try) and node.handlers:
             guarded |= {id(n) for stmt in node.body for n in ast.walk(stmt)}
-    calls = [n for n in ast.walk(widget) if isinstance(n, ast.Call)
-             and isinstance(n.func, ast.Attribute) and n.func.attr == "ensurePythonDependencies"]
-    assert calls, "the widget never asks for torch?"
-    assert all(id(c) in guarded for c in calls), "ensurePythonDependencies outside try/except in the widget"
+    calls = [n for n in ast.walk(installer) if isinstance(n, ast.Call)
+             and getattr(n.func, "id", getattr(n.func, "attr", None)) == "ensurePythonDependencies"]
+    assert calls, "torchReady never asks for torch?"
+    assert all(id(c) in guarded for c in calls), "ensurePythonDependencies outside try/except in torchReady"
+    # the panels ask through torchReady only (a failed install is shown, never raised into Qt)
+    for path in gui_sources():
+        if path != INSTALLER_FILE:
+            assert "ensurePythonDependencies(" not in path.read_text(), f"{path.name} installs torch unguarded"
+    assert sum("torchReady()" in p.read_text() for p in gui_sources()) >= 3   # Apply, Live, Adapt
 
 
 def test_parameter_node_defaults_agree_with_the_ui(module_source, ui_tree):
@@ -357,37 +394,45 @@ def test_parameter_node_defaults_agree_with_the_ui(module_source, ui_tree):
     assert checked >= 3 and "tolerance" in defaults
 
 
-def test_segmenting_shows_the_diameter_chart_and_seeds_from_the_last_point(module_source):
-    assert "ShowChartInLayout(result.plot_chart_node)" in module_source
-    assert "GetNthControlPointPositionWorld(0" not in module_source, "re-placed seeds must not read point 0"
-    assert "frame = browser.GetSelectedItemNumber()" not in module_source
+def test_segmenting_shows_the_diameter_chart_and_seeds_from_the_last_point(gui_source):
+    assert "ShowChartInLayout(result.plot_chart_node)" in gui_source
+    assert "GetNthControlPointPositionWorld(0" not in gui_source, "re-placed seeds must not read point 0"
+    assert "frame = browser.GetSelectedItemNumber()" not in gui_source
 
 
-def test_apply_despeckles_in_a_background_job_polled_by_a_qtimer(module_source):
-    classes = {c.name: c for c in ast.parse(module_source).body if isinstance(c, ast.ClassDef)}
-    methods = {f.name: ast.unparse(f) for f in classes["Speckle2SelfWidget"].body if isinstance(f, ast.FunctionDef)}
-    apply, tick = methods["onApplyButton"], methods["onJobTick"]
+def test_one_job_poller_polls_every_job_with_a_qtimer():
+    poller = class_methods(WIDGETS_DIR / "jobpoller.py", "JobPoller")
+    assert "QTimer()" in poller["__init__"] and "self.tick" in poller["__init__"]
+    assert "job.poll()" in poller["tick"] and "job.cancel()" in poller["tick"] and "processEvents" not in poller["tick"]
+    assert "self.job.cancel()" in poller["cancel"] and "self.cancel()" in poller["stop"]
+    for path in gui_sources():      # no other loop polls a job
+        if path.name != "jobpoller.py":
+            assert ".poll()" not in path.read_text(), f"{path.name} polls a job itself"
+    widget = class_methods(MODULE_FILE, "Speckle2SelfWidget")
+    assert "panel.stop()" in widget["cleanup"] and "panel.stop()" in widget["onSceneStartClose"]
+
+
+def test_apply_despeckles_in_a_background_job_polled_by_a_qtimer():
+    methods = class_methods(WIDGETS_DIR / "despeckle.py", "DespecklePanel")
+    apply = methods["onApplyButton"]
     assert "self.logic.process(" not in apply, "Apply must not despeckle on the main thread"
-    assert "start_process(" in apply and "QTimer()" in apply and "onJobTick" in apply
-    assert "job.poll()" in tick and "job.cancel()" in tick
+    assert "start_process(" in apply and "JobPoller(job" in apply and "self.poller.cancel()" in apply
     assert "processEvents" not in methods["onProgress"]
-    assert "self._job.cancel()" in methods["cleanup"] and "self._job.cancel()" in methods["onSceneStartClose"]
+    assert "self.poller.stop()" in methods["stop"]
     lib_classes = {c.name: c for c in ast.parse(LOGIC_FILE.read_text()).body if isinstance(c, ast.ClassDef)}
     logic = {f.name: ast.unparse(f) for f in lib_classes["Speckle2SelfLogic"].body if isinstance(f, ast.FunctionDef)}
     assert "prepare_job(" in logic["start_process"] and "job.start()" in logic["start_process"]
 
 
-def test_segment_runs_in_a_background_job_polled_by_a_qtimer(module_source):
+def test_segment_runs_in_a_background_job_polled_by_a_qtimer():
     """Defect 7: Segment (a whole sequence) must not block the GUI, and must be cancellable."""
-    classes = {c.name: c for c in ast.parse(module_source).body if isinstance(c, ast.ClassDef)}
-    methods = {f.name: ast.unparse(f) for f in classes["Speckle2SelfWidget"].body if isinstance(f, ast.FunctionDef)}
-    segment, tick = methods["onSegmentButton"], methods["onSegmentTick"]
+    methods = class_methods(WIDGETS_DIR / "lumen.py", "LumenPanel")
+    segment = methods["onSegmentButton"]
     assert "segment_lumen(" not in segment and "segmentLumen(" not in segment, "Segment must not run on the main thread"
-    assert "start_segmentation(" in segment and "QTimer()" in segment and "onSegmentTick" in segment
+    assert "start_segmentation(" in segment and "JobPoller(job" in segment
     assert ".cancel()" in segment, "the Segment button cancels a running job"
-    assert "job.poll()" in tick and "job.cancel()" in tick and "processEvents" not in tick
-    assert "stopSegmentation()" in methods["cleanup"] and "stopSegmentation()" in methods["onSceneStartClose"]
-    assert "cancel()" in methods["stopSegmentation"]
+    assert "processEvents" not in methods["onProgress"]
+    assert "self.poller.stop()" in methods["stop"]
     lib_classes = {c.name: c for c in ast.parse(LOGIC_FILE.read_text()).body if isinstance(c, ast.ClassDef)}
     logic = {f.name: ast.unparse(f) for f in lib_classes["Speckle2SelfLogic"].body if isinstance(f, ast.FunctionDef)}
     assert "prepare_segmentation(" in logic["start_segmentation"] and "job.start()" in logic["start_segmentation"]

@@ -1,4 +1,4 @@
-"""scripts/gpu_train.py and scripts/gpu_session.sh: the lent-GPU training session, checked on a CPU.
+"""scripts/gpu_train.py and scripts/gpu_session.sh: training on a GPU machine, checked on a CPU.
 
 The GPU machine has torch, numpy and pillow but no SimpleITK, pydicom, vtk or slicer: the
 training path must import without them. The toy run is the real script at toy size (crop 64,

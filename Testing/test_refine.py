@@ -101,7 +101,8 @@ def test_a_compressed_range_keeps_a_faint_dark_step_and_merges_a_bright_one():
 
 def test_the_default_models_output_is_its_network_steering_the_smoothing_it_recommends():
     """The bundled default's metadata (sigma, range and range power) reaches denoise(): its output
-    equals the filter run by hand with those settings, and differs from plain levels."""
+    equals the product's filter (the bilateral grid) run by hand with those settings, and differs
+    from plain levels."""
     engine = Despeckler.from_file(None, "cpu", backend="fp32")
     settings = refine.settings_for(1.0, **refine.model_settings(engine.metadata))
     assert settings.range_power < 1.0
@@ -110,8 +111,8 @@ def test_the_default_models_output_is_its_network_steering_the_smoothing_it_reco
     lo, hi = float(frame.min()), float(frame.max())
     network = engine.denoise(frame, refine="none", grey_levels="network", working_scale=1.0)
     x, y = _as_batch((frame - lo) / (hi - lo)), _as_batch((network - lo) / (hi - lo)).clamp(0, 1)
-    by_hand = refine.guided_smoothing(x, y, settings)[0, 0].numpy() * (hi - lo) + lo
-    plain = refine.guided_smoothing(x, y, settings._replace(range_power=1.0))[0, 0].numpy() * (hi - lo) + lo
+    by_hand = refine.guided_filter(x, y, settings)[0, 0].numpy() * (hi - lo) + lo
+    plain = refine.guided_filter(x, y, settings._replace(range_power=1.0))[0, 0].numpy() * (hi - lo) + lo
     out = engine.denoise(frame, working_scale=1.0)
     np.testing.assert_allclose(out, by_hand, atol=1e-4)
     assert np.abs(out - plain).max() > 1e-3

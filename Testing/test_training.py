@@ -189,3 +189,23 @@ def test_training_needs_a_stopping_rule_and_valid_crop():
         TrainConfig(steps=1, crop=100)
     with pytest.raises(ValueError, match="no training frames"):
         FramePool([], {})
+
+
+def test_cuda_training_draws_crops_on_the_device():
+    """``train --device cuda`` samples through the engine's DeviceFramePool (the same crops as
+    FramePool.sample; checked on the CPU, where it runs the same code)."""
+    import torch
+    from Speckle2SelfLib.engine.perturbation import minmax_normalise
+    from Speckle2SelfLib.engine.training import DeviceFramePool, FramePool, sampling_pool
+
+    frame = np.random.default_rng(1).random((64, 64)).astype(np.float32)
+    pool = FramePool([frame], {"files": 1})
+    assert sampling_pool(pool, "cpu", 64, 10.0) is pool
+    on_gpu = sampling_pool(pool, "cuda:0", 64, 10.0)
+    assert isinstance(on_gpu, DeviceFramePool) and on_gpu.summary is pool.summary and on_gpu.device == "cuda:0"
+    here = DeviceFramePool.from_pool(pool, "cpu", 64, 10.0)
+    here.prepare_views((1.0, 0.5, 0.25))
+    pool.prepare_views((1.0, 0.5, 0.25))
+    expected = minmax_normalise(torch.from_numpy(pool._views[0][0].astype(np.float32))[None, None])[0, 0]
+    for sample in here.sample(np.random.default_rng(0), 4, 64, augment_prob=0.0)[0][:, 0]:
+        assert torch.allclose(sample, expected, atol=1e-6) or torch.allclose(sample, expected.flip(-1), atol=1e-6)

@@ -117,7 +117,7 @@ def add_sequence(scene, frames: np.ndarray, spacing, name: str):
 
 
 def run_adaptation(train_frames: np.ndarray, spacing, name: str, minutes: float, device: str, out_dir) -> Path:
-    from Speckle2SelfLib.engine.adapt import adapt
+    from Speckle2SelfLib.scene.adapt import adapt
 
     scene, _logics = headless_scene()
     sequence = add_sequence(scene, train_frames, spacing, name)

@@ -78,11 +78,28 @@ def build_methods(names: List[str], models: List[str], device: str, gammas: List
     return methods
 
 
+#: --refine-reference: also score guided outputs refined by the direct reference filter
+#: (Speckle2SelfLib.engine.refine.guided_smoothing) instead of the product's bilateral grid.
+REFINE_REFERENCE = False
+
+
+def _refined_by_reference(engine, image, refine: str = "auto"):
+    engine.refine_method = "direct"
+    try:
+        return engine.denoise(image, refine=refine)
+    finally:
+        engine.refine_method = "grid"
+
+
 def model_outputs(engine, label: str, both: bool) -> Dict[str, Callable]:
     """The model's default output (labelled ", guided" where its metadata recommends the guided
-    refinement), and with ``both`` also the other one (", network output" or ", guided")."""
+    refinement), and with ``both`` also the other one (", network output" or ", guided");
+    with REFINE_REFERENCE each guided output also refined by the direct reference filter."""
     guided = engine.resolve_refine("auto") == "guided"
     outputs = {label + (", guided" if guided else ""): engine.denoise}
+    if REFINE_REFERENCE and (guided or both):
+        outputs[label + ", guided by the direct reference filter"] = \
+            lambda img, e=engine: _refined_by_reference(e, img, "guided")
     if both:
         other = "none" if guided else "guided"
         outputs[label + (", network output" if guided else ", guided")] = \
@@ -103,8 +120,9 @@ def apply_cached(method: str, fn: Callable, case: carotid.CarotidCase, image: np
 
     tag = method
     if method in model_files:   # a retrained model under the same name must not hit old results,
-        from Speckle2SelfLib.engine import inference, refine   # nor a model run by changed inference code
-        tag += str(model_files[method].stat().st_mtime_ns) + inspect.getsource(inference) + inspect.getsource(refine)
+        from Speckle2SelfLib.engine import bilateral_grid, inference, refine   # nor a model run by changed code
+        tag += str(model_files[method].stat().st_mtime_ns) + "".join(
+            inspect.getsource(module) for module in (inference, refine, bilateral_grid))
     elif method != "raw":       # nor a baseline whose defaults or code changed
         tag += inspect.getsource(inspect.getmodule(fn))
     path = cache / f"{_cache_key(tag, case.image)}.png" if cache else None
@@ -325,6 +343,9 @@ def main(argv=None) -> int:
     parser.add_argument("--figure", help="write a side-by-side PNG of one test image")
     parser.add_argument("--gamma", type=float, action="append", default=[],
                         help="also score each model with this display gamma (the authors use 1.5)")
+    parser.add_argument("--refine-reference", action="store_true",
+                        help="also score guided outputs refined by the direct reference filter (the product runs "
+                             "the bilateral grid)")
     parser.add_argument("--refine", action="store_true",
                         help="also score each model with refine='guided' (its output steering a smoothing of the input)")
     parser.add_argument("--lumen-only", action="store_true",
@@ -339,6 +360,8 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
+    global REFINE_REFERENCE
+    REFINE_REFERENCE = args.refine_reference
     cache = start_run(args)
     if cache is False:
         return 1

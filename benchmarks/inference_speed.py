@@ -63,7 +63,7 @@ def measure(model: str, device: str, backend: str, size: int, batch: int, thread
         peak_mb = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"backend": engine.backend if backend != "auto" else "auto", "size": size, "batch": batch,
+    return {"backend": backend, "runs": engine.backend, "size": size, "batch": batch,
             "ms": 1000 * per_frame, "peak_mb": peak_mb, "load_s": load_s}
 
 
@@ -97,7 +97,7 @@ def main(argv=None) -> int:
     parser.add_argument("--depth", type=int, default=3)
     parser.add_argument("--upsample", default="resize", choices=["transposed", "resize"])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--backends", nargs="+", help="default: CPU fp32 bf16 openvino onnxruntime; "
+    parser.add_argument("--backends", nargs="+", help="default: CPU fp32 auto bf16 openvino onnxruntime; "
                                                       "CUDA fp32 auto bf16")
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512, 1024])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8])
@@ -118,7 +118,7 @@ def main(argv=None) -> int:
 
     cuda = args.device.startswith("cuda")
     backends = _usable_backends(args.backends or (["fp32", "auto", "bf16"] if cuda else
-                                                  ["fp32", "bf16", "openvino", "onnxruntime"]), args.device)
+                                                  ["fp32", "auto", "bf16", "openvino", "onnxruntime"]), args.device)
     if "fp32" not in backends:
         backends.insert(0, "fp32")
     env = dict(os.environ)
@@ -162,7 +162,9 @@ def main(argv=None) -> int:
     print("| backend | frame | batch | ms/frame | frames/s | ratio to fp32 | peak memory (MB) |")
     print("|---|---|---|---|---|---|---|")
     for key in sorted(results, key=lambda k: (k[1], k[2], backends.index(k[0]))):
-        print(f"| {key[0]} | {key[1]}x{key[1]} | {key[2]} | {ms(key):.1f} | {1000 / ms(key):.1f} | "
+        runs = results[key][0].get("runs", key[0])
+        label = f"{key[0]} ({runs})" if runs != key[0] else key[0]
+        print(f"| {label} | {key[1]}x{key[1]} | {key[2]} | {ms(key):.1f} | {1000 / ms(key):.1f} | "
               f"{ratio(key):.2f} | {max(r['peak_mb'] for r in results[key]):.0f} |")
     print("\n| backend | frame | batch 1 ms/frame | best batch | best ms/frame | ratio to fp32 (best batch) |")
     print("|---|---|---|---|---|---|")

@@ -9,7 +9,7 @@ and the table gives each group's share of pixels and the standard deviation of i
 output there. A spread that is the same at every level means the speckle is additive on this
 display scale (no variance-stabilising transform is called for); the guided refinement's
 ``refine_range_power`` is then a weighting of where boundaries matter, not a noise model
-(docs/benchmarks.md, "Twelfth session"). The simulated tuning images (seeds 1000+, 7.5 MHz)
+(CHANGELOG.md, v4). The simulated tuning images (seeds 1000+, 7.5 MHz)
 are shown for comparison.
 """
 

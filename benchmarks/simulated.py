@@ -97,13 +97,17 @@ def lumen_scores(outputs: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> 
     return {"lumen_flood": float(flood.max()), "lumen_radial": float(np.mean(radial))}
 
 
-def load_models(paths: Sequence[str], refine: bool = False) -> Dict[str, Method]:
-    """Each model's default output, and with ``refine`` also the other one (guided or not)."""
+def load_models(paths: Sequence[str], refine: bool = False, refine_reference: bool = False) -> Dict[str, Method]:
+    """Each model's default output, and with ``refine`` also the other one (guided or not);
+    with ``refine_reference`` guided outputs also refined by the direct reference filter."""
     if not paths:
         return {}
     from Speckle2SelfLib.engine.inference import Despeckler
 
-    from carotid import model_outputs   # benchmarks/carotid.py: the default and the other output
+    import carotid   # benchmarks/carotid.py: the default and the other output
+    from carotid import model_outputs
+
+    carotid.REFINE_REFERENCE = refine_reference
 
     models = {}
     for path in paths:
@@ -172,7 +176,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
         return 2
     methods: Dict[str, Method] = {"noisy input": lambda img: img}
     methods.update({name: with_settings(name, args.set) for name in args.methods})
-    methods.update(load_models(args.model, args.refine))
+    methods.update(load_models(args.model, args.refine, args.refine_reference))
     kinds = [TEST_KINDS[i % len(TEST_KINDS)] for i in range(args.n_images)]
     fcs = [TRAIN_FC] + ([] if args.no_cross else list(CROSS_FCS))
     print(f"Simulated test set: {args.n_images} images ({', '.join(kinds)}), {args.size} x {args.size} px, "
@@ -284,6 +288,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--methods", nargs="*", default=list(filters.BASELINES), choices=list(filters.BASELINES),
                         metavar="NAME", help=f"baselines to run (default all: {', '.join(filters.BASELINES)})")
     parser.add_argument("--refine", action="store_true", help="also score each model with refine='guided'")
+    parser.add_argument("--refine-reference", action="store_true",
+                        help="also score guided outputs refined by the direct reference filter (the product runs "
+                             "the bilateral grid)")
     parser.add_argument("--set", action="append", default=[], type=parse_setting, metavar="NAME:KEY=VALUE",
                         help="run a baseline with another parameter value, e.g. gaussian_guided:sigma_px=14 (repeatable)")
     parser.add_argument("--no-cross", action="store_true", help="only 7.5 MHz, skip the cross-configuration")

@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
-"""Train three Speckle2Self models at once on one GPU and time them (a lent-GPU session).
+"""Train three Speckle2Self models at once on one GPU and time them.
 
 On the GPU machine (through ``bash scripts/gpu_session.sh``, which also logs)::
 
-    python3 scripts/gpu_train.py --data .gpu_data --out "$OUT" --minutes 7
+    python3 scripts/gpu_train.py --data .gpu_data --out results/ --minutes 7
 
-Here, before the session, fill ``.gpu_data`` with the carotid tuning images::
+First, on a machine with the data, fill ``.gpu_data`` with the carotid tuning images::
 
     python scripts/gpu_train.py --prepare [--source DIR]        (= bash scripts/gpu_session.sh --prepare)
 
@@ -19,13 +19,13 @@ Runs, each in its own process on the one GPU, for ``--minutes`` of wall-clock tr
   with v3's edge-aware consistency (0.0075); batch 32, 256x256 crops, lr 5e-4;
 * ``c``: the v2 architecture from scratch; batch 32, 256x256 crops, lr 1e-3.
 
-The training loop, loss, checkpoint and export are the library's
-(``Speckle2SelfLib.engine.training.train``); only the crops are drawn differently: on the GPU
-(:class:`DeviceFramePool`: the same frames, views, crop positions, rotations, flips, per-view
-stretching and contrast rule as ``FramePool.sample``, without a CPU round trip per sample).
-``--sampler library`` uses ``FramePool.sample`` itself.
+The training loop, loss, checkpoint, export and, on the GPU, the crop sampler are the library's
+(``Speckle2SelfLib.engine.training.train`` and ``DeviceFramePool``: the same frames, views, crop
+positions, rotations, flips, per-view stretching and contrast rule as ``FramePool.sample``,
+without a CPU round trip per sample; ``speckle2self train --device cuda`` uses it too).
+``--sampler library`` draws the crops on the CPU with ``FramePool.sample``.
 
-Writes to ``--out`` (at most 8 files come back from a lent machine): one TorchScript model per
+Writes to ``--out`` (at most 8 files): one TorchScript model per
 run with the library's metadata (as ``speckle2self train`` writes it, plus the command in
 ``training.command``), ``summary.json`` and ``summary.md`` (steps, training images/s, final
 loss, GPU inference ms per 512x512 frame in fp32 and bf16 at batch 1 and 16, also for the
@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import shutil
@@ -58,7 +57,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "Speckle2Self"))
 
 from Speckle2SelfLib.engine.models import MODELS_DIR, bundled_models  # noqa: E402
-from Speckle2SelfLib.engine.training import FramePool, MIN_CROP_CONTRAST  # noqa: E402
+from Speckle2SelfLib.engine.training import DeviceFramePool, FramePool  # noqa: E402,F401 (the engine's GPU sampler)
 
 
 def _bundled_default() -> Path:
@@ -71,7 +70,7 @@ BUNDLED_DEFAULT = _bundled_default()
 DEFAULT_SOURCE = Path("/work/train_data/tuning")
 IMAGE_SUFFIXES = (".png",)
 MAX_OUT_FILES = 8
-#: Largest file that comes back from a lent machine (16 MiB), less a margin. The paper-size
+#: Largest output file written in one piece (16 MiB, less a margin). The paper-size
 #: model (4.2 M fp32 weights) is 16.2 MiB as written: it travels deflate-compressed (the library
 #: and torch.jit.load read that as is), or split into parts as a last resort.
 RETURN_LIMIT = 16 * 2**20 - 2**16
@@ -139,115 +138,6 @@ def load_frames(folder, max_frames=None, min_side: int = 32):
         summary["source"] = json.loads(source.read_text()).get("description")
     summary["masks_used"] = False
     return frames, summary
-
-
-class DeviceFramePool(FramePool):
-    """A FramePool whose crops are drawn on the training device (one GPU, no CPU round trips).
-
-    The views are the library's (``FramePool.prepare_views``), moved to the device once. A batch is
-    drawn as ``FramePool.sample`` draws it: a frame and a position uniformly per sample; rotated
-    samples (``augment_prob``) take a patch with the library's margin and are rotated about its
-    centre and centre-cropped (bilinear, reflection); crops whose full view spans less than
-    MIN_CROP_CONTRAST are redrawn (here: the first of ``CANDIDATES`` draws that passes, else the
-    last); horizontal flips; each view of each crop stretched to [0, 1]. Frames smaller than a
-    patch are reflect-padded at the bottom/right, as the library pads them.
-    """
-
-    CANDIDATES = 8
-
-    def __init__(self, frames, summary, device: str, crop: int, rotate_degrees: float):
-        super().__init__(frames, summary)
-        self.device = device
-        self.margin = self._margin(crop, rotate_degrees)
-        self._stack = None
-
-    @staticmethod
-    def _margin(crop: int, rotate_degrees: float) -> int:
-        # The library's margin (FramePool.sample): a rotated crop never samples outside the patch.
-        rad = math.radians(rotate_degrees)
-        return math.ceil(crop * (abs(math.cos(rad)) + abs(math.sin(rad)))) + 2
-
-    def prepare_views(self, scales, interpolation: str = "bilinear", working_scale: float = 1.0) -> None:
-        import torch
-
-        key = (tuple(scales), interpolation, float(working_scale))
-        if self._views_key == key and self._stack is not None:
-            return
-        super().prepare_views(scales, interpolation, working_scale)
-        sizes = np.array([v.shape[1:] for v in self._views])
-        height, width = max(int(sizes[:, 0].max()), self.margin), max(int(sizes[:, 1].max()), self.margin)
-        stack = np.empty((len(self._views), self._views[0].shape[0], height, width), np.float16)
-        for k, views in enumerate(self._views):
-            h, w = views.shape[1:]
-            stack[k] = views if (h, w) == (height, width) else \
-                np.pad(views, ((0, 0), (0, height - h), (0, width - w)), mode="reflect")
-        self._sizes = sizes
-        self._stack = torch.from_numpy(stack).to(self.device)
-        self._views = None            # the device copy is the one sampled; free the host one
-
-    def sample(self, rng, batch: int, crop: int, augment_prob: float = 0.3, rotate_degrees: float = 10.0):
-        import torch
-
-        from Speckle2SelfLib.engine.perturbation import minmax_normalise
-
-        if self._stack is None:
-            raise RuntimeError("call prepare_views() before sampling")
-        rotate = rng.random(batch) < augment_prob if rotate_degrees else np.zeros(batch, bool)
-        margin = self._margin(crop, rotate_degrees)
-        if margin > self._stack.shape[-1] or margin > self._stack.shape[-2]:
-            raise ValueError(f"patches of {margin} px need a pool made with crop {crop} and rotation {rotate_degrees}")
-        x = torch.empty((batch, self._stack.shape[1], crop, crop), device=self.device)
-        plain = np.flatnonzero(~rotate)
-        turned = np.flatnonzero(rotate)
-        if len(plain):
-            x[torch.as_tensor(plain, device=self.device)] = self._patches(rng, len(plain), crop)
-        if len(turned):
-            patches = self._patches(rng, len(turned), margin)
-            angles = rng.uniform(-rotate_degrees, rotate_degrees, len(turned))
-            x[torch.as_tensor(turned, device=self.device)] = self._rotate_center_crop(patches, angles, crop)
-        flip = torch.as_tensor(rng.random(batch) < 0.5, device=self.device)
-        x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
-        return [minmax_normalise(x[:, k:k + 1].contiguous()) for k in range(x.shape[1])]
-
-    def _patches(self, rng, n: int, size: int):
-        """(n, S, size, size) float32 patches; the full view of each spans >= MIN_CROP_CONTRAST where
-        one of CANDIDATES draws does."""
-        import torch
-
-        k = self.CANDIDATES
-        idx = rng.integers(len(self._sizes), size=(n, k))
-        h, w = self._sizes[idx, 0], self._sizes[idx, 1]
-        r = np.floor(rng.random((n, k)) * (np.maximum(h - size, 0) + 1)).astype(np.int64)
-        c = np.floor(rng.random((n, k)) * (np.maximum(w - size, 0) + 1)).astype(np.int64)
-        dev = self.device
-        idx_t, r_t, c_t = (torch.as_tensor(a, device=dev) for a in (idx, r, c))
-        span = torch.arange(size, device=dev)
-        full = self._stack[idx_t[..., None, None], 0, (r_t[..., None] + span)[..., :, None],
-                           (c_t[..., None] + span)[..., None, :]]                     # (n, k, size, size)
-        flat = full.flatten(2).float()
-        ok = (flat.amax(-1) - flat.amin(-1)) >= MIN_CROP_CONTRAST
-        # argmax gives the first passing draw; where none passes, the last draw (as the library)
-        pick = torch.where(ok.any(1), ok.float().argmax(1), torch.full((n,), k - 1, dtype=torch.long, device=dev))
-        rows = torch.arange(n, device=dev)
-        idx_c, r_c, c_c = idx_t[rows, pick], r_t[rows, pick], c_t[rows, pick]
-        views = torch.arange(self._stack.shape[1], device=dev)
-        patches = self._stack[idx_c[:, None, None, None], views[None, :, None, None],
-                              (r_c[:, None] + span)[:, None, :, None], (c_c[:, None] + span)[:, None, None, :]]
-        return patches.float()
-
-    def _rotate_center_crop(self, x, angles_deg, crop: int):
-        """The library's _rotate_center_crop on the device."""
-        import torch
-        import torch.nn.functional as F
-
-        size = x.shape[-1]
-        a = torch.as_tensor(np.radians(angles_deg), dtype=torch.float32, device=x.device)
-        scale = crop / size
-        theta = torch.zeros(len(angles_deg), 2, 3, device=x.device)
-        theta[:, 0, 0], theta[:, 0, 1] = torch.cos(a) * scale, -torch.sin(a) * scale
-        theta[:, 1, 0], theta[:, 1, 1] = torch.sin(a) * scale, torch.cos(a) * scale
-        grid = F.affine_grid(theta, [len(angles_deg), x.shape[1], crop, crop], align_corners=False)
-        return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
 # ----------------------------------------------------------------------------- one run (a process)
@@ -367,7 +257,8 @@ def train_one(key: str, args, scratch: str, stop_at: float) -> None:
         out_scratch = Path(scratch) / RUNS[key]["file"]
         started = time.monotonic()
         net, state = train(cfg, pool, out_scratch, progress=False, on_step=on_step, init_model=init,
-                           should_stop=lambda: time.time() >= stop_at)
+                           should_stop=lambda: time.time() >= stop_at,
+                           sampler="auto" if args.sampler == "device" else "host")
         train_s = time.monotonic() - started
         command = (f"python3 scripts/gpu_train.py --data {args.data} --minutes {args.minutes} --runs {key}"
                    + (" --toy" if args.toy else "") + (f" --steps {args.steps}" if args.steps else ""))

@@ -4,4 +4,4 @@ This package never imports qt, ctk or slicer.app, so it runs in plain Python, in
 Python console and in tests. torch is imported lazily by the modules that need it.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

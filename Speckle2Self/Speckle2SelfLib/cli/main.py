@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import List, Optional
 
 from .. import __version__
+from .exitcodes import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_TERMINATED
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
 MODEL_SUFFIXES = (".pt", ".pth", ".ts", ".zip")
 
 
@@ -172,6 +172,10 @@ def _add_train(sub) -> None:
     p.add_argument("--preview-every", type=int_at_least(0), help="steps between preview PNGs (0: never; default 500)")
     p.add_argument("--name", default=None, help="model name stored in the metadata (default: file stem)")
     p.add_argument("--threads", type=int_between(1, 1024), help="CPU threads for torch")
+    p.add_argument("--nproc", type=int_between(1, 1024), metavar="N",
+                   help="train in N processes (one per GPU with --device cuda; gloo on CPU) with "
+                        "DistributedDataParallel, started through torchrun; each process draws --batch crops, rank 0 "
+                        "writes the checkpoint and the model, and --resume works with another N")
     p.set_defaults(func=_run_train)
 
 
@@ -194,6 +198,9 @@ def _run_train(args) -> int:
     if args.resume and args.init:
         raise ValueError("give --resume or --init, not both")
     _check_preview_outside_inputs(out, args.inputs, args.preview_every)
+    from ..engine.distributed import launch, under_torchrun
+    if (args.nproc or 1) > 1 and not under_torchrun():     # the processes run this very command
+        return launch(getattr(args, "argv", None) or sys.argv[1:], args.nproc)
     _set_threads(args.threads)
     init = None
     if args.resume:
@@ -226,7 +233,8 @@ def _run_train(args) -> int:
     _check_training_memory(cfg, pool)
     print(f"training on {pool.summary['frames']} frames from {pool.summary['files']} files", file=sys.stderr)
     _, state = train(cfg, pool, args.out, resume=args.resume, init_model=init)
-    print(f"wrote {args.out} after {state.step} steps ({state.elapsed_s / 60:.1f} min)")
+    if int(os.environ.get("RANK", "0") or 0) == 0:
+        print(f"wrote {args.out} after {state.step} steps ({state.elapsed_s / 60:.1f} min)")
     return 0
 
 
@@ -357,12 +365,32 @@ def _add_denoise(sub) -> None:
                    help="guided: the network's output steers an edge-keeping smoothing of the input (smooth "
                         "tissue, the input's own boundaries); none: the network's output itself; auto (default): "
                         "what the model recommends (guided for the bundled default)")
+    p.add_argument("--slice-axis", default="auto", choices=["auto", "i", "j", "k", "three"],
+                   help="3D volumes: the plane the 2D network runs in. auto (default): the acquisition plane, from "
+                        "the file's metadata (PLUS sequences: their frames) or the data (depth trend, speckle grain), "
+                        "reported and recorded in the output header; i/j/k: slices normal to that axis; three: the "
+                        "median of the i, j and k passes (3x the time)")
     p.add_argument("--threads", type=int_between(1, 1024), help="CPU threads for torch")
     p.add_argument("--backend", default="auto", choices=["auto", "fp32", "bf16", "openvino", "onnxruntime"],
                    help="CPU inference path: auto (bf16 where native, else fp32); openvino/onnxruntime: faster, optional")
+    p.add_argument("--uncertainty", metavar="UNC_FILE",
+                   help="also write a map of where not to trust OUT (the expected absolute error of each pixel in "
+                        "OUT's grey levels, float32, OUT's geometry; .mha, .nrrd or .nii.gz); one input file, "
+                        "not with --slice-axis three")
     p.add_argument("--skip-existing", action="store_true",
                    help="leave outputs that already exist (complete files: outputs are written under a "
                         "temporary name and renamed) and do the rest, e.g. after an interrupted folder run")
+    archive = p.add_argument_group("archive runs on Dask (a folder input; pip install \"speckle2self[archive]\")")
+    archive.add_argument("--workers", type=int_between(1, 4096), metavar="N",
+                         help="despeckle the folder on a local Dask cluster of N worker processes (torch threads "
+                              "per worker: --threads, default cores / N); resumable through the manifest "
+                              "written in the output folder")
+    archive.add_argument("--scheduler", metavar="ADDRESS",
+                         help="run on a running Dask cluster: its scheduler's address (tcp://host:8786) or "
+                              "scheduler file; the workers must see the input and output folders")
+    archive.add_argument("--frames-per-task", type=int_at_least(0), default=None, metavar="N",
+                         help="split sequences and multi-frame DICOM longer than N frames into tasks of N frames "
+                              "(default 200; 0: one task per file)")
     p.set_defaults(func=_run_denoise)
 
 
@@ -373,6 +401,10 @@ def _run_denoise(args) -> int:
 
     src, dst = check_input_path(args.input), Path(args.output)
     folder_run = src.is_dir()
+    on_dask = bool(getattr(args, "workers", None) or getattr(args, "scheduler", None))
+    if on_dask:
+        from ..engine.archive import check_archive_options
+        check_archive_options(args, folder_run)      # dask installed, a folder, no --skip-existing
     if folder_run:
         check_output_path(dst, [src], folder=True)
         pairs = [(f, _folder_output(dst, src, f)) for f in iter_inputs([str(src)])]
@@ -382,22 +414,59 @@ def _run_denoise(args) -> int:
     else:
         check_output_path(dst, [src], suffixes=WRITABLE_SUFFIXES)
         pairs = [(src, dst)]
+    unc = _check_uncertainty_path(args, src, dst, folder_run or on_dask)
     _set_threads(args.threads)
     options = dict(batch_size=args.batch, gamma=args.gamma, blend=args.blend, working_scale=args.working_scale,
-                   grey_levels=args.grey_levels, refine=args.refine)
+                   grey_levels=args.grey_levels, refine=args.refine,
+                   slice_axis=args.slice_axis)
+    if on_dask:
+        from ..engine.archive import print_summary, run_denoise_archive
+        summary = run_denoise_archive(pairs, dst, args.model, args.device, args.backend, options,
+                                      args.workers, args.scheduler, args.threads,
+                                      frames_per_task=200 if args.frames_per_task is None else args.frames_per_task)
+        print_summary(summary)
+        return EXIT_FAILED if summary.failed else EXIT_OK
     if not folder_run:
         if args.skip_existing and dst.exists():
             remove_stale_partials(dst)
             print(f"{src} -> {dst} skipped (exists)")
             return EXIT_OK
         data = _read_checked(src, dst)          # a bad input is refused before the model is loaded
+        if unc is not None:
+            from ..fileio.imageio import check_output_format
+            check_output_format(unc, data)
         engine = Despeckler.from_file(args.model, args.device, args.backend)
         engine.check_output_options(args.grey_levels, args.refine)
-        _denoise_file(engine, src, dst, options, data)
+        _denoise_file(engine, src, dst, options, data, unc)
         return EXIT_OK
     engine = Despeckler.from_file(args.model, args.device, args.backend)
     engine.check_output_options(args.grey_levels, args.refine)      # once, not as each file's error
     return _denoise_folder(engine, pairs, options, args.skip_existing)
+
+
+#: Formats that hold the uncertainty map's fractional grey levels as float32.
+UNCERTAINTY_SUFFIXES = (".mha", ".mhd", ".nrrd", ".nhdr", ".nii", ".nii.gz")
+
+
+def _check_uncertainty_path(args, src: Path, dst: Path, many: bool):
+    """The ``--uncertainty`` path, checked before any work (None when not asked)."""
+    from ..fileio.formats import suffix_of
+    from ..fileio.safeio import check_output_path, same_file
+
+    if args.uncertainty is None:
+        return None
+    unc = Path(args.uncertainty)
+    if many:
+        raise ValueError("--uncertainty writes the map of one input file; run despeckle per file for maps "
+                         "(a folder or archive run has no single map)")
+    if args.slice_axis == "three":
+        raise ValueError("--uncertainty maps one plane's despeckling; with it use --slice-axis auto, i, j or k")
+    if suffix_of(unc) not in UNCERTAINTY_SUFFIXES:
+        raise ValueError(f"{unc}: the uncertainty map holds fractional grey levels (float32); write it as "
+                         ".mha, .nrrd or .nii.gz")
+    if unc.resolve() == dst.resolve() or (dst.exists() and same_file(unc, dst)):
+        raise ValueError(f"{unc}: the uncertainty map would overwrite the output; give it another path")
+    return check_output_path(unc, [src], suffixes=UNCERTAINTY_SUFFIXES, what="uncertainty map")
 
 
 def _folder_output(dst: Path, src: Path, f: Path) -> Path:
@@ -425,14 +494,50 @@ def _read_checked(src: Path, out: Path):
     return data
 
 
-def _denoise_file(engine, src: Path, out: Path, options: dict, data=None) -> None:
-    """Read, check the output format, despeckle, write atomically; errors name the file."""
+def _denoise_file(engine, src: Path, out: Path, options: dict, data=None, unc: Optional[Path] = None) -> None:
+    """Read, check the output format, despeckle, write atomically; errors name the file.
+    ``unc``: also write the uncertainty map there (checked by the caller)."""
     from ..fileio.imageio import write_like
 
     data = _read_checked(src, out) if data is None else data
-    result = engine.denoise(data.frames, **options)
-    write_like(out, result, data)
+    from ..engine.volume_axes import despeckle_frames
+
+    if unc is None:
+        result = despeckle_frames(engine, data, **options)   # 3D volumes: in their acquisition plane
+    else:
+        result, maps = _despeckle_with_uncertainty(engine, data, options)
+    from ..engine.archive import dicom_derivation    # the outputs of one series share one new series UID
+    write_like(out, result, data, derivation=dicom_derivation(engine, options, out))
     print(f"{src} -> {out} ({len(result)} frame{'s' if len(result) != 1 else ''})")
+    if unc is not None:
+        write_like(unc, maps, data)
+        print(f"uncertainty map -> {unc}")
+
+
+class _MapsOf:
+    """Stands for a Despeckler in ``despeckle_frames``: despeckles with ``uncertainty=True`` and
+    keeps the maps; with ``replay`` it hands back those maps in the same order, so that the maps
+    are laid out in the volume exactly as the outputs are."""
+
+    def __init__(self, engine, maps=None):
+        self.engine, self.maps = engine, [] if maps is None else list(maps)
+        self.replay = maps is not None
+
+    def denoise(self, frames, **options):
+        if self.replay:
+            return self.maps.pop(0)
+        out, unc = self.engine.denoise(frames, uncertainty=True, **options)
+        self.maps.append(unc)
+        return out
+
+
+def _despeckle_with_uncertainty(engine, data, options: dict):
+    from ..engine.volume_axes import despeckle_frames
+
+    recorder = _MapsOf(engine)
+    result = despeckle_frames(recorder, data, **options)
+    maps = despeckle_frames(_MapsOf(engine, recorder.maps), data, report=None, **options)
+    return result, maps
 
 
 def _denoise_folder(engine, pairs, options: dict, skip_existing: bool) -> int:
@@ -707,6 +812,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     argv = _attach_signed_values(sys.argv[1:] if argv is None else [str(a) for a in argv])
     try:
         args = build_parser(argv).parse_args(argv)
+        args.argv = argv                    # train --nproc starts the same command in its processes
     except SystemExit as done:      # --help, --version, or a one-line option error (exit 2)
         return done.code if isinstance(done.code, int) else EXIT_BAD_INPUT
     debug = bool(getattr(args, "debug", False))

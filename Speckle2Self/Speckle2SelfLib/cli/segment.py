@@ -10,6 +10,7 @@ is then not written), unless ``--keep-flagged``.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import List, Sequence, Tuple
 
@@ -17,15 +18,13 @@ import numpy as np
 
 from ..segmentation import (DEFAULT_METHOD, DEFAULT_TOLERANCE, DESPECKLED_TOLERANCE, METHODS, RowCol, SequenceResult,
                             check_seed, segment_sequence)
-
-#: ``speckle2self segment`` exit code when a result is flagged as implausible (mask not written).
-EXIT_FLAGGED = 3
+from .exitcodes import EXIT_FLAGGED
 
 
 def add_segment_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Arguments of ``speckle2self segment IN --seed X,Y --out MASK [...]``."""
     parser.add_argument("input", help="image (PNG/JPEG/TIFF), volume or sequence (.mha/.nrrd/.nii.gz) or DICOM")
-    seed = parser.add_mutually_exclusive_group(required=True)
+    seed = parser.add_mutually_exclusive_group()       # required for one file; a folder takes --seeds
     seed.add_argument("--seed", metavar="X,Y", type=_parse_floats(2),
                       help="a pixel inside the lumen: X = column, Y = row, as image viewers show them")
     seed.add_argument("--seed-ras", metavar="R,A,S", type=_parse_floats(3),
@@ -34,7 +33,7 @@ def add_segment_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
                         help="segment only frame K of a multi-frame input (default: every frame, the seed "
                              "following the lumen from frame 0 or the --seed-ras frame; with --seed-ras, K "
                              "must be the point's frame)")
-    parser.add_argument("--out", required=True, metavar="MASK",
+    parser.add_argument("--out", metavar="MASK",
                         help="mask file in the input's format and geometry: .png/.dcm (0/255), "
                              ".mha/.nrrd/.nii.gz (0/1 labels)")
     parser.add_argument("--method", choices=METHODS, default=DEFAULT_METHOD,
@@ -50,6 +49,15 @@ def add_segment_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
                         help="flood-fill neighbourhood radius in pixels, Slicer's 'Neighborhood size' (default 0)")
     parser.add_argument("--no-despeckle", action="store_true", help="segment the input as it is")
     parser.add_argument("--model", default=None, help="despeckling model file (default: the bundled model)")
+    batch = parser.add_argument_group("a folder (speckle2self segment IN_DIR --seeds seeds.csv --table out.csv)")
+    batch.add_argument("--seeds", metavar="CSV",
+                       help="one seed per file: a CSV with the header file,x,y[,frame] (file relative to IN_DIR)")
+    batch.add_argument("--table", metavar="CSV",
+                       help="per-frame area and diameters of every file, flagged frames marked; resumable (the "
+                            "manifest <table>.manifest.jsonl beside it says what is done)")
+    batch.add_argument("--workers", type=int, default=None, metavar="N",
+                       help="on a local Dask cluster of N worker processes (pip install \"speckle2self[archive]\")")
+    batch.add_argument("--scheduler", metavar="ADDRESS", help="on a running Dask cluster (address or scheduler file)")
     return parser
 
 
@@ -58,6 +66,15 @@ def run_segment(args: argparse.Namespace) -> int:
     (including a seed that is not in a lumen), :data:`EXIT_FLAGGED` (3) when a segmented frame
     is flagged as implausible and ``--keep-flagged`` is not given (the mask is then not written)."""
     try:
+        if getattr(args, "seeds", None) or getattr(args, "table", None) or os.path.isdir(args.input):
+            from .segment_batch import run_segment_batch
+            return run_segment_batch(args)
+        if args.seed is None and args.seed_ras is None:
+            raise ValueError("give --seed X,Y or --seed-ras R,A,S (a folder: --seeds seeds.csv --table out.csv)")
+        if args.out is None:
+            raise ValueError("give --out MASK, the mask file to write")
+        if getattr(args, "workers", None) or getattr(args, "scheduler", None):
+            raise ValueError("--workers / --scheduler measure a folder (--seeds, --table); leave them out for one file")
         from ..fileio.safeio import check_mask_output; check_mask_output(args.out, args.input)  # noqa: E702 (issue #16)
         return _run_segment(args)
     except (ValueError, FileNotFoundError) as err:

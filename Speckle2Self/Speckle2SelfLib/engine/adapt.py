@@ -1,27 +1,19 @@
-"""Adapt a model to the user's scanner: self-supervised fine-tuning on the scene's own images.
+"""Adapt a model to the user's scanner: self-supervised fine-tuning on the user's own images.
 
 The method needs no clean images, so the volumes and cine sequences already loaded in the
-scene are enough. The frames are read on the calling (main) thread into numpy
-(:func:`frames_from_nodes`: MRML is touched there only); the fine-tuning itself
-(:func:`Speckle2SelfLib.engine.training.train`, starting from the chosen model) runs in a
-background thread (:class:`AdaptJob`) that reports progress, the loss terms, a loss plot and
-an "input | output" preview of one frame, and can be stopped at any step: the weights with
-the lowest smoothed loss so far are kept. The result is a TorchScript model with full
-metadata (``adaptation``: source nodes, frame counts, spacing; the starting model and its
-checksum; steps, device, time) written to the user models folder
+scene are enough. :mod:`Speckle2SelfLib.scene.adapt` reads them on the main thread into an
+:class:`AdaptData` (numpy frames and what they came from; this module never touches MRML);
+the fine-tuning itself (:func:`Speckle2SelfLib.engine.training.train`, starting from the
+chosen model) runs in a background thread (:class:`AdaptJob`) that reports progress, the
+loss terms, a loss plot and an "input | output" preview of one frame, and can be stopped at
+any step: the weights with the lowest smoothed loss so far are kept. The result is a
+TorchScript model with full metadata (``adaptation``: source nodes, frame counts, spacing;
+the starting model and its checksum; steps, device, time) written to the user models folder
 (:mod:`Speckle2SelfLib.engine.user_models`) and registered there with its checksum.
 
 Guard rails (:attr:`AdaptJob.warnings`): too few frames; images mostly black, or with static
 or coloured overlays; a loss that indicates copying (output = input) or collapse (flat output).
-
-Console API (Slicer's Python console)::
-
-    from Speckle2SelfLib.engine.adapt import adapt, start_adaptation
-    result = adapt([getNode('Image_Image')], minutes=30)          # blocks; result.path, result.warnings
-    job = start_adaptation([getNode('Sequence')], minutes=30, init=None, device='cuda')  # background
-    job.snapshot().step; job.stop(); job.wait(); job.result.path
-
-The scene is never modified: nodes are only read.
+The console API (``adapt``, ``start_adaptation`` on scene nodes) is in :mod:`Speckle2SelfLib.scene.adapt`.
 """
 
 from __future__ import annotations
@@ -32,9 +24,11 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
+
+from ..jobstate import JobState
 
 #: Fewer usable frames than this gives a warning (the net may learn them by heart).
 MIN_FRAMES = 10
@@ -65,7 +59,7 @@ class AdaptationStopped(RuntimeError):
     """The run was stopped before its first step: no model was written."""
 
 
-# ----------------------------------------------------------------------------- reading the scene
+# ----------------------------------------------------------------------------- the frames
 
 @dataclass
 class AdaptData:
@@ -82,57 +76,10 @@ class AdaptData:
                 "frames": len(self.frames), "files": 0}
 
 
-def frames_from_nodes(nodes: Sequence, all_frames: bool = True, crop_to_content: bool = True) -> AdaptData:
-    """Read volume and sequence nodes (grey or RGB) into training frames. Call on the main thread.
-
-    A sequence node or sequence browser gives every frame of its sequence; a volume gives its
-    slices, or (``all_frames``) every frame of the sequence it shows when it is a sequence proxy.
-    A sequence chosen twice (e.g. as node and as proxy) is read once. RGB is read as luminance.
-    Each node's frames are cropped to the content (rows and columns that are not black in any
-    frame: the margins around a sector or a screen capture teach nothing).
-    """
-    from ..scene.nodes import read_input
-
-    if nodes is None:
-        raise ValueError("no input nodes; select one or more volume or sequence nodes")
-    if not isinstance(nodes, (list, tuple)):
-        nodes = [nodes]
-    nodes = [n for n in nodes if n is not None]
-    if not nodes:
-        raise ValueError("no input nodes; select one or more volume or sequence nodes")
-    frames: List[np.ndarray] = []
-    summaries: List[Dict[str, Any]] = []
-    warnings: List[str] = []
-    seen = set()
-    for node in nodes:
-        source, items, geometry_node = read_input(node, all_frames)
-        key = source.GetID() or id(source)
-        if key in seen:
-            continue
-        seen.add(key)
-        grey = np.concatenate([p.grey for p in items]).astype(np.float32)          # (N, J, I)
-        rgb = [p.rgb for p in items if p.rgb is not None]
-        info = {"name": source.GetName(), "class": source.GetClassName(), "frames": int(grey.shape[0]),
-                "size": [int(grey.shape[2]), int(grey.shape[1])],
-                "spacing": [round(float(v), 6) for v in geometry_node.GetSpacing()],
-                "rgb": bool(rgb)}
-        node_frames, checks = _prepare_node_frames(grey, np.concatenate(rgb) if rgb else None, crop_to_content)
-        info.update(checks)
-        info["frames_used"] = len(node_frames)
-        warnings += _node_warnings(info)
-        summaries.append(info)
-        frames += node_frames
-    if not frames:
-        raise ValueError("the chosen nodes have no usable frames (all are flat or smaller than 32 pixels)")
-    if len(frames) < MIN_FRAMES:
-        warnings.insert(0, f"only {len(frames)} frame(s) to adapt on (fewer than {MIN_FRAMES}): the model may learn "
-                           "these images by heart; add more frames or sequences of the same scanner if you can")
-    return AdaptData(frames, summaries, warnings)
-
-
-def _prepare_node_frames(grey: np.ndarray, rgb: Optional[np.ndarray], crop_to_content: bool):
+def prepare_node_frames(grey: np.ndarray, colour_share: Optional[float], crop_to_content: bool):
     """Crop a node's (N, H, W) frames to their content, normalise each to [0, 1]; and measure
-    what the guard rails look at (dark share, static and coloured overlays)."""
+    what the guard rails look at (dark share, static overlays; ``colour_share``, the share of
+    coloured pixels of an RGB node, None for grey, is passed on)."""
     lo, hi = float(grey.min()), float(grey.max())
     span = hi - lo if hi > lo else 1.0
     bright = grey > lo + DARK_LEVEL * span
@@ -152,10 +99,8 @@ def _prepare_node_frames(grey: np.ndarray, rgb: Optional[np.ndarray], crop_to_co
     if len(content) >= 3:
         unchanged = (content.max(axis=0) == content.min(axis=0)) & inside.all(axis=0)
         checks["static_share"] = round(float(unchanged.sum()) / max(1, int(inside.any(axis=0).sum())), 3)
-    if rgb is not None:
-        from ..scene.nodes import coloured_pixels
-
-        checks["colour_share"] = round(float(coloured_pixels(rgb).mean()), 3)
+    if colour_share is not None:
+        checks["colour_share"] = round(float(colour_share), 3)
     frames = []
     for frame in content:
         f_lo, f_hi = float(frame.min()), float(frame.max())
@@ -164,7 +109,7 @@ def _prepare_node_frames(grey: np.ndarray, rgb: Optional[np.ndarray], crop_to_co
     return frames, checks
 
 
-def _node_warnings(info: Dict[str, Any]) -> List[str]:
+def node_warnings(info: Dict[str, Any]) -> List[str]:
     name, out = info["name"], []
     if info["frames_used"] < info["frames"]:
         out.append(f"'{name}': {info['frames'] - info['frames_used']} of {info['frames']} frame(s) skipped "
@@ -331,7 +276,7 @@ _FINISHING = threading.Lock()
 class AdaptJob:
     """Fine-tune a model on frames read from the scene, in a background thread.
 
-    ``data``: :class:`AdaptData` from :func:`frames_from_nodes` (read on the main thread).
+    ``data``: :class:`AdaptData`, e.g. from :func:`Speckle2SelfLib.scene.adapt.frames_from_nodes` (main thread).
     ``init``: the starting model: None (the bundled default), a bundled model's name, a user
     model's name or a model file. Stops after ``minutes`` or ``steps`` (the first reached) or
     :meth:`stop`. ``crop`` (multiple of 16), ``batch``, ``lr`` (constant; 1e-3 adapted faster than
@@ -412,6 +357,23 @@ class AdaptJob:
         if self.error is not None:
             raise self.error
         return self.result
+
+    def cancel(self) -> None:
+        """The job protocol's name for :meth:`stop` (the best weights so far are still kept)."""
+        self.stop()
+
+    def poll(self) -> JobState:
+        """The job protocol (:mod:`Speckle2SelfLib.jobstate`): steps done, and how the run ended.
+        Stopped after a first step still ends with a model (``finished``); stopped before one is
+        ``cancelled``. The loss terms, preview and warnings are in :meth:`snapshot`."""
+        snap = self.snapshot()
+        if self.is_running() or self._thread is None:
+            return JobState(snap.step, snap.total_steps or 0, self._thread is not None)
+        if isinstance(self.error, AdaptationStopped):
+            return JobState(snap.step, snap.total_steps or 0, False, cancelled=True)
+        if self.error is not None:
+            return JobState(snap.step, snap.total_steps or 0, False, error=self.error)
+        return JobState(snap.step, snap.total_steps or 0, False, finished=True, result=self.result)
 
     def snapshot(self) -> AdaptProgress:
         with self._lock:
@@ -554,36 +516,3 @@ class AdaptJob:
             self._progress.preview_path = shown if shown.is_file() else None
             self._progress.loss_plot_path = plot if plot.is_file() else None
             self._progress.version += 1
-
-
-# ----------------------------------------------------------------------------- console API
-
-def start_adaptation(nodes, *, all_frames: bool = True, **options) -> AdaptJob:
-    """Read ``nodes`` now (main thread) and fine-tune in the background; returns the running job.
-
-    Options as for :class:`AdaptJob` (minutes, steps, init, crop, batch, lr, device, name, directory).
-    """
-    return AdaptJob(frames_from_nodes(nodes, all_frames), **options).start()
-
-
-def adapt(nodes, minutes: Optional[float] = 10.0, init=None, *, steps: Optional[int] = None,
-          all_frames: bool = True, on_update: Optional[Callable[[AdaptProgress], None]] = None,
-          should_stop: Optional[Callable[[], bool]] = None, poll_s: float = 1.0, **options) -> AdaptResult:
-    """Adapt a model to ``nodes`` (volume / sequence nodes) and wait for it; returns the result.
-
-    ``init``: the starting model (None: the bundled default). ``on_update(progress)`` is
-    called about every ``poll_s`` seconds on the calling thread; ``should_stop()`` turning
-    True stops the run (the best weights so far are still exported). Warnings (too few
-    frames, overlays, copying, collapse) are in ``result.warnings``.
-    """
-    job = AdaptJob(frames_from_nodes(nodes, all_frames), init=init, minutes=minutes, steps=steps, **options)
-    job.start()
-    while job.wait(poll_s) is None and job.is_running():
-        if should_stop is not None and should_stop():
-            job.stop()
-        if on_update is not None:
-            on_update(job.snapshot())
-    result = job.wait()
-    if on_update is not None:
-        on_update(job.snapshot())
-    return result

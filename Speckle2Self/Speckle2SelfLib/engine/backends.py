@@ -5,9 +5,13 @@
                 (Intel AMX / AVX512-BF16, Arm BF16); elsewhere torch emulates it, slower than fp32.
 ``openvino``    fp32 through OpenVINO (``pip install openvino``; optional extra ``openvino``).
 ``onnxruntime`` fp32 through ONNX Runtime (``pip install onnxruntime onnx``; extra ``onnxruntime``).
-``auto``        bf16 where the CPU computes bf16 natively, else fp32. The runtimes are chosen
-                explicitly: their first use converts the network (seconds to tens of seconds).
-                On CUDA/MPS: the device's own path (CUDA: fp16/bf16 autocast).
+``auto``        the fastest installed path that agrees with the TorchScript model on a probe
+                frame: OpenVINO, then ONNX Runtime, then bf16 where the CPU computes bf16
+                natively, else fp32 (``python benchmarks/inference_speed.py`` ranks them; a
+                runtime that is missing, fails to convert or disagrees is skipped with a
+                warning). A runtime's first use converts the network (seconds; then cached on
+                disk, and each process keeps its converted networks). On CUDA/MPS: the
+                device's own path (CUDA: fp16/bf16 autocast).
 
 The TorchScript file stays the source of truth. The runtimes' networks are derived from it at
 load time: the eager network is rebuilt from the metadata, its weights loaded strictly and its
@@ -17,7 +21,8 @@ installed package), keyed by the weights' checksum. A cached runtime network is 
 the TorchScript module again at every load and rebuilt when it differs. Padding to the size
 multiple, cropping and clamping stay in torch. Int8 is not offered: static int8 (ONNX Runtime
 quantisation, run by ONNX Runtime or OpenVINO) changed outputs on carotid images by up to 0.3
-(mean 0.01, on [0, 1]) for only 1.3-1.4x over the fp32 runtimes on an AVX2 CPU (docs/benchmarks.md).
+(mean 0.01, on [0, 1]) for only 1.3-1.4x over the fp32 runtimes on an AVX2 CPU
+(docs/methodology.md, what was tried).
 """
 
 from __future__ import annotations
@@ -25,13 +30,18 @@ from __future__ import annotations
 import importlib.util
 import os
 import tempfile
+import threading
 import warnings
 from pathlib import Path
 from typing import Callable, List, Optional, Tuple
 
 from .. import __version__
+from .device import CPU_BATCH, TILE_ABOVE_BYTES, UNTILED_BYTES_PER_PIXEL_CHANNEL, cpu_has_native_bf16
 
 BACKENDS = ("auto", "fp32", "bf16", "openvino", "onnxruntime")
+#: Also the order in which "auto" tries them on the CPU: fastest first (OpenVINO ran the
+#: bundled network about 1.3x faster than ONNX Runtime and 1.8x faster than torch fp32 on
+#: 2 CPU cores, ``python benchmarks/inference_speed.py``).
 RUNTIMES = ("openvino", "onnxruntime")
 #: Largest |difference| to the TorchScript fp32 output on the probe frame that a derived
 #: network may have (output range [0, 1]); a wrong weight or layer differs by far more.
@@ -58,13 +68,20 @@ def available_backends(device: str = "cpu") -> List[str]:
     return ["auto", "fp32", "bf16"] + [name for name in RUNTIMES if runtime_installed(name)]
 
 
+def auto_candidates(device: str) -> List[str]:
+    """What ``backend="auto"`` tries on ``device``, in order (the last one always works)."""
+    if device != "cpu":
+        return ["auto"]
+    installed = [name for name in RUNTIMES if runtime_installed(name)]
+    return installed + ["bf16" if cpu_has_native_bf16() else "fp32"]
+
+
 def resolve_backend(backend: Optional[str], device: str) -> str:
-    """The concrete backend for ``backend`` on ``device`` ("auto" chosen here; see module doc).
+    """The concrete backend for ``backend`` on ``device`` ("auto": the first of
+    :func:`auto_candidates`; :func:`select_backend` goes on down the list where one fails).
 
     On CUDA/MPS "auto" stays "auto": the device's own mixed-precision path.
     """
-    from .inference import cpu_has_native_bf16
-
     name = (backend or "auto").lower()
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
@@ -74,7 +91,7 @@ def resolve_backend(backend: Optional[str], device: str) -> str:
                                      "use --device cpu, or backend auto or fp32")
         return name
     if name == "auto":
-        return "bf16" if cpu_has_native_bf16() else "fp32"
+        return auto_candidates(device)[0]
     if name in RUNTIMES and not runtime_installed(name):
         raise BackendUnavailable(f"backend {name!r} is not installed; {INSTALL_HINT[name]} "
                                  "(in Slicer: slicer.util.pip_install(...)), or use fp32")
@@ -82,22 +99,66 @@ def resolve_backend(backend: Optional[str], device: str) -> str:
 
 
 def select_backend(backend: Optional[str], device: str, loaded) -> Tuple[str, Optional[Runner]]:
-    """(concrete backend name, runner or None) for a Despeckler; see :func:`build_runner`."""
+    """(concrete backend name, runner or None) for a Despeckler; see :func:`build_runner`.
+
+    ``auto`` on the CPU takes the first of :func:`auto_candidates` that sets up and agrees with
+    the TorchScript model; an explicitly named backend that cannot is an error."""
     name = resolve_backend(backend, device)
     if device != "cpu":
         return name, None
+    if (backend or "auto").lower() == "auto":
+        *runtimes, fallback = auto_candidates(device)
+        for runtime in runtimes:
+            try:
+                return runtime, shared_runner(runtime, loaded)
+            except Exception as err:   # noqa: BLE001 - any failure: the next candidate runs
+                warnings.warn(f"backend {runtime} skipped ({_first_line(err)}); trying the next one", stacklevel=3)
+        name = fallback
     try:
-        return name, build_runner(name, loaded)
+        return name, shared_runner(name, loaded)
     except Exception as err:   # noqa: BLE001 - a runtime's own conversion errors, in one sentence
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
-        raise RuntimeError(f"backend {name!r} could not be set up for this model: {first}") from err
+        raise RuntimeError(f"backend {name!r} could not be set up for this model: {_first_line(err)}") from err
+
+
+def _first_line(err: Exception) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+
+
+_SHARED_RUNNERS: dict = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_runner(backend: str, loaded) -> Optional[Runner]:
+    """:func:`build_runner` once per process for each (backend, weights, thread count): a second
+    Despeckler of the same model (the module's Apply, the live relay, each test) reuses the
+    converted network instead of converting and probing it again. Calls into one runner are
+    serialised (a runtime's inference request is not re-entrant)."""
+    import torch
+
+    if backend in ("fp32", "auto"):
+        return None
+    key = (backend, loaded.metadata.get("weights_sha256"), torch.get_num_threads(), os.environ.get("SPECKLE2SELF_CACHE_DIR"))
+    with _SHARED_LOCK:
+        runner = _SHARED_RUNNERS.get(key) if key[1] else None
+        if runner is None:
+            runner = _serialised(build_runner(backend, loaded))
+            if key[1]:
+                _SHARED_RUNNERS[key] = runner
+        return runner
+
+
+def _serialised(runner: Runner) -> Runner:
+    lock = threading.Lock()
+
+    def run(x):
+        with lock:
+            return runner(x)
+    return run
 
 
 def cpu_batch(backend: str, hw, width: int) -> int:
     """Frames per batch on the CPU: inference.CPU_BATCH; for the runtimes no more frames than
     run without strip tiling (tiled batches run through torch fp32, see Despeckler._needs_tiling)."""
-    from .inference import CPU_BATCH, TILE_ABOVE_BYTES, UNTILED_BYTES_PER_PIXEL_CHANNEL
-
     if backend not in RUNTIMES:
         return CPU_BATCH
     per_frame = int(hw[0]) * int(hw[1]) * int(width) * UNTILED_BYTES_PER_PIXEL_CHANNEL

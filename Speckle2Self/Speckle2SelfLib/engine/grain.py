@@ -50,9 +50,9 @@ def view_difference_at(frames, scale: float, region: int = 384, view_scale: floa
 
 #: "auto" only shrinks frames (speckle coarser than the model's), never enlarges them beyond
 #: the model's own working scale (1 for every bundled model): frames with finer speckle run at
-#: their own resolution. Enlarging them to match made results worse
-#: wherever there is a truth to check, and costs up to 4x the time (docs/benchmarks.md, "Ninth
-#: session"): simulated B-mode (enlarged 2x) SSIM 0.73 vs 0.91 at scale 1 with the bundled v3;
+#: their own resolution. Enlarging them to match made results worse wherever there is a truth
+#: to check, and costs up to 4x the time (CHANGELOG.md, v3): simulated B-mode (enlarged 2x)
+#: SSIM 0.73 vs 0.91 at scale 1 with the bundled v3;
 #: carotid images shrunk by 2 (enlarged 1.68x back) flood-fill IoU 0.397 vs 0.420 and GLCM
 #: homogeneity 0.733 vs 0.747. An explicit working scale up to SCALE_LIMITS[1] is still honoured.
 AUTO_SCALE_LIMITS = (SCALE_LIMITS[0], 1.0)

@@ -14,22 +14,18 @@ from typing import Callable, Iterable, List, Optional, Union
 
 import numpy as np
 
+from .device import (CPU_BATCH, TILE_ABOVE_BYTES, UNTILED_BYTES_PER_PIXEL_CHANNEL, DeviceUnavailable,  # noqa: F401
+                     cpu_has_native_bf16, pick_device)
 from .models import LoadedModel, load_model, resolve_model_path
-from .refine import check_refine, guided_smoothing, model_settings, recommended_mode
+from .refine import check_refine, guided_filter, guided_smoothing, model_settings, recommended_mode
 from .refine import settings_for as guided_settings
 
 MIN_SIDE = 8           # smaller frames carry no speckle statistics worth filtering
-CPU_BATCH = 4          # CPU throughput barely changes above this; small batches keep Cancel responsive
 MAX_AUTO_BATCH = 256
 #: Output grey levels: "input" fits them to the input's (see :func:`fit_grey_levels`),
 #: "network" keeps the network's own, "auto" fits for models whose head ends in an InstanceNorm.
 GREY_LEVELS = ("auto", "input", "network")
 NORMALISED_HEADS = ("norm_relu", "norm_leaky")
-#: Frames whose plain forward pass would take more than this run layer by layer in strips
-#: (bounded memory, same result). The estimate: bytes per pixel and network channel of the
-#: plain pass, measured on CPU (about 140 B/px at width 16).
-TILE_ABOVE_BYTES = 384 * 2 ** 20
-UNTILED_BYTES_PER_PIXEL_CHANNEL = 9
 
 CancelFlag = Union[Callable[[], bool], threading.Event, None]
 ProgressFn = Optional[Callable[[int, int], None]]
@@ -37,64 +33,6 @@ ProgressFn = Optional[Callable[[int, int], None]]
 
 class Cancelled(RuntimeError):
     """Raised when the cancel flag was set; no partial result is returned."""
-
-
-def pick_device(device: str = "auto") -> str:
-    """'auto' -> cuda, then mps, then cpu. Explicit names are checked for availability."""
-    import torch
-
-    device = (device or "auto").lower()
-    if device == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return "mps"
-        return "cpu"
-    if device not in ("cpu", "mps") and not (device == "cuda" or device.startswith("cuda:")):
-        raise ValueError(f"unknown device {device!r}; use auto, cpu, cuda or mps")
-    if device.startswith("cuda"):
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        index = device.partition(":")[2]
-        if not count:
-            raise DeviceUnavailable(f"device {device!r} requested but this PyTorch sees no CUDA GPU "
-                                    f"({_torch_build()}); use device cpu or auto")
-        if index and not (index.isdigit() and int(index) < count):
-            raise DeviceUnavailable(f"device {device!r} requested but this machine has {count} CUDA GPU(s) "
-                                    f"(cuda:0..cuda:{count - 1}); use one of them, cuda or auto")
-    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise DeviceUnavailable("device 'mps' requested but Apple's Metal GPU is not available here (it needs "
-                                "an Apple-silicon Mac and a PyTorch built with MPS); use device cpu or auto")
-    return device
-
-
-class DeviceUnavailable(ValueError):
-    """The requested device does not exist here: a bad option (CLI exit 2), not a failed run."""
-
-
-def _torch_build() -> str:
-    import torch
-
-    version = getattr(torch, "__version__", "?")
-    return f"PyTorch {version} is a CPU-only build" if "+cpu" in version or not torch.version.cuda \
-        else f"PyTorch {version} with CUDA {torch.version.cuda}, but no GPU or driver found"
-
-
-def cpu_has_native_bf16() -> bool:
-    """True where the CPU computes bf16 natively (Intel AMX / AVX512-BF16, Arm BF16).
-
-    Elsewhere (e.g. AVX2-only CPUs) bf16 autocast is emulated and slower than fp32.
-    """
-    import torch
-
-    capability = str(getattr(torch.backends.cpu, "get_cpu_capability", lambda: "")()).upper()
-    if "AMX" in capability or "BF16" in capability:
-        return True
-    try:
-        with open("/proc/cpuinfo") as fh:
-            flags = set(next((line for line in fh if line.startswith(("flags", "Features"))), "").split())
-    except OSError:
-        return False
-    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
 def _is_cancelled(cancel: CancelFlag) -> bool:
@@ -222,6 +160,17 @@ def _restore(out01: np.ndarray, frame: np.ndarray, gamma: Optional[float], blend
     return y.astype(frame.dtype)
 
 
+def _map_in_grey_levels(maps01: np.ndarray, frames: np.ndarray) -> np.ndarray:
+    """(N, H, W) uncertainty maps on [0, 1] grey levels as float32 in each frame's own range
+    (zero for flat frames, which are returned unchanged)."""
+    out = np.empty(maps01.shape, np.float32)
+    for k, (m, frame) in enumerate(zip(maps01, frames)):
+        lo, hi = frame_range(frame)
+        span = hi - lo if np.isfinite(hi - lo) else np.finfo(np.float32).max
+        out[k] = np.clip(m.astype(np.float64) * span, 0.0, np.finfo(np.float32).max) if hi > lo else 0.0
+    return out
+
+
 class Despeckler:
     """A loaded model bound to a device. Thread-safe for one call at a time."""
 
@@ -233,6 +182,9 @@ class Despeckler:
         self.device = pick_device(device)
         self.last_working_scale = 1.0     # the factor the latest denoise() call ran at
         self.last_refine = "none"         # the refinement the latest denoise() call applied
+        #: "grid" (the product's bilateral grid) or "direct" (the reference sum over the window),
+        #: Speckle2SelfLib.engine.refine; the benchmarks compare the two.
+        self.refine_method = "grid"
         self.module = loaded.module.to(self.device)
         if self.device.startswith("cuda"):
             import torch
@@ -252,7 +204,7 @@ class Despeckler:
     def denoise(self, array, batch_size: Optional[int] = None, progress: ProgressFn = None,
                 cancel: CancelFlag = None, gamma: Optional[float] = None, blend: float = 0.0,
                 working_scale: Union[str, float, None] = "auto", grey_levels: str = "auto",
-                refine: Optional[str] = "auto"):
+                refine: Optional[str] = "auto", uncertainty: bool = False):
         """Despeckle (H, W), (N, H, W) or an iterable of (H, W) frames.
 
         Returns the same shape and dtype in each frame's own intensity range. Raises
@@ -268,8 +220,14 @@ class Despeckler:
         the input's own edges, always in the input's grey levels (``grey_levels`` "network" is
         refused with it); "none" (or None) returns the network's output itself; "auto"
         (default) does what the model's metadata recommends (:meth:`resolve_refine`).
+        ``uncertainty``: also return a map of where not to trust the output, ``(output, map)``:
+        float32 of the output's shape, the expected absolute error of each output pixel in the
+        frame's grey levels (Speckle2SelfLib.engine.uncertainty; before ``gamma`` and ``blend``);
+        an iterable gives two lists. Not computed unless asked.
         """
         refine = self.check_output_options(grey_levels, refine)
+        if not isinstance(uncertainty, (bool, np.bool_)):
+            raise ValueError(f"uncertainty must be True or False, got {uncertainty!r}")
         if isinstance(blend, bool) or not isinstance(blend, (int, float, np.floating, np.integer)) \
                 or not 0.0 <= blend <= 1.0:
             raise ValueError(f"blend must be a number in [0, 1], got {blend!r}")
@@ -283,11 +241,13 @@ class Despeckler:
         fit_levels = self.fits_grey_levels(grey_levels) and refine == "none"
         if not isinstance(array, np.ndarray):
             return self._denoise_iterable(array, batch_size, progress, cancel, gamma, blend, working_scale,
-                                          grey_levels, refine)
+                                          grey_levels, refine, bool(uncertainty))
         frames = check_frames(array)
         self.last_working_scale = self.resolve_working_scale(frames, working_scale)
         self.last_refine = refine
         out = np.empty_like(frames)
+        maps = np.empty(frames.shape, np.float32) if uncertainty else None
+        self._uncertainty_batches = [] if uncertainty else None
         total = len(frames)
         batch = self._batch_size(batch_size, frames.shape[1:])
         done = flat = 0
@@ -295,7 +255,12 @@ class Despeckler:
             if _is_cancelled(cancel):
                 raise Cancelled("despeckling cancelled")
             chunk = frames[done:done + batch]
+            if maps is not None:
+                self._uncertainty_batches.clear()
             results, batch = self._run_batch(chunk, batch)
+            if maps is not None:          # the last len(chunk) frames: a batch retried after OOM ran again
+                maps[done:done + len(chunk)] = _map_in_grey_levels(
+                    np.concatenate(self._uncertainty_batches)[-len(chunk):], chunk)
             if not np.isfinite(results).all():
                 raise FloatingPointError(f"the model produced NaN or infinite values (frames {done}.."
                                          f"{done + len(chunk) - 1}); the model file is probably broken")
@@ -309,12 +274,17 @@ class Despeckler:
         if flat:
             warnings.warn(f"{flat} of {total} frame(s) have a single value (flat); returned unchanged, "
                           "there is nothing to despeckle", stacklevel=2)
+        self._uncertainty_batches = None
+        if maps is not None:
+            return (out[0], maps[0]) if array.ndim == 2 else (out, maps)
         return out[0] if array.ndim == 2 else out
 
     def _denoise_iterable(self, frames: Iterable, batch_size, progress, cancel, gamma, blend,
-                          working_scale="auto", grey_levels: str = "auto", refine: str = "auto") -> List[np.ndarray]:
+                          working_scale="auto", grey_levels: str = "auto", refine: str = "auto",
+                          uncertainty: bool = False):
         total = len(frames) if hasattr(frames, "__len__") else -1
         outputs: List[np.ndarray] = []
+        maps: List[np.ndarray] = []
         pending: List[np.ndarray] = []
 
         def flush():
@@ -322,8 +292,12 @@ class Despeckler:
             stack = np.stack(pending)
             if working_scale == "auto":     # one factor for the whole stream, from its first frames
                 working_scale = self.resolve_working_scale(stack, "auto")
-            outputs.extend(self.denoise(stack, batch_size, None, cancel, gamma, blend, working_scale, grey_levels,
-                                        refine))
+            result = self.denoise(stack, batch_size, None, cancel, gamma, blend, working_scale, grey_levels,
+                                  refine, uncertainty)
+            if uncertainty:
+                result, stack_maps = result
+                maps.extend(stack_maps)
+            outputs.extend(result)
             pending.clear()
             if progress is not None:
                 progress(len(outputs), total)
@@ -339,7 +313,7 @@ class Despeckler:
                 flush()
         if pending:
             flush()
-        return outputs
+        return (outputs, maps) if uncertainty else outputs
 
     def resolve_refine(self, refine: Optional[str] = "auto") -> str:
         """"guided" or "none": ``refine`` itself, or for "auto" the model's recommendation
@@ -426,9 +400,16 @@ class Despeckler:
         if y.shape[-2:] != (h, w):
             y = torch.nn.functional.interpolate(y, size=(h, w), mode="bilinear", align_corners=False)
         y = y.clamp(0.0, 1.0)
+        if getattr(self, "_uncertainty_batches", None) is not None:      # asked for: denoise(uncertainty=True)
+            from .uncertainty import uncertainty_map
+            settings = guided_settings(self.last_working_scale, **model_settings(self.metadata))
+            self._uncertainty_batches.append(
+                uncertainty_map(x.to(self.device), y.to(self.device), settings, self.last_refine == "guided",
+                                self.last_working_scale)[:, 0].cpu().numpy())
         if self.last_refine == "guided":
             settings = guided_settings(self.last_working_scale, **model_settings(self.metadata))
-            y = guided_smoothing(x.to(self.device), y.to(self.device), settings).float().cpu()
+            smooth = guided_smoothing if self.refine_method == "direct" else guided_filter
+            y = smooth(x.to(self.device), y.to(self.device), settings).float().cpu()
         return y
 
     def resolve_working_scale(self, frames: np.ndarray, working_scale: Union[str, float, None] = "auto") -> float:

@@ -5,7 +5,7 @@ The other pairings exist so the paper's ablation can be rerun; only MSE + L1 des
 
 ``consistency_weight`` (not in the paper, which weighs both terms 1) below 1 lets each output
 follow its own view more: less smoothing. Fine-tuning the carotid model with 0.5 / 0.25 raised the
-network output's lumen-wall CNR and lowered its homogeneity (docs/benchmarks.md, "Fourteenth session").
+network output's lumen-wall CNR and lowered its homogeneity (benchmarks/model_selection.py; docs/methodology.md).
 
 Optional edge-aware consistency (``edge_sigma``, not in the paper): the consistency term pulls
 the full-resolution output towards the blurred coarse outputs everywhere, walls included. With

@@ -11,12 +11,16 @@ position and sharpness are kept.
 where the model's metadata recommends it (the bundled default v4, and v3); ``"guided"`` /
 ``"none"`` force it on or off. A model carries its settings (window, range, and the power at
 which guide levels are compared: v4 uses sigma 12 px, range 0.06 on square-root levels, which
-keeps the dark lumen's faint walls while smoothing bright tissue more). Measured on the carotid
-test subjects (docs/benchmarks.md, "Eighth session", "Twelfth session"): v4's output has
-flood-fill IoU, AUC, GLCM homogeneity and lumen-wall CNR above NLM's and raw's; on the simulated
-test set its SSIM is above NLM's. Most of the smoothing is the bilateral filter's own (a
-Gaussian-smoothed input as the guide, ``benchmarks/benchlib/baselines.gaussian_guided``, comes
-close with v3's settings); the network's guide adds flood fill, AUC and homogeneity.
+keeps the dark lumen's faint walls while smoothing bright tissue more). The figures it gives
+(flood-fill IoU, AUC, GLCM homogeneity, lumen-wall CNR on the carotid test subjects; SSIM on
+the simulated test set) are in docs/results.md with the benchmark commands that give them.
+
+Two implementations of the same filter:
+``guided_filter`` (the product's): a bilateral grid (Speckle2SelfLib.engine.bilateral_grid),
+    time proportional to the pixels whatever the window, on the frames' device.
+``guided_smoothing`` (the reference): the direct weighted sum over the window's offsets,
+    time proportional to pixels x window area; the tests and
+    ``benchmarks/refine_methods.py`` compare the two.
 """
 
 from __future__ import annotations
@@ -38,8 +42,8 @@ REFINE_RANGE_LIMITS = (1e-3, 1.0)
 #: levels and shrinks them among bright ones: on carotid B-mode the lumen and its faint walls sit
 #: at the bottom of the grey scale (a step from 0.03 to 0.06 of the range counts 2.4x more with
 #: the square root) while bright tissue is smoothed more (0.6x at 0.6). The residual speckle
-#: of these frames has about the same spread at every level (docs/benchmarks.md, "Twelfth
-#: session"), so this weighs where boundaries matter, not a noise model.
+#: of these frames has about the same spread at every level (``benchmarks/residual_by_level.py``),
+#: so this weighs where boundaries matter, not a noise model.
 REFINE_RANGE_POWER_LIMITS = (0.2, 1.0)
 #: Half-width of the (square) window in spatial sigmas.
 WINDOW_SIGMAS = 1.75
@@ -75,8 +79,9 @@ def settings_for(working_scale: float, sigma_px: float = GUIDED_SIGMA_PX,
     """The filter in input pixels for frames the network ran on at ``working_scale``
     (a frame shrunk by 2 for the network has grains twice as wide in its own pixels).
 
-    The neighbour stride stays STRIDE_PX whatever ``sigma_px``, so the cost grows with its square:
-    on simulated phantoms a stride grown with sigma (4 px at 14) lost 0.04 SSIM (docs/benchmarks.md)."""
+    The direct filter's neighbour stride stays STRIDE_PX whatever ``sigma_px`` (a stride grown
+    with sigma, 4 px at 14, lost SSIM on simulated phantoms); the grid's cost does not depend
+    on either."""
     scale = max(float(working_scale), 1e-3)
     return GuidedSmoothing(sigma_px / scale, range_sigma, max(1, int(round(STRIDE_PX / scale))), float(range_power))
 
@@ -135,6 +140,28 @@ def compressed_levels(levels, power: float):
     return levels if power == 1.0 else levels.clamp(0.0, 1.0).pow(power)
 
 
+#: The grid's spatial sigma as a fraction of a model's ``refine_sigma_px``: the direct filter
+#: truncates its Gaussian at WINDOW_SIGMAS and samples every STRIDE_PX, which narrows it;
+#: 0.9 brings the grid closest to it on carotid frames (mean |difference| 0.35 grey levels of
+#: 255 over 16 frames, ``python benchmarks/refine_methods.py``; 0.85 and 0.95 are further).
+GRID_SIGMA_FACTOR = 0.9
+#: Grid cells per sigma, in space and in level: finer cells follow the Gaussian more closely
+#: and cost more memory traffic (the slice's table holds 16 numbers per cell).
+GRID_CELLS_PER_SIGMA = 1.25
+
+
+def guided_filter(image, guide, settings: GuidedSmoothing):
+    """The guided refinement the product runs: :func:`guided_smoothing`'s filter (same settings,
+    same guide fit and level compression) on a bilateral grid, in time proportional to the
+    pixels. ``image`` and ``guide`` (N, 1, H, W) in [0, 1] on one device; returns float32."""
+    from .bilateral_grid import grid_filter
+
+    guide = compressed_levels(fit_to(guide.float(), image.float()), settings.range_power)
+    sigma = GRID_SIGMA_FACTOR * settings.sigma_px
+    return grid_filter(image, guide, sigma, settings.range_sigma,
+                       sigma / GRID_CELLS_PER_SIGMA, settings.range_sigma / GRID_CELLS_PER_SIGMA)
+
+
 def guided_smoothing(image, guide, settings: GuidedSmoothing):
     """Joint bilateral filter of ``image`` steered by ``guide``; both (N, 1, H, W) in [0, 1]
     on one device. The result is a weighted mean of input pixels (same range, no new levels).
@@ -142,8 +169,8 @@ def guided_smoothing(image, guide, settings: GuidedSmoothing):
     The weight of a pixel pair is symmetric (the same Gaussian of their distance and of their
     guide difference either way), so each pair's weight is computed once and given to both
     pixels: half the exponentials of the plain loop over every offset, computed as powers of 2
-    (cheaper than exp on CPUs). 1.75x faster than the plain loop on one CPU thread at 512 x 512,
-    equal within 2e-6 (docs/benchmarks.md, "Ninth session").
+    (cheaper than exp on CPUs); equal to the plain loop within 2e-6 (Testing/test_refine.py).
+    The product runs :func:`guided_filter`; this is its reference.
     """
     import torch
     import torch.nn.functional as F

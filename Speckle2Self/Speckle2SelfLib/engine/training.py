@@ -228,6 +228,128 @@ class FramePool:
         return views[:, r:r + size, c:c + size]
 
 
+
+class DeviceFramePool(FramePool):
+    """A FramePool whose crops are drawn on the training device (one GPU, no CPU round trips);
+    ``train`` samples through it on CUDA (:func:`sampling_pool`).
+
+    The views are the library's (``FramePool.prepare_views``), moved to the device once. A batch is
+    drawn as ``FramePool.sample`` draws it: a frame and a position uniformly per sample; rotated
+    samples (``augment_prob``) take a patch with the library's margin and are rotated about its
+    centre and centre-cropped (bilinear, reflection); crops whose full view spans less than
+    MIN_CROP_CONTRAST are redrawn (here: the first of ``CANDIDATES`` draws that passes, else the
+    last); horizontal flips; each view of each crop stretched to [0, 1]. Frames smaller than a
+    patch are reflect-padded at the bottom/right, as the library pads them.
+    """
+
+    CANDIDATES = 8
+
+    def __init__(self, frames, summary, device: str, crop: int, rotate_degrees: float):
+        super().__init__(frames, summary)
+        self.device = device
+        self.margin = self._margin(crop, rotate_degrees)
+        self._stack = None
+
+    @classmethod
+    def from_pool(cls, pool: FramePool, device: str, crop: int, rotate_degrees: float) -> "DeviceFramePool":
+        """The same frames and summary (the same dict: what training adds to it stays visible)."""
+        return cls(pool.frames, pool.summary, device, crop, rotate_degrees)
+
+    @staticmethod
+    def _margin(crop: int, rotate_degrees: float) -> int:
+        # The library's margin (FramePool.sample): a rotated crop never samples outside the patch.
+        rad = math.radians(rotate_degrees)
+        return math.ceil(crop * (abs(math.cos(rad)) + abs(math.sin(rad)))) + 2
+
+    def prepare_views(self, scales, interpolation: str = "bilinear", working_scale: float = 1.0) -> None:
+        import torch
+
+        key = (tuple(scales), interpolation, float(working_scale))
+        if self._views_key == key and self._stack is not None:
+            return
+        super().prepare_views(scales, interpolation, working_scale)
+        sizes = np.array([v.shape[1:] for v in self._views])
+        height, width = max(int(sizes[:, 0].max()), self.margin), max(int(sizes[:, 1].max()), self.margin)
+        stack = np.empty((len(self._views), self._views[0].shape[0], height, width), np.float16)
+        for k, views in enumerate(self._views):
+            h, w = views.shape[1:]
+            stack[k] = views if (h, w) == (height, width) else \
+                np.pad(views, ((0, 0), (0, height - h), (0, width - w)), mode="reflect")
+        self._sizes = sizes
+        self._stack = torch.from_numpy(stack).to(self.device)
+        self._views = None            # the device copy is the one sampled; free the host one
+
+    def sample(self, rng, batch: int, crop: int, augment_prob: float = 0.3, rotate_degrees: float = 10.0):
+        import torch
+
+        if self._stack is None:
+            raise RuntimeError("call prepare_views() before sampling")
+        rotate = rng.random(batch) < augment_prob if rotate_degrees else np.zeros(batch, bool)
+        margin = self._margin(crop, rotate_degrees)
+        if margin > self._stack.shape[-1] or margin > self._stack.shape[-2]:
+            raise ValueError(f"patches of {margin} px need a pool made with crop {crop} and rotation {rotate_degrees}")
+        x = torch.empty((batch, self._stack.shape[1], crop, crop), device=self.device)
+        plain = np.flatnonzero(~rotate)
+        turned = np.flatnonzero(rotate)
+        if len(plain):
+            x[torch.as_tensor(plain, device=self.device)] = self._patches(rng, len(plain), crop)
+        if len(turned):
+            patches = self._patches(rng, len(turned), margin)
+            angles = rng.uniform(-rotate_degrees, rotate_degrees, len(turned))
+            x[torch.as_tensor(turned, device=self.device)] = self._rotate_center_crop(patches, angles, crop)
+        flip = torch.as_tensor(rng.random(batch) < 0.5, device=self.device)
+        x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+        return [minmax_normalise(x[:, k:k + 1].contiguous()) for k in range(x.shape[1])]
+
+    def _patches(self, rng, n: int, size: int):
+        """(n, S, size, size) float32 patches; the full view of each spans >= MIN_CROP_CONTRAST where
+        one of CANDIDATES draws does."""
+        import torch
+
+        k = self.CANDIDATES
+        idx = rng.integers(len(self._sizes), size=(n, k))
+        h, w = self._sizes[idx, 0], self._sizes[idx, 1]
+        r = np.floor(rng.random((n, k)) * (np.maximum(h - size, 0) + 1)).astype(np.int64)
+        c = np.floor(rng.random((n, k)) * (np.maximum(w - size, 0) + 1)).astype(np.int64)
+        dev = self.device
+        idx_t, r_t, c_t = (torch.as_tensor(a, device=dev) for a in (idx, r, c))
+        span = torch.arange(size, device=dev)
+        full = self._stack[idx_t[..., None, None], 0, (r_t[..., None] + span)[..., :, None],
+                           (c_t[..., None] + span)[..., None, :]]                     # (n, k, size, size)
+        flat = full.flatten(2).float()
+        ok = (flat.amax(-1) - flat.amin(-1)) >= MIN_CROP_CONTRAST
+        # argmax gives the first passing draw; where none passes, the last draw (as the library)
+        pick = torch.where(ok.any(1), ok.float().argmax(1), torch.full((n,), k - 1, dtype=torch.long, device=dev))
+        rows = torch.arange(n, device=dev)
+        idx_c, r_c, c_c = idx_t[rows, pick], r_t[rows, pick], c_t[rows, pick]
+        views = torch.arange(self._stack.shape[1], device=dev)
+        patches = self._stack[idx_c[:, None, None, None], views[None, :, None, None],
+                              (r_c[:, None] + span)[:, None, :, None], (c_c[:, None] + span)[:, None, None, :]]
+        return patches.float()
+
+    def _rotate_center_crop(self, x, angles_deg, crop: int):
+        """The library's _rotate_center_crop on the device."""
+        import torch
+        import torch.nn.functional as F
+
+        size = x.shape[-1]
+        a = torch.as_tensor(np.radians(angles_deg), dtype=torch.float32, device=x.device)
+        scale = crop / size
+        theta = torch.zeros(len(angles_deg), 2, 3, device=x.device)
+        theta[:, 0, 0], theta[:, 0, 1] = torch.cos(a) * scale, -torch.sin(a) * scale
+        theta[:, 1, 0], theta[:, 1, 1] = torch.sin(a) * scale, torch.cos(a) * scale
+        grid = F.affine_grid(theta, [len(angles_deg), x.shape[1], crop, crop], align_corners=False)
+        return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def sampling_pool(pool: FramePool, device: str, crop: int, rotate_degrees: float) -> FramePool:
+    """The pool training draws crops from: on CUDA the crops are drawn on the GPU
+    (:class:`DeviceFramePool`, the same sampling rules), elsewhere ``pool`` itself."""
+    if str(device).startswith("cuda") and type(pool) is FramePool:
+        return DeviceFramePool.from_pool(pool, device, crop, rotate_degrees)
+    return pool
+
+
 def _to_unit(frame: np.ndarray) -> np.ndarray:
     f = frame.astype(np.float32)
     lo, hi = float(f.min()), float(f.max())
@@ -280,7 +402,7 @@ def config_from_model(model_path, scales: Optional[Sequence[float]] = None, head
     before it comes from the model. The loss is the caller's (TrainConfig's defaults: the
     paper's), not the model's own: adapting v4 to a bone sequence for 8 minutes with v4's
     edge-aware consistency gained homogeneity +0.001 and CNR +0.08, with the paper's loss +0.032
-    and +0.88 (docs/benchmarks.md, fifteenth session)."""
+    and +0.88 (``benchmarks/adaptation.py --minutes 8``; docs/methodology.md)."""
     from .models import load_model
 
     meta = load_model(model_path).metadata
@@ -371,7 +493,7 @@ def _least_squares_map(x, target) -> Tuple[float, float]:
 def train(cfg: TrainConfig, pool: FramePool, out_path, resume: Optional[str] = None,
           progress: bool = True, on_step: Optional[Callable[[TrainState], None]] = None,
           init_model: Optional[str] = None, should_stop: Optional[Callable[[], bool]] = None,
-          keep_best: bool = False):
+          keep_best: bool = False, sampler: str = "auto"):
     """Train, checkpoint next to ``out_path`` and export a TorchScript model there.
 
     ``init_model`` fine-tunes an exported model (its architecture must match ``cfg``:
@@ -380,16 +502,43 @@ def train(cfg: TrainConfig, pool: FramePool, out_path, resume: Optional[str] = N
     returns True the run ends there (checkpoint and export as at the end). ``keep_best``
     exports the weights of the step with the lowest smoothed loss (:class:`BestWeights`)
     instead of the last ones; the checkpoint keeps the last ones, for resuming.
+
+    On CUDA the crops are drawn on the GPU (:class:`DeviceFramePool`; ``sampler="host"`` keeps
+    ``FramePool.sample``). Under torchrun (WORLD_SIZE > 1; Speckle2SelfLib.engine.distributed) every process trains
+    its own crops through DistributedDataParallel and rank 0 alone writes checkpoints,
+    previews and the model; every rank returns the same weights.
     """
+    from . import distributed
+
+    ctx = distributed.from_environment(cfg.device)
+    try:
+        return _train(cfg, pool, out_path, resume, progress, on_step, init_model, should_stop, keep_best, ctx,
+                      sampler)
+    finally:
+        ctx.close()
+
+
+def _rank_rng(cfg: TrainConfig, ctx, step: int, resumed: Optional[np.random.Generator]) -> np.random.Generator:
+    """Rank 0 draws the single-process crop stream; rank r > 0 its own, seeded by (seed, rank)
+    and, after a resume, by (seed, step, rank)."""
+    if ctx.rank == 0:
+        return resumed if resumed is not None else np.random.default_rng(cfg.seed)
+    return np.random.default_rng([cfg.seed, step, ctx.rank] if resumed is not None else [cfg.seed, ctx.rank])
+
+
+def _train(cfg: TrainConfig, pool: FramePool, out_path, resume, progress, on_step, init_model, should_stop,
+           keep_best, ctx, sampler: str = "auto"):
     import torch
     from .inference import pick_device
     from .models import export_model
 
     out_path = Path(out_path)
     pool.check_crop(cfg.crop, cfg.working_scale)
-    device = pick_device(cfg.device)
+    device = ctx.device(pick_device(cfg.device))
+    if sampler == "auto":       # CUDA: crops drawn on the GPU; "host": FramePool.sample on the CPU
+        pool = sampling_pool(pool, device, cfg.crop, cfg.rotate_degrees)
     torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
+    rng = _rank_rng(cfg, ctx, 0, None)
     net = build_net(cfg).to(device)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
     state = TrainState()
@@ -400,6 +549,7 @@ def train(cfg: TrainConfig, pool: FramePool, out_path, resume: Optional[str] = N
     started_from = model_record(init_model) if init_model and not resume else None
     if resume:
         rng, recommended, started_from = _load_checkpoint(resume, net, opt, state, device)
+        rng = _rank_rng(cfg, ctx, state.step, rng)
     pool.prepare_views(cfg.scales, cfg.interpolation, cfg.working_scale)
     if fresh_head:   # own random stream: the training samples stay those of the seed
         sample = pool.sample(np.random.default_rng(cfg.seed + 1), max(cfg.batch, 8), cfg.crop, 0.0)
@@ -414,12 +564,14 @@ def train(cfg: TrainConfig, pool: FramePool, out_path, resume: Optional[str] = N
     loss_cfg = cfg.loss_config()
     coarsest = min(range(len(cfg.scales)), key=lambda k: cfg.scales[k])
     total_steps = _total_steps(cfg, len(pool))
-    bar = _progress_bar(progress, total_steps, state.step)
+    bar = _progress_bar(progress and ctx.is_main, total_steps, state.step)
     ckpt_path = out_path.with_suffix(".ckpt")
     t0 = time.monotonic() - state.elapsed_s
-    best = BestWeights() if keep_best else None
+    best = BestWeights() if keep_best and ctx.is_main else None
     stopped = False
     net.train()
+    model = ctx.wrap(net, device)       # DistributedDataParallel under torchrun, else the net itself
+    ask_stop = should_stop
     while not _done(cfg, state, total_steps):
         for group in opt.param_groups:
             group["lr"] = learning_rate(cfg, state, total_steps)
@@ -427,7 +579,7 @@ def train(cfg: TrainConfig, pool: FramePool, out_path, resume: Optional[str] = N
         if amp is not None:
             views = [v.contiguous(memory_format=torch.channels_last) for v in views]
         with torch.autocast(device.split(":")[0], dtype=amp, enabled=amp is not None):
-            outputs = net(views)
+            outputs = model(views)
             losses = speckle2self_loss([o.float() for o in outputs], views, loss_cfg, coarsest)
         opt.zero_grad(set_to_none=True)
         if scaler is not None:
@@ -440,15 +592,21 @@ def train(cfg: TrainConfig, pool: FramePool, out_path, resume: Optional[str] = N
         state.step += 1
         state.elapsed_s = time.monotonic() - t0
         state.last_loss = {k: float(v.detach()) for k, v in losses.items()}
+        if ctx.active:      # the ranks' mean loss, rank 0's clock, and one decision to stop for all
+            keys = sorted(state.last_loss)
+            means, stop_now = ctx.agree([state.last_loss[k] for k in keys], ask_stop is not None and ask_stop())
+            state.last_loss = dict(zip(keys, means))
+            state.elapsed_s = ctx.broadcast_float(state.elapsed_s)
+            should_stop = _always if stop_now else None
         if not math.isfinite(state.last_loss["total"]):
             raise FloatingPointError(f"loss became {state.last_loss['total']} at step {state.step}; "
                                      "lower the learning rate or disable AMP (--no-amp)")
         if best is not None:
             best.update(net, state)
         _update_bar(bar, state)
-        if state.step % cfg.checkpoint_every == 0:
+        if state.step % cfg.checkpoint_every == 0 and ctx.is_main:
             save_checkpoint(ckpt_path, net, opt, state, cfg, pool.summary, recommended, started_from)
-        if cfg.preview_every and state.step % cfg.preview_every == 0:
+        if cfg.preview_every and state.step % cfg.preview_every == 0 and ctx.is_main:
             write_preview(net, pool, out_path.with_suffix(".preview.png"))
         if on_step is not None:
             on_step(state)
@@ -457,8 +615,14 @@ def train(cfg: TrainConfig, pool: FramePool, out_path, resume: Optional[str] = N
             break
     if bar is not None:
         bar.close()
+    if not ctx.is_main:
+        ctx.barrier()           # rank 0 writes the checkpoint and the model
+        return net, state
     save_checkpoint(ckpt_path, net, opt, state, cfg, pool.summary, recommended, started_from)
     summary = training_summary(cfg, pool, state, device)
+    if ctx.active:
+        summary["processes"] = ctx.world_size
+        summary["global_batch"] = cfg.batch * ctx.world_size
     summary["amp"] = amp is not None        # what ran: CPUs without native bf16 train in fp32 even when asked
     if started_from:
         summary["started_from"] = started_from
@@ -468,7 +632,12 @@ def train(cfg: TrainConfig, pool: FramePool, out_path, resume: Optional[str] = N
         summary.update(best.restore(net))
     export_model(net, out_path, scales=cfg.scales, interpolation=cfg.interpolation, name=cfg.name,
                  training=summary, extra={**_grain_metadata(cfg, pool.summary), **recommended})
+    ctx.barrier()
     return net, state
+
+
+def _always() -> bool:
+    return True
 
 
 class BestWeights:

@@ -18,19 +18,13 @@ from typing import Any, Iterator, List, Optional
 
 import numpy as np
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
-SITK_SUFFIXES = (".mha", ".mhd", ".nrrd", ".nhdr", ".nii", ".nii.gz")
-DICOM_SUFFIXES = (".dcm", ".dicom")
+from .formats import (DICOM_SUFFIXES, IMAGE_SUFFIXES, PIL_FORMATS, READABLE_SUFFIXES,  # noqa: F401 (the API)
+                      SITK_IO, SITK_SUFFIXES, WRITABLE_SUFFIXES, has_dicom_preamble, is_readable,
+                      is_unnamed_dicom, suffix_of)
+from .safeio import atomic_output
+
 #: ITU-R BT.601 luma weights, the usual RGB -> grey mapping for ultrasound screen captures.
 LUMA = np.array([0.299, 0.587, 0.114])
-
-
-#: PIL's format names -> the extensions a file of that format may carry.
-PIL_FORMATS = {"PNG": (".png",), "JPEG": (".jpg", ".jpeg"), "MPO": (".jpg", ".jpeg"), "TIFF": (".tif", ".tiff"),
-               "BMP": (".bmp",)}
-#: The ITK ImageIO that must read each volume extension.
-SITK_IO = {".mha": "MetaImageIO", ".mhd": "MetaImageIO", ".nrrd": "NrrdImageIO", ".nhdr": "NrrdImageIO",
-           ".nii": "NiftiImageIO", ".nii.gz": "NiftiImageIO"}
 
 
 class UnsupportedInputError(ValueError):
@@ -68,36 +62,6 @@ def luminance_like(rgb: np.ndarray) -> np.ndarray:
     return grey
 
 
-READABLE_SUFFIXES = IMAGE_SUFFIXES + SITK_SUFFIXES + DICOM_SUFFIXES
-
-
-def _suffix(path: Path) -> str:
-    name = path.name.lower()
-    return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
-
-
-def is_readable(path: Path) -> bool:
-    """Whether the file is something :func:`read_frames` reads: by its extension, or a DICOM
-    file by its preamble (DICOM exports often name files IM0001 or by UID, without .dcm)."""
-    return path.is_file() and (_suffix(path) in READABLE_SUFFIXES or is_unnamed_dicom(path))
-
-
-def is_unnamed_dicom(path: Path) -> bool:
-    """A DICOM image file whose name has no DICOM extension (DICOMDIR, an index, is not one)."""
-    if _suffix(path) in READABLE_SUFFIXES or path.name.upper() == "DICOMDIR":
-        return False
-    try:
-        with open(path, "rb") as fh:
-            return has_dicom_preamble(fh.read(132))
-    except OSError:
-        return False
-
-
-def has_dicom_preamble(head: bytes) -> bool:
-    """The first 132 bytes of a DICOM Part 10 file: a 128-byte preamble, then 'DICM'."""
-    return len(head) == 132 and head[128:132] == b"DICM"
-
-
 def read_frames(path) -> ImageData:
     """Read a file as grey frames. Raises UnsupportedInputError with the reason and the fix
     (FileNotFoundError / PermissionError for a missing or unreadable file); every message is
@@ -116,7 +80,7 @@ def read_frames(path) -> ImageData:
         raise UnsupportedInputError(f"{path}: cannot read the file ({err.strerror or err})") from err
     if not head:
         raise UnsupportedInputError(f"{path}: the file is empty (0 bytes)")
-    suffix = _suffix(path)
+    suffix = suffix_of(path)
     if suffix in IMAGE_SUFFIXES:
         data = _read_picture(path)
     elif suffix in SITK_SUFFIXES:
@@ -179,7 +143,7 @@ def _nifti_problem(path: Path) -> Optional[str]:
     import struct
 
     try:
-        if _suffix(path) == ".nii.gz":
+        if suffix_of(path) == ".nii.gz":
             with gzip.open(path, "rb") as fh:
                 head = fh.read(544)
                 size = len(head)
@@ -226,11 +190,11 @@ def _grey(arr: np.ndarray, channel_axis_last: bool, path: Path) -> tuple:
 def _read_picture(path: Path) -> ImageData:
     from PIL import Image, UnidentifiedImageError
 
-    kind = _suffix(path).lstrip(".").upper()
+    kind = suffix_of(path).lstrip(".").upper()
     try:
         with Image.open(path) as im:
             actual = PIL_FORMATS.get(str(im.format))
-            if actual is not None and _suffix(path) not in actual:
+            if actual is not None and suffix_of(path) not in actual:
                 raise UnsupportedInputError(f"{path}: the file holds a {im.format} image, not {kind}; "
                                             f"rename it to {actual[0]}")
             pages = int(getattr(im, "n_frames", 1) or 1)
@@ -261,14 +225,14 @@ def _read_picture(path: Path) -> ImageData:
 def _read_sitk(path: Path) -> ImageData:
     import SimpleITK as sitk
 
-    expected = SITK_IO.get(_suffix(path))
+    expected = SITK_IO.get(suffix_of(path))
     try:
         used = sitk.ImageFileReader.GetImageIOFromFileName(str(path))
     except (RuntimeError, AttributeError):
         used = ""
     if expected and used and used != expected:
         raise UnsupportedInputError(f"{path}: the file holds a {used.replace('ImageIO', '')} image, not "
-                                    f"{_suffix(path)}; rename it with its own extension")
+                                    f"{suffix_of(path)}; rename it with its own extension")
     if expected == "NiftiImageIO":
         problem = _nifti_problem(path)
         if problem:
@@ -285,7 +249,7 @@ def _read_sitk(path: Path) -> ImageData:
         except RuntimeError as err:
             error = err
     if error is not None:
-        raise UnsupportedInputError(f"{path}: corrupt, truncated or not a {_suffix(path)} file "
+        raise UnsupportedInputError(f"{path}: corrupt, truncated or not a {suffix_of(path)} file "
                                     f"({_cause(error, ''.join(native))})") from error
     if arr.dtype.kind == "c":
         raise UnsupportedInputError(f"{path}: complex-valued voxels; give magnitudes (B-mode) instead")
@@ -363,14 +327,13 @@ def iter_inputs(paths: List[str]) -> Iterator[Path]:
 
 # ----------------------------------------------------------------------------- writing
 
-WRITABLE_SUFFIXES = IMAGE_SUFFIXES + SITK_SUFFIXES + DICOM_SUFFIXES
 
 
 def check_output_format(out_path, like: ImageData, frames: Optional[int] = None) -> None:
     """Raise UnsupportedInputError when ``like``'s frames cannot be written to ``out_path``
     (unknown extension, several frames into a picture, DICOM from a non-DICOM input)."""
     out_path = Path(out_path)
-    suffix = _suffix(out_path)
+    suffix = suffix_of(out_path)
     frames = like.frames.shape[0] if frames is None else frames
     if suffix not in WRITABLE_SUFFIXES:
         raise UnsupportedInputError(f"{out_path}: cannot write {suffix!r}; use .png, .mha, .nrrd, .nii.gz or .dcm")
@@ -381,14 +344,13 @@ def check_output_format(out_path, like: ImageData, frames: Optional[int] = None)
         raise UnsupportedInputError(f"{out_path}: DICOM output needs a DICOM input; write .png or .mha instead")
 
 
-def write_like(out_path, frames: np.ndarray, like: ImageData) -> Path:
+def write_like(out_path, frames: np.ndarray, like: ImageData, derivation: Optional[dict] = None) -> Path:
     """Write grey frames (N, H, W) or (H, W) in the input's format with its geometry.
 
     The file is written under a temporary name in the destination folder and renamed into
     place (Speckle2SelfLib.fileio.safeio.atomic_output): a killed run never leaves a partial file
     under the output's name, and a failed write leaves an earlier file of that name as it was.
     """
-    from .safeio import atomic_output
 
     out_path = Path(out_path)
     frames = frames if frames.ndim == 3 else frames[None]
@@ -396,14 +358,14 @@ def write_like(out_path, frames: np.ndarray, like: ImageData) -> Path:
     if frames.dtype.kind == "f" and not np.isfinite(frames).all():
         raise ValueError(f"{out_path}: the result contains NaN or infinite values; nothing was written")
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = _suffix(out_path)
+    suffix = suffix_of(out_path)
     with atomic_output(out_path) as tmp:
         if suffix in IMAGE_SUFFIXES:
             _write_picture(tmp, frames)
         elif suffix in SITK_SUFFIXES:
             _write_sitk(tmp, frames, like)
         else:
-            _write_dicom(tmp, frames, like)
+            _write_dicom(tmp, frames, like, derivation)
     return out_path
 
 
@@ -422,7 +384,7 @@ def _write_picture(path: Path, frames: np.ndarray) -> None:
     if frames.shape[0] != 1:
         raise ValueError(f"{path}: a picture holds one frame, got {frames.shape[0]}; write .mha or .nrrd instead")
     frame = frames[0]
-    if frame.dtype == np.uint16 and _suffix(path) in (".png", ".tif", ".tiff"):
+    if frame.dtype == np.uint16 and suffix_of(path) in (".png", ".tif", ".tiff"):
         Image.fromarray(frame).save(path)        # 16-bit grey stays 16-bit
     else:
         Image.fromarray(to_uint8(frame)).save(path)
@@ -442,9 +404,9 @@ def _write_sitk(path: Path, frames: np.ndarray, like: ImageData) -> None:
             if key in READER_ADDED_KEYS and key not in header:
                 continue                    # made up by ITK's reader; the input file has no such field
             out.SetMetaData(key, src.GetMetaData(key))
-        if _suffix(path) in (".mha", ".mhd") and _suffix(Path(like.path)) in (".mha", ".mhd"):
+        if suffix_of(path) in (".mha", ".mhd") and suffix_of(Path(like.path)) in (".mha", ".mhd"):
             compress = "compresseddata = true" in header.lower()
-        elif _suffix(path) in (".nrrd", ".nhdr") and _suffix(Path(like.path)) in (".nrrd", ".nhdr"):
+        elif suffix_of(path) in (".nrrd", ".nhdr") and suffix_of(Path(like.path)) in (".nrrd", ".nhdr"):
             compress = "gzip" in header.lower()
     else:
         out.SetSpacing(like.spacing[: out.GetDimension()])
@@ -469,7 +431,7 @@ def _header_text(path, limit: int = 1 << 20) -> str:
             end = head.find(b"\n", at + 1) if marker == b"ElementDataFile" else at
             head = head[: end if end >= 0 else len(head)]
             break
-    return head.decode("latin-1") if _suffix(Path(path)) in (".mha", ".mhd", ".nrrd", ".nhdr") else ""
+    return head.decode("latin-1") if suffix_of(Path(path)) in (".mha", ".mhd", ".nrrd", ".nhdr") else ""
 
 
 def _copy_geometry(out, src) -> None:
@@ -478,7 +440,7 @@ def _copy_geometry(out, src) -> None:
     out.SetDirection(src.GetDirection())
 
 
-def _write_dicom(path: Path, frames: np.ndarray, like: ImageData) -> None:
+def _write_dicom(path: Path, frames: np.ndarray, like: ImageData, derivation: Optional[dict] = None) -> None:
     """A derived grey DICOM: the input's patient/study/geometry tags, new pixels and UIDs."""
     import pydicom
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
@@ -510,8 +472,33 @@ def _write_dicom(path: Path, frames: np.ndarray, like: ImageData) -> None:
     if pixels.shape[0] > 1:
         ds.NumberOfFrames = pixels.shape[0]
     ds.PixelData = (pixels if pixels.shape[0] > 1 else pixels[0]).tobytes()
-    ds.ImageType = ["DERIVED", "SECONDARY"]
-    ds.SeriesDescription = (str(ds.get("SeriesDescription", "")) + " despeckled").strip()
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds.SeriesInstanceUID = generate_uid()
+    _derived_identity(ds, like.source, derivation, generate_uid)
     ds.save_as(str(path), enforce_file_format=True)
+
+
+def _derived_identity(ds, source, derivation: Optional[dict], generate_uid) -> None:
+    """ImageType DERIVED, descriptions naming the model and new UIDs for a derived DICOM.
+
+    With ``derivation`` ({"key", "model", "description"}, engine.archive.derivation_for) the new
+    UIDs are derived from the input's UIDs and the key (model checksum + output options): the
+    outputs of one input series share one new SeriesInstanceUID, and any worker, or a rerun,
+    gives the same file the same SOPInstanceUID. Without it they are random."""
+    import re
+
+    given = source.get("ImageType") or []
+    kept = [str(v) for v in ([given] if isinstance(given, str) else list(given))[2:]]
+    if not all(re.fullmatch(r"[A-Z0-9 _]{0,16}", v) for v in kept):
+        kept = []       # the input's own values 3+ are not valid code strings: not copied
+    ds.ImageType = ["DERIVED", "SECONDARY"] + kept
+    model = f" ({derivation['model']})" if derivation and derivation.get("model") else ""
+    ds.SeriesDescription = (str(source.get("SeriesDescription", "")) + " despeckled" + model).strip()[:64]
+    if derivation:
+        ds.DerivationDescription = str(derivation.get("description") or "Despeckled by Speckle2Self")[:1024]
+        key = str(derivation["key"])
+        series = str(source.get("SeriesInstanceUID", "")) or str(source.get("SOPInstanceUID", ""))
+        ds.SeriesInstanceUID = generate_uid(entropy_srcs=["series", series, key])
+        sop = str(source.get("SOPInstanceUID", "")) or series
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid(entropy_srcs=["sop", sop, key])
+    else:
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.SeriesInstanceUID = generate_uid()

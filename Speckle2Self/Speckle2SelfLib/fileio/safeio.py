@@ -8,9 +8,7 @@
   it into place, so a killed run leaves either the complete file or nothing under its name.
 * :func:`one_line` turns any exception into the one line the command line prints.
 
-Exit codes of the command line (documented in docs/reliability.md): 0 done; 1 the run
-failed (or, in a folder run, some files failed); 2 bad input, options or output paths
-(nothing was computed or written); 130 interrupted.
+The command line's exit codes are in :mod:`Speckle2SelfLib.cli.exitcodes`.
 """
 
 from __future__ import annotations
@@ -21,7 +19,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, Sequence
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+from .formats import WRITABLE_SUFFIXES, is_readable, suffix_of
+
 PARTIAL_MARK = ".speckle2self-partial-"
 
 
@@ -48,10 +47,6 @@ def is_within(path, folder) -> bool:
     """Whether ``path`` is ``folder`` or lies inside it (after resolving links)."""
     path, folder = _real(path), _real(folder)
     return path == folder or folder in path.parents
-
-
-def _suffix(path: Path) -> str:
-    return ".nii.gz" if path.name.lower().endswith(".nii.gz") else path.suffix.lower()
 
 
 def check_output_path(out, inputs: Iterable = (), *, suffixes: Optional[Sequence[str]] = None,
@@ -87,8 +82,8 @@ def check_output_path(out, inputs: Iterable = (), *, suffixes: Optional[Sequence
     if out.is_dir():
         raise OutputPathError(f"{what} {out} is an existing folder; give a file name (e.g. {out / 'result'}"
                               f"{(suffixes or ['.png'])[0]})")
-    if suffixes is not None and _suffix(out) not in [s.lower() for s in suffixes]:
-        raise OutputPathError(f"{what} {out} has an unknown extension {_suffix(out)!r}; use one of "
+    if suffixes is not None and suffix_of(out) not in [s.lower() for s in suffixes]:
+        raise OutputPathError(f"{what} {out} has an unknown extension {suffix_of(out)!r}; use one of "
                               f"{', '.join(suffixes)}")
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.exists():
@@ -102,7 +97,6 @@ def check_output_path(out, inputs: Iterable = (), *, suffixes: Optional[Sequence
 
 
 def _read_as_input(path: Path) -> bool:
-    from .imageio import is_readable
     return is_readable(path)
 
 
@@ -144,7 +138,6 @@ _PROBED: set = set()
 def check_mask_output(out, source) -> Path:
     """``segment``'s --out: not the input, a known extension that keeps a mask exact (not
     JPEG), an existing writable folder."""
-    from .imageio import WRITABLE_SUFFIXES
     if Path(out).suffix.lower() in (".jpg", ".jpeg"):
         raise ValueError(f"--out {out}: JPEG's lossy compression would turn the mask's 0/255 into other grey "
                          "levels along its edge; write it as .png (or .nrrd / .mha for a label volume)")

@@ -6,6 +6,7 @@
 * :mod:`.lumen` -- seed point -> lumen segmentation node, measurement table and diameter plot,
   and its background job;
 * :mod:`.live` -- live despeckling of a volume node that a stream keeps updating;
+* :mod:`.adapt` -- reading nodes for adapting a model to them, and the console's ``adapt``;
 * :mod:`.jobs` -- the background-job pattern (worker thread without MRML, results stored on the main thread);
 * :mod:`.nodes` -- shared MRML helpers: node names, sequence browsers, reading and writing voxels.
 

@@ -106,8 +106,16 @@ class SequenceSource:
 
 def despeckle_pixels(despeckler, pixels: Pixels, colour_out: bool, colour_threshold: float, batch_size, gamma,
                      blend, progress: ProgressFn, cancel: CancelFn, grey_levels: str = "auto",
-                     refine: str = "auto") -> np.ndarray:
-    """Despeckled voxels in the input's voxel type (RGB with the input's colours kept for ``colour_out``)."""
+                     refine: str = "auto", slice_choice=None) -> np.ndarray:
+    """Despeckled voxels in the input's voxel type (RGB with the input's colours kept for ``colour_out``);
+    ``slice_choice``: the plane of a 3D volume (Speckle2SelfLib.engine.volume_axes), None: frames along K."""
+    from ..engine.volume_axes import despeckle_volume, is_k_frames
+
+    if not is_k_frames(slice_choice):
+        grey, _ = despeckle_volume(despeckler, pixels.grey, choice=slice_choice, batch_size=batch_size,
+                                   progress=progress, cancel=cancel, gamma=gamma, blend=blend,
+                                   grey_levels=grey_levels, refine=refine)
+        return finish_pixels(grey, pixels, colour_out, colour_threshold)
     grey = despeckler.denoise(pixels.grey, batch_size=batch_size, progress=progress, cancel=cancel,
                               gamma=gamma, blend=blend, grey_levels=grey_levels, refine=refine)
     return finish_pixels(grey, pixels, colour_out, colour_threshold)
@@ -303,8 +311,9 @@ class DespeckleJob(BackgroundJob):
 
     def __init__(self, logic, pixels: Pixels, store: Callable[[np.ndarray], Any], *,
                  colour_out: bool, colour_threshold: float, model, device, batch_size, gamma, blend,
-                 grey_levels: str = "auto", refine: str = "auto"):
+                 grey_levels: str = "auto", refine: str = "auto", slice_choice=None):
         super().__init__(int(pixels.grey.shape[0]))
+        self.slice_choice = slice_choice            # the plane of a 3D volume (engine.volume_axes); None: K
         self._logic, self._pixels, self._store = logic, pixels, store
         self._colour_out, self._colour_threshold = colour_out, colour_threshold
         self._model, self._device, self._batch_size = model, device, batch_size
@@ -316,6 +325,15 @@ class DespeckleJob(BackgroundJob):
         """Worker thread: numpy and torch only."""
         despeckler = self._logic.despeckler(self._model, self._device)
         grey = self._pixels.grey
+        from ..engine.volume_axes import despeckle_volume, is_k_frames
+        if not is_k_frames(self.slice_choice):     # another plane: frames over all passes scaled onto K's
+            def advance(done, total):
+                self.done = min(len(grey), int(done * len(grey) / max(total, 1)))
+            out, _ = despeckle_volume(despeckler, grey, choice=self.slice_choice, batch_size=self._batch_size,
+                                      progress=advance, cancel=self._cancel, gamma=self._gamma, blend=self._blend,
+                                      grey_levels=self._grey_levels, refine=self._refine)
+            self.done = len(grey)
+            return finish_pixels(out, self._pixels, self._colour_out, self._colour_threshold)
         scale = despeckler.resolve_working_scale(grey, "auto")   # one factor for all frames, as one call
         limit = self._batch_size or len(grey)
         out, size = None, 1
@@ -344,8 +362,12 @@ def prepare_job(logic, source, output_node=None, *, all_frames: bool = True, mod
                 device: Optional[str] = None, batch_size: Optional[int] = None, gamma: Optional[float] = None,
                 blend: float = 0.0, keep_colour: bool = False,
                 colour_threshold: float = COLOUR_THRESHOLD, grey_levels: str = "auto",
-                refine: str = "auto") -> DespeckleJob:
-    """Read ``source`` now (main thread) for a :class:`DespeckleJob` of ``logic``."""
+                refine: str = "auto", slice_axis: str = "auto") -> DespeckleJob:
+    """Read ``source`` now (main thread) for a :class:`DespeckleJob` of ``logic``; ``slice_axis``: the
+    plane of a 3D volume (Speckle2SelfLib.engine.volume_axes; a sequence's frames are its items)."""
+    from ..engine.volume_axes import check_slice_axis, choose_volume_axis, record_on_node
+
+    check_slice_axis(slice_axis)
     options = dict(model=model, device=device, batch_size=batch_size, gamma=gamma, blend=blend,
                    colour_threshold=colour_threshold, grey_levels=check_grey_levels(grey_levels),
                    refine=check_refine(refine))
@@ -360,5 +382,7 @@ def prepare_job(logic, source, output_node=None, *, all_frames: bool = True, mod
         job = DespeckleJob(logic, src.stacked, store, colour_out=src.colour_out, **options)
         return job
     volume = VolumeSource.read(source, output_node, keep_colour)
-    return DespeckleJob(logic, volume.pixels, lambda result: store_volume(volume, output_node, result),
-                        colour_out=volume.colour_out, **options)
+    choice = choose_volume_axis(volume.pixels.grey, slice_axis)
+    return DespeckleJob(logic, volume.pixels,
+                        lambda result: record_on_node(store_volume(volume, output_node, result), choice),
+                        colour_out=volume.colour_out, slice_choice=choice, **options)

@@ -18,21 +18,9 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
 from typing import Any, Optional
 
-
-@dataclass
-class JobState:
-    """What :meth:`BackgroundJob.poll` reports: work done of total, and how the job ended."""
-
-    done: int
-    total: int
-    running: bool                      # the worker thread is still computing
-    finished: bool = False             # results were written into the scene (``result``)
-    cancelled: bool = False            # cancelled: nothing was added to the scene
-    error: Optional[BaseException] = None
-    result: Any = None                 # what :meth:`BackgroundJob.store` returned
+from ..jobstate import JobState
 
 
 class BackgroundJob:

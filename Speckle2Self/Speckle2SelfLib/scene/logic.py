@@ -31,6 +31,7 @@ import numpy as np
 
 from ..engine.inference import check_grey_levels
 from ..engine.refine import check_refine
+from ..engine.volume_axes import SLICE_AXIS_LABELS  # noqa: F401 (the module's plane choice)
 from ..segmentation import DEFAULT_METHOD
 from .despeckle import (CancelFn, DespeckleJob, ProgressFn, SequenceOutput, SequenceSource, VolumeSource,
                         despeckle_pixels, prepare_job, scaled_progress, store_sequence, store_volume)
@@ -55,6 +56,14 @@ class DespeckleRun:
         if isinstance(result, SequenceOutput):
             return cls(result.proxy_node, result.frames, result.seconds, result.sequence_node)
         return cls(result, result.GetImageData().GetDimensions()[2], seconds)
+
+
+def runtime_installed(name: str) -> bool:
+    """Whether an optional CPU runtime ("openvino", "onnxruntime") is installed (the module offers
+    OpenVINO, which backend "auto" then runs; Speckle2SelfLib.engine.backends)."""
+    from ..engine.backends import runtime_installed as installed
+
+    return installed(name)
 
 
 class Speckle2SelfLogic:
@@ -111,6 +120,19 @@ class Speckle2SelfLogic:
                 self._despeckler = (key, loaded)
             return self._despeckler[1]
 
+    def engine_description(self) -> str:
+        """How the last loaded model runs, for the user: the network's path (e.g. "OpenVINO on the
+        CPU", "CUDA") and whether its guided refinement ran; '' before any model was loaded."""
+        with self._despeckler_lock:
+            loaded = self._despeckler[1] if self._despeckler is not None else None
+        if loaded is None:
+            return ""
+        names = {"fp32": "PyTorch fp32", "bf16": "PyTorch bf16", "openvino": "OpenVINO", "onnxruntime": "ONNX Runtime"}
+        device = str(loaded.device)
+        network = f"{names.get(loaded.backend, loaded.backend)} on the CPU" if device == "cpu" else device.upper()
+        refinement = "guided refinement" if loaded.last_refine == "guided" else "network output"
+        return f"{network}, {refinement}"
+
     @staticmethod
     def bundled_models() -> list:
         """The bundled models' manifest entries (name, file, version, default, ...)."""
@@ -133,7 +155,30 @@ class Speckle2SelfLogic:
             next((e for e in entries if e.get("default")), entries[0] if entries else None)
         return read_metadata(MODELS_DIR / entry["file"]) if entry else {}
 
+    def describe_model(self, model: Optional[str]) -> str:
+        """One line about a model (name, width, training), read without torch; '' when there is none."""
+        from ..engine.models import describe_model
+
+        metadata = self.model_metadata(model)
+        return describe_model(metadata) if metadata else ""
+
+    def recommends_guided_smoothing(self, model: Optional[str]) -> bool:
+        """Whether the model recommends the guided refinement (what the CLI's --refine auto gives)."""
+        from ..engine.refine import recommended_mode
+
+        metadata = self.model_metadata(model)
+        return bool(metadata) and recommended_mode(metadata) == "guided"
+
     # ------------------------------------------------------------------ user models (Adapt model)
+    @staticmethod
+    def use_user_models_directory(default: str) -> str:
+        """Make ``default`` the user models folder unless $SPECKLE2SELF_USER_MODELS names one;
+        returns the folder in use."""
+        from ..engine import user_models
+
+        user_models.set_default_directory(default)
+        return str(user_models.user_models_dir())
+
     @staticmethod
     def user_models_directory() -> str:
         """Where "Adapt model" keeps its models (see :mod:`Speckle2SelfLib.engine.user_models`)."""
@@ -164,7 +209,8 @@ class Speckle2SelfLogic:
         """Read ``nodes`` now (main thread) and fine-tune ``init`` on them in the background;
         returns the running :class:`~Speckle2SelfLib.engine.adapt.AdaptJob` (its model goes to
         the user models folder)."""
-        from ..engine.adapt import AdaptJob, frames_from_nodes
+        from ..engine.adapt import AdaptJob
+        from .adapt import frames_from_nodes
 
         data = frames_from_nodes(list(nodes))
         return AdaptJob(data, init=init, minutes=minutes, steps=steps, crop=crop, device=device,
@@ -175,20 +221,26 @@ class Speckle2SelfLogic:
                          batch_size: Optional[int] = None, gamma: Optional[float] = None, blend: float = 0.0,
                          keep_colour: bool = False, colour_threshold: float = COLOUR_THRESHOLD,
                          progress: ProgressFn = None, cancel: CancelFn = None, grey_levels: str = "auto",
-                         refine: str = "auto"):
+                         refine: str = "auto", slice_axis: str = "auto"):
         """Despeckle every slice (frame) of a volume into ``output_node`` (new when None).
 
         Returns the output volume node: grey scalar, or RGB vector with ``keep_colour`` for an
         RGB input. Raises Cancelled (scene unchanged) when ``cancel()`` turns true.
+        ``slice_axis``: the plane of a 3D volume the network runs in: auto (the acquisition plane),
+        i, j, k or three (Speckle2SelfLib.engine.volume_axes); recorded on the output node.
         """
+        from ..engine.volume_axes import check_slice_axis, choose_volume_axis, record_on_node
+
         check_grey_levels(grey_levels)
         refine = check_refine(refine)
+        check_slice_axis(slice_axis)
         source = VolumeSource.read(input_node, output_node, keep_colour)
+        choice = choose_volume_axis(source.pixels.grey, slice_axis)
         despeckler = self.despeckler(model, device)
         started = time.monotonic()
         result = despeckle_pixels(despeckler, source.pixels, source.colour_out, colour_threshold, batch_size, gamma,
-                                  blend, progress, cancel, grey_levels, refine)
-        output_node = store_volume(source, output_node, result)
+                                  blend, progress, cancel, grey_levels, refine, choice)
+        output_node = record_on_node(store_volume(source, output_node, result), choice)
         self.last_seconds = time.monotonic() - started
         return output_node
 
@@ -196,8 +248,10 @@ class Speckle2SelfLogic:
                            batch_size: Optional[int] = None, gamma: Optional[float] = None, blend: float = 0.0,
                            keep_colour: bool = False, colour_threshold: float = COLOUR_THRESHOLD,
                            progress: ProgressFn = None, cancel: CancelFn = None,
-                           grey_levels: str = "auto", refine: str = "auto") -> SequenceOutput:
-        """Despeckle every item of a sequence of volumes into a new sequence node.
+                           grey_levels: str = "auto", refine: str = "auto",
+                           slice_axis: str = "auto") -> SequenceOutput:
+        """Despeckle every item of a sequence of volumes into a new sequence node (``slice_axis``
+        is accepted for :meth:`process`: a sequence's frames are its items, despeckled as they are).
 
         ``source``: a vtkMRMLSequenceNode, a vtkMRMLSequenceBrowserNode (its first sequence of
         volumes) or a proxy volume node shown by a browser. The output sequence has the input's
@@ -231,7 +285,7 @@ class Speckle2SelfLogic:
     def process(self, input_node, output_node=None, *, all_frames: bool = True, model=None, device: str = "auto",
                 backend: str = "auto", batch_size=None, gamma: Optional[float] = None, blend: float = 0.0,
                 keep_colour: bool = False, progress: ProgressFn = None, cancel: CancelFn = None,
-                grey_levels: str = "auto", refine: str = "auto") -> DespeckleRun:
+                grey_levels: str = "auto", refine: str = "auto", slice_axis: str = "auto") -> DespeckleRun:
         """What the module's Apply does, blocking: despeckle ``input_node`` (all frames of its
         sequence when it is a proxy and ``all_frames``) into ``output_node`` when that can take
         the result (else a new volume). ``gamma`` 1 means none. ``grey_levels``, ``refine``: see
@@ -241,7 +295,7 @@ class Speckle2SelfLogic:
         self.backend = backend
         options = dict(model=model, device=device, batch_size=batch_size, gamma=_gamma(gamma), blend=blend,
                        keep_colour=keep_colour, progress=progress, cancel=cancel, grey_levels=grey_levels,
-                       refine=refine)
+                       refine=refine, slice_axis=slice_axis)
         whole_sequence = means_sequence(input_node, all_frames)
         output_node = _usable_output(output_node, keep_colour and is_rgb(input_node), whole_sequence)
         if whole_sequence:
@@ -253,7 +307,7 @@ class Speckle2SelfLogic:
     def start_process(self, input_node, output_node=None, *, all_frames: bool = True, model=None,
                       device: str = "auto", backend: str = "auto", batch_size=None, gamma: Optional[float] = None,
                       blend: float = 0.0, keep_colour: bool = False, grey_levels: str = "auto",
-                      refine: str = "auto") -> DespeckleJob:
+                      refine: str = "auto", slice_axis: str = "auto") -> DespeckleJob:
         """Like :meth:`process`, in the background: reads the frames now and returns the started
         :class:`~Speckle2SelfLib.scene.despeckle.DespeckleJob`; poll() it from the main thread
         (e.g. a QTimer) to get progress and, at the end, the result written into the scene
@@ -265,9 +319,23 @@ class Speckle2SelfLogic:
                                      means_sequence(input_node, all_frames))
         job = self.prepare_job(input_node, output_node, all_frames=all_frames, model=model, device=device,
                                batch_size=batch_size, gamma=_gamma(gamma), blend=blend, keep_colour=keep_colour,
-                               grey_levels=grey_levels, refine=refine)
+                               grey_levels=grey_levels, refine=refine, slice_axis=slice_axis)
         job.start()
         return job
+
+    # ------------------------------------------------------------------ live
+    def start_live(self, input_node, output_node=None, *, model=None, device: str = "auto", backend: str = "auto"):
+        """What the module's Live check box starts: a running
+        :class:`~Speckle2SelfLib.scene.live.LiveVolumeDespeckler` of ``input_node`` into
+        ``output_node`` when that can take a live result (else a new volume); call its capture()
+        and apply() on the main thread (e.g. a QTimer), stop() it at the end."""
+        from ..engine.inference import Despeckler
+        from .live import LiveVolumeDespeckler
+
+        if input_node is None:
+            raise ValueError("Select an input volume to despeckle live.")
+        despeckler = Despeckler.from_file(None if model is None else str(model), device, backend)
+        return LiveVolumeDespeckler(despeckler, input_node, _usable_live_output(output_node, input_node))
 
     # ------------------------------------------------------------------ lumen
     def segment_lumen(self, volume_node, seed_node, *, method: str = DEFAULT_METHOD, tolerance: float = 1.0,
@@ -326,6 +394,15 @@ def _usable_output(output_node, colour: bool, whole_sequence: bool = False):
         logging.info(f"{display_name(output_node)} shows a frame of a sequence; creating a new output volume")
         return None
     return output_node
+
+
+def _usable_live_output(output_node, input_node):
+    """The remembered output, or None for a new one where it cannot take a live result: live
+    output is grey, never the input itself, and never a frame of a sequence (its browser would
+    overwrite it)."""
+    if output_node is None or output_node is input_node:
+        return None
+    return _usable_output(output_node, colour=False, whole_sequence=False)
 
 
 def is_rgb(volume_node) -> bool:

@@ -15,15 +15,16 @@ seg.segment(image, (row, col))``). The ``speckle2self segment`` command is
 
 from .editor_effects import (DEFAULT_TOLERANCE, DESPECKLED_TOLERANCE, NEIGHBORHOOD_FRACTION, automatic_background_seeds,
                              flood_fill, grow_from_seeds)
-from .lumen import (DEFAULT_METHOD, MAX_AREA_CHANGE, METHODS, LumenFrame, SequenceResult, contrast_reason, segment,
-                    segment_frame, segment_sequence)
+from .lumen import (DEFAULT_METHOD, MAX_AREA_CHANGE, METHODS, LumenFrame, SequenceResult, boundary_uncertainty,
+                    contrast_reason, segment, segment_frame, segment_sequence)
 from .masks import (LEAK_AREA_FRACTION, Measurement, RowCol, SegmentationWarning, check_seed, leak_reason, measure,
                     seed_from_mask, seed_looks_like_wall)
 from .radial import RadialContour, SeedNotInLumenError, radial_boundary, radial_reason, radial_segment
 
 __all__ = ["DEFAULT_METHOD", "DEFAULT_TOLERANCE", "DESPECKLED_TOLERANCE", "LEAK_AREA_FRACTION", "MAX_AREA_CHANGE",
            "METHODS", "NEIGHBORHOOD_FRACTION", "LumenFrame", "Measurement", "RadialContour", "RowCol",
-           "SeedNotInLumenError", "SegmentationWarning", "SequenceResult", "automatic_background_seeds", "check_seed",
+           "SeedNotInLumenError", "SegmentationWarning", "SequenceResult", "automatic_background_seeds",
+           "boundary_uncertainty", "check_seed",
            "contrast_reason",
            "flood_fill", "grow_from_seeds", "leak_reason", "measure", "radial_boundary", "radial_reason",
            "radial_segment", "seed_from_mask", "seed_looks_like_wall", "segment", "segment_frame", "segment_sequence"]

@@ -28,7 +28,7 @@ from .masks import (RowCol, _as_image2d, _as_mask2d, _disk, _spacing2, check_see
 #: mean IoU 0.344 (radius 1 or 2 px: 0.343 / 0.351, also at 3). Re-tune for despeckled input.
 DEFAULT_TOLERANCE = 3.0
 #: The same on images despeckled by the bundled default model, whose lumen is smooth: used when
-#: `speckle2self segment` despeckles first. Re-tuned for v4 (twelfth session) on the 260 tuning
+#: `speckle2self segment` despeckles first. Re-tuned for v4 on the 260 tuning
 #: images, centroid seed: mean IoU 0.283 / 0.417 / 0.423 / 0.400 / 0.390 at tolerance 0 / 1 / 2 / 3 / 4
 #: (1 before, chosen for v1 on 30 tuning images; v3's output scores 0.372 / 0.374 at 1 / 2 on 80).
 DESPECKLED_TOLERANCE = 2.0

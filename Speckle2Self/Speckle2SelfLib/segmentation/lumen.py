@@ -145,6 +145,24 @@ def contrast_reason(image2d: np.ndarray, mask: np.ndarray, ring_px: int = 2 * RA
     return ""
 
 
+def boundary_uncertainty(mask: np.ndarray, uncertainty_map: np.ndarray) -> float:
+    """The boundary confidence of a lumen: the mean of an uncertainty map (the despeckler's,
+    ``Despeckler.denoise(..., uncertainty=True)``, in grey levels) along the mask's contour (the
+    pixels within 1 px of it, inside or outside); higher means a less reliable boundary. NaN for an
+    empty mask. A ValueError when the two shapes differ."""
+    from scipy import ndimage
+
+    mask = np.asarray(mask, bool)
+    uncertainty_map = np.asarray(uncertainty_map)
+    if mask.shape != uncertainty_map.shape:
+        raise ValueError(f"the uncertainty map's shape {uncertainty_map.shape} differs from the mask's {mask.shape}; "
+                         "pass the map of the frame that was segmented")
+    if not mask.any():
+        return float("nan")
+    band = ndimage.binary_dilation(mask) & ~ndimage.binary_erosion(mask, border_value=1)
+    return float(np.mean(uncertainty_map[band], dtype=np.float64))
+
+
 @dataclass
 class SequenceResult:
     """Per-frame lumen masks, seeds, measurements and quality flags of a cine loop."""

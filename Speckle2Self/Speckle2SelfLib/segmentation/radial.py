@@ -25,7 +25,7 @@ RADIAL_SIGMA_PX = 2.0
 #: Width (px) of the dark and bright windows whose mean difference is a ray's edge strength.
 #: 8 (was 4) and a largest step of 2 (was 3), chosen on the 260 tuning-subject images (5 seeds
 #: each): mean IoU raw 0.888 -> 0.894, despeckled (bundled v2) 0.882 -> 0.890, flagged results
-#: 0.5% / 2.0% -> 0 (docs/benchmarks.md, "fourth session").
+#: 0.5% / 2.0% -> 0 (`benchmarks/carotid.py --lumen-only --lumen-split tuning`; CHANGELOG.md, v2).
 RADIAL_EDGE_WIDTH_PX = 8
 #: Largest radius change (px) between neighbouring rays, and its cost per px (angular smoothness).
 RADIAL_MAX_STEP_PX = 2

@@ -1,0 +1,215 @@
+"""Joint bilateral filtering in time proportional to the pixels: the bilateral grid.
+
+Chen, Paris and Durand (2007): a joint bilateral filter of an image steered by a guide is a
+3D Gaussian blur in (row, column, guide level) space. Each pixel's value and a weight of one
+are *splatted* into a coarse grid at (row / cell, column / cell, level / level cell), the grid
+is blurred with a separable Gaussian, and each pixel reads back (*slices*) the blurred value
+and weight at its own position; their ratio is the filtered pixel. The grid has one cell per
+``cell_px`` pixels and per ``level_cell`` of the guide's range, so its size (and the blur's
+cost) falls as the filter widens, and the splat and slice cost a fixed amount per pixel
+whatever the window: a 41 x 41 window costs what a 5 x 5 one does.
+
+The splat is nearest-cell in space and linear in level; the slice is trilinear. The blur's
+Gaussian is narrowed so that splat + blur + slice together have the requested spatial and
+range variances. Global factors cancel in value / weight, so the blur needs no normalising.
+Frames run in strips of rows: per-pixel temporaries stay small and are reused from the
+allocator's cache (whole-frame temporaries cost more in page faults than in arithmetic), and
+huge frames need no more than the grid and the output. The result does not depend on the
+strip height. Everything runs in torch on the tensors' device (CPU or CUDA).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+#: Pixels per strip of the splat and the slice (whole rows, at least one): small enough that
+#: their temporaries are reused between strips, large enough to amortise the per-strip calls.
+STRIP_PIXELS = 1 << 15
+
+
+class _Grid(NamedTuple):
+    """Sizes of a grid: frames, level cells, row cells, column cells, and the cell sizes."""
+
+    frames: int
+    depth: int
+    rows: int
+    cols: int
+    cell_px: float
+
+    @property
+    def plane(self) -> int:
+        return self.rows * self.cols
+
+
+def grid_filter(image, guide, sigma_px: float, range_sigma: float, cell_px: float, level_cell: float):
+    """Joint bilateral filter of ``image`` steered by ``guide``, both (N, 1, H, W) float on one device.
+
+    ``sigma_px``: spatial Gaussian sigma (pixels); ``range_sigma``: Gaussian sigma of guide
+    differences (guide units); ``cell_px`` / ``level_cell``: the grid's sampling (at most about
+    the sigmas: coarser cells cannot carry the Gaussian). Returns float32 (N, 1, H, W), each
+    pixel a weighted mean of input pixels (within the input's range).
+    """
+    import torch
+
+    image = image.float()
+    n, _, h, w = image.shape
+    levels = _level_coordinates(guide.float(), level_cell)
+    grid = _Grid(n, int(levels.max().floor()) + 2, _cell_count(h, cell_px), _cell_count(w, cell_px), cell_px)
+    values = torch.zeros(n * grid.depth * grid.plane, dtype=torch.float32, device=image.device)
+    weights = torch.zeros_like(values)
+    for top, bottom in _strips(h, w):
+        _splat(values, weights, image[:, 0, top:bottom], levels[:, 0, top:bottom], top, grid)
+    blurred = _blur(torch.stack([values, weights]).view(2, n, grid.depth, grid.rows, grid.cols),
+                    _blur_sigma(sigma_px, cell_px, spatial=True), _blur_sigma(range_sigma, level_cell, spatial=False))
+    corners = _corner_table(blurred)
+    out = torch.empty_like(image)
+    strips = _strips(h, w)
+    workspace = torch.empty(30 * n * (strips[0][1] - strips[0][0]) * w, dtype=torch.float32, device=image.device)
+    for top, bottom in strips:
+        out[:, 0, top:bottom] = _slice(corners, levels[:, 0, top:bottom], top, grid, workspace)
+    return out
+
+
+def _level_coordinates(guide, level_cell: float):
+    """Each pixel's guide level in level cells above the frame's lowest (+1: one empty cell below)."""
+    lowest = guide.amin(dim=(1, 2, 3), keepdim=True)
+    return (guide - lowest).div_(level_cell).add_(1.0)
+
+
+def _cell_count(pixels: int, cell_px: float) -> int:
+    """Cells along a side: those the pixel centres fall in, and one empty cell on each side."""
+    return int(math.floor((pixels - 0.5) / cell_px)) + 3
+
+
+def _strips(h: int, w: int):
+    step = max(1, STRIP_PIXELS // max(1, w))
+    return [(top, min(h, top + step)) for top in range(0, h, step)]
+
+
+def _centres(start: int, stop: int, cell_px: float, device):
+    """Pixel centres start..stop-1 in cell units (0 at the frame's edge)."""
+    import torch
+
+    return (torch.arange(start, stop, dtype=torch.float32, device=device) + 0.5) / cell_px
+
+
+def _frame_offsets(n: int, size: int, device):
+    import torch
+
+    return (torch.arange(n, device=device) * size).view(n, 1, 1)
+
+
+def _splat(values, weights, image, levels, top: int, grid: _Grid) -> None:
+    """Add the pixels of one strip ((N, rows, W) values and levels) to the flat grids: each to
+    the spatial cell its centre falls in (cell k >= 1 spans [k - 1, k) in cell units), shared
+    linearly between the two level cells around its level."""
+    n, height, w = image.shape
+    device = image.device
+    row_cell = _centres(top, top + height, grid.cell_px, device).long().add_(1)    # floor: centres > 0
+    col_cell = _centres(0, w, grid.cell_px, device).long().add_(1)
+    low = levels.floor()
+    upper = (levels - low).view(-1)
+    index = low.long().mul_(grid.plane).add_(row_cell.view(1, -1, 1) * grid.cols + col_cell.view(1, 1, -1))
+    index = index.add_(_frame_offsets(n, grid.depth * grid.plane, device)).view(-1)
+    value = image.reshape(-1)
+    upper_value = upper * value
+    values.index_add_(0, index, value - upper_value)
+    weights.index_add_(0, index, 1.0 - upper)
+    index += grid.plane                         # the level cell above
+    values.index_add_(0, index, upper_value)
+    weights.index_add_(0, index, upper)
+
+
+def _blur_sigma(sigma: float, cell: float, spatial: bool) -> float:
+    """The grid blur's sigma (in cells) that makes splat + blur + slice a Gaussian of ``sigma``.
+
+    The nearest-cell splat adds a box of one cell (variance cell^2 / 12) in space, the linear
+    splat a tent (cell^2 / 6) in level; the linear slice a tent in both.
+    """
+    splat = cell * cell / (12.0 if spatial else 6.0)
+    remaining = sigma * sigma - splat - cell * cell / 6.0
+    return math.sqrt(max(remaining, 0.0)) / cell
+
+
+def _blur(grid, spatial_cells: float, level_cells: float):
+    """Separable Gaussian blur of a (2, N, D, R, C) grid along D, R and C (zeros outside)."""
+    grid = _blur_last(grid, spatial_cells)
+    grid = _blur_last(grid.transpose(-1, -2).contiguous(), spatial_cells).transpose(-1, -2)
+    return _blur_last(grid.transpose(2, -1).contiguous(), level_cells).transpose(2, -1).contiguous()
+
+
+#: Cells per block of the blur's matrix products (see _blur_last).
+BLUR_BLOCK = 64
+
+
+def _blur_last(x, sigma_cells: float):
+    """Gaussian blur along the last axis (zeros outside) as matrix products: a whole-axis
+    matrix on short axes; on long ones, blocks of BLUR_BLOCK outputs each from its window
+    of inputs, so the cost stays proportional to the cells. On grids, BLAS products beat
+    one-channel convolutions several times over."""
+    import torch.nn.functional as F
+
+    if sigma_cells < 1e-3:
+        return x
+    length = x.shape[-1]
+    radius = max(1, int(math.ceil(3.0 * sigma_cells)))
+    shape = x.shape
+    if length <= 2 * BLUR_BLOCK:
+        band = _gaussian_band(length, length, 0, sigma_cells, x.device)
+        return (x.reshape(-1, length) @ band).view(shape)          # one 2D product (reshape copies)
+    blocks = -(-length // BLUR_BLOCK)
+    padded = F.pad(x.reshape(-1, length), (radius, blocks * BLUR_BLOCK - length + radius))
+    windows = padded.unfold(-1, BLUR_BLOCK + 2 * radius, BLUR_BLOCK).reshape(-1, BLUR_BLOCK + 2 * radius)
+    out = windows @ _gaussian_band(BLUR_BLOCK + 2 * radius, BLUR_BLOCK, radius, sigma_cells, x.device)
+    return out.view(-1, blocks * BLUR_BLOCK)[:, :length].reshape(shape)
+
+
+def _gaussian_band(inputs: int, outputs: int, offset: int, sigma_cells: float, device):
+    """(inputs, outputs) matrix: output j takes input i with the Gaussian of i - offset - j."""
+    import torch
+
+    i = torch.arange(inputs, dtype=torch.float32, device=device).view(-1, 1)
+    j = torch.arange(outputs, dtype=torch.float32, device=device).view(1, -1)
+    return torch.exp(-0.5 * ((i - offset - j) / sigma_cells) ** 2)
+
+
+def _corner_table(grid):
+    """(16, cells) table: for every cell (frame, row, column, level) of a (2, N, D, R, C) grid,
+    the cube it spans with its upper neighbours, ordered [column step][row step][level step]
+    [value, weight], so that each interpolation step of the slice blends the two halves of
+    what the previous one left, on contiguous rows of pixels. Cells are ordered with the level
+    innermost: the pixels of one spatial cell read neighbouring columns of the table."""
+    import torch
+
+    grid = grid.permute(0, 1, 3, 4, 2)                      # (2, N, R, C, D)
+    r, c, d = (size - 1 for size in grid.shape[2:])
+    cube = [grid[channel, :, dy:r + dy, dx:c + dx, dz:d + dz]
+            for dx in (0, 1) for dy in (0, 1) for dz in (0, 1) for channel in (0, 1)]
+    return torch.stack(cube).view(16, -1)
+
+
+def _slice(corners, levels, top: int, grid: _Grid, workspace):
+    """One strip ((N, rows, W) levels) of the filtered frames: the blurred grid read trilinearly
+    at each pixel, value / weight. ``workspace``: room for 30 floats per pixel of the largest
+    strip, reused by every strip (fresh temporaries of this size cost more in page faults than
+    the arithmetic)."""
+    import torch
+
+    n, height, w = levels.shape
+    pixels = n * height * w
+    device = levels.device
+    rows, cols, depth = grid.rows - 1, grid.cols - 1, grid.depth - 1     # the corner table's extent
+    row_pos = _centres(top, top + height, grid.cell_px, device).add_(0.5)   # cell k's centre at k
+    col_pos = _centres(0, w, grid.cell_px, device).add_(0.5)
+    row_low, col_low = row_pos.floor(), col_pos.floor()
+    low = levels.floor()
+    spatial = (row_low.long().view(1, -1, 1) * cols + col_low.long().view(1, 1, -1)) * depth
+    index = low.long().add_(spatial).add_(_frame_offsets(n, rows * cols * depth, device))
+    cube, square, edge, both = (workspace[start * pixels:(start + size) * pixels].view(size, n, height, w)
+                                for start, size in ((0, 16), (16, 8), (24, 4), (28, 2)))
+    torch.index_select(corners, 1, index.view(-1), out=cube.view(16, -1))
+    torch.lerp(cube[:8], cube[8:], col_pos - col_low, out=square)               # weights broadcast
+    torch.lerp(square[:4], square[4:], (row_pos - row_low).view(-1, 1), out=edge)
+    torch.lerp(edge[:2], edge[2:], levels - low, out=both)
+    return both[0] / both[1].clamp_min(1e-30)

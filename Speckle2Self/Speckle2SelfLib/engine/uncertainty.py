@@ -1,0 +1,227 @@
+"""Where not to trust the despeckled image: a per-pixel uncertainty map in output grey levels.
+
+The product's output (``refine="guided"``) is a weighted mean of input pixels, the weights set
+by the network's output (Speckle2SelfLib.engine.refine). The bilateral grid that computes it
+gives, from the same splat, the statistics of that mean around every pixel, and the map adds
+three cues (each in grey levels of the frame):
+
+* **window disagreement** ``|wide mean - output|``: the same weighted mean over a window
+  :data:`WIDE_SIGMA_FACTOR` x wider in space and :data:`WIDE_RANGE_FACTOR` x in level. Where
+  the output is right, a wider mean of the same tissue agrees with it; they part where the
+  output kept a speckle blob or a local bias as structure, or where a faint boundary is smoothed
+  differently at the two widths. This is what the gradient does not know;
+* **standard error** ``sqrt(var / n)`` of the weighted mean: ``var`` the weighted local variance
+  of the input, ``n`` the weights' effective count ``(sum w)^2 / sum w^2`` (from the weights
+  blurred at the window / sqrt(2): squared Gaussians) in speckle grains of
+  :data:`GRAIN_AREA_PX`: small where the guide confines the mean to few pixels;
+* **gradient magnitude** of the output (Gaussian derivative, :data:`GRADIENT_SIGMA_PX`): a
+  boundary misplaced by a fraction of a pixel errs in proportion to its steepness.
+
+``map = SCALE * (WIDE_GAIN * disagreement + SE_GAIN * standard error + GRADIENT_GAIN * gradient)``.
+The cues, gains and scale were chosen on the simulated tuning seeds against the truth
+(``python benchmarks/uncertainty.py --tune``; the figures are in docs/results.md#uncertainty):
+SCALE makes the map's mean the mean absolute error there. For models whose output is the
+network's own (``refine="none"``) the statistics of the refinement the model's settings
+describe are used the same way, with the network's output (fitted to the input's grey levels)
+as the output. Everything runs on the frames' device in torch; nothing is computed unless asked
+(``Despeckler.denoise(..., uncertainty=True)``), and it costs about a fifth of the default output's
+time on top of it.
+"""
+
+from __future__ import annotations
+
+import math
+
+from .bilateral_grid import _blur, _blur_sigma, _cell_count, _centres, _frame_offsets, _Grid, _level_coordinates, _strips
+
+#: The wider window of the disagreement cue, in the refinement's spatial and range sigmas.
+WIDE_SIGMA_FACTOR = 2.0
+WIDE_RANGE_FACTOR = 1.5
+#: Gains of the three cues (relative) and the map's scale (to expected absolute error), chosen on
+#: the simulated tuning seeds (``benchmarks/uncertainty.py --tune``).
+WIDE_GAIN = 1.0
+SE_GAIN = 2.0
+GRADIENT_GAIN = 1.0
+SCALE = 0.43
+#: Speckle grains are correlated over a few pixels: the effective count of independent samples
+#: is the weights' count divided by this area (px^2, at the model's working scale).
+GRAIN_AREA_PX = 4.0
+GRADIENT_SIGMA_PX = 1.0
+#: The cues, in the order of :func:`uncertainty_components`.
+CUES = ("disagreement", "standard_error", "gradient")
+
+
+def refinement_statistics(image, guide, sigma_px: float, range_sigma: float, cell_px: float, level_cell: float,
+                          wide=(WIDE_SIGMA_FACTOR, WIDE_RANGE_FACTOR)):
+    """Per-pixel statistics of :func:`bilateral_grid.grid_filter`'s weighted mean (same arguments,
+    same grid): float32 (N, 1, H, W) tensors ``(mean, variance, n_eff, wide_mean)``: the weighted
+    mean and variance of ``image`` around each pixel, the weights' effective count
+    ``(sum w)^2 / sum w^2`` in pixels (a flat guide gives about 4 pi sigma^2 inside the frame), and
+    the weighted mean over a window ``wide`` = (spatial, range) times wider (from the same splat)."""
+    import torch
+
+    image = image.float()
+    n, _, h, w = image.shape
+    levels = _level_coordinates(guide.float(), level_cell)
+    grid = _Grid(n, int(levels.max().floor()) + 2, _cell_count(h, cell_px), _cell_count(w, cell_px), cell_px)
+    sums = torch.zeros(3, n * grid.depth * grid.plane, dtype=torch.float32, device=image.device)
+    for top, bottom in _strips(h, w):
+        _splat3(sums, image[:, 0, top:bottom], levels[:, 0, top:bottom], top, grid)
+    sums = sums.view(3, n, grid.depth, grid.rows, grid.cols)
+
+    def blurred(channels, spatial: float, tonal: float):
+        return _blur(channels, _blur_sigma(spatial * sigma_px, cell_px, spatial=True),
+                     _blur_sigma(tonal * range_sigma, level_cell, spatial=False))
+
+    # Gaussian weights squared are Gaussians of sigma / sqrt(2): sum w^2 from the weights alone
+    narrow = 1.0 / math.sqrt(2.0)
+    table = _corner_table(torch.cat([blurred(sums, 1.0, 1.0), blurred(sums[2:], narrow, narrow),
+                                     blurred(sums[0::2].contiguous(), *wide)]))
+    out = torch.empty((6, n, h, w), dtype=torch.float32, device=image.device)
+    for top, bottom in _strips(h, w):
+        out[:, :, top:bottom] = _slice(table, levels[:, 0, top:bottom], top, grid)
+    weight = out[2].clamp_min(1e-30)
+    mean = out[0] / weight
+    variance = (out[1] / weight - mean * mean).clamp_min(0.0)
+    # the grid's weights carry a global factor per sum; a flat frame's interior calibrates it
+    n_eff = weight * weight / out[3].clamp_min(1e-30) * _flat_count_factor(sigma_px, range_sigma, cell_px,
+                                                                            level_cell, image.device)
+    wide_mean = out[4] / out[5].clamp_min(1e-30)
+    return mean[:, None], variance[:, None], n_eff[:, None], wide_mean[:, None]
+
+
+_FLAT_FACTORS: dict = {}
+
+
+def _flat_count_factor(sigma_px, range_sigma, cell_px, level_cell, device) -> float:
+    """4 pi sigma^2 (a Gaussian window's effective count) over the grid's (sum w)^2 / sum w^2 at
+    the centre of a flat frame: the grid's sums differ from the true ones by global factors."""
+    key = (round(sigma_px, 6), round(range_sigma, 9), round(cell_px, 6), round(level_cell, 9))
+    if key not in _FLAT_FACTORS:
+        import torch
+
+        side = int(math.ceil(8 * sigma_px)) + 8
+        flat = torch.zeros(1, 1, side, side, device=device)
+        levels = _level_coordinates(flat, level_cell)
+        grid = _Grid(1, 3, _cell_count(side, cell_px), _cell_count(side, cell_px), cell_px)
+        sums = torch.zeros(3, grid.depth * grid.plane, dtype=torch.float32, device=device)
+        _splat3(sums, flat[:, 0], levels[:, 0], 0, grid)
+        shape = (1, grid.depth, grid.rows, grid.cols)
+        wide = _blur(sums[2:].view(1, *shape), _blur_sigma(sigma_px, cell_px, True), _blur_sigma(range_sigma, level_cell, False))
+        narrow = _blur(sums[2:].view(1, *shape), _blur_sigma(sigma_px / math.sqrt(2.0), cell_px, True),
+                       _blur_sigma(range_sigma / math.sqrt(2.0), level_cell, False))
+        out = _slice(_corner_table(torch.cat([wide, narrow])), levels[:, 0], 0, grid)
+        centre = side // 2
+        grid_count = float(out[0, 0, centre, centre] ** 2 / out[1, 0, centre, centre])
+        _FLAT_FACTORS[key] = 4.0 * math.pi * sigma_px * sigma_px / grid_count
+    return _FLAT_FACTORS[key]
+
+
+def _splat3(sums, image, levels, top: int, grid: _Grid) -> None:
+    """Like bilateral_grid._splat for three sums at once: value, value^2 and weight."""
+    import torch
+
+    n, height, w = image.shape
+    device = image.device
+    row_cell = _centres(top, top + height, grid.cell_px, device).long().add_(1)
+    col_cell = _centres(0, w, grid.cell_px, device).long().add_(1)
+    low = levels.floor()
+    upper = (levels - low).reshape(-1)
+    index = low.long().mul_(grid.plane).add_(row_cell.view(1, -1, 1) * grid.cols + col_cell.view(1, 1, -1))
+    index = index.add_(_frame_offsets(n, grid.depth * grid.plane, device)).view(-1)
+    value = image.reshape(-1)
+    parts = torch.stack([value, value * value, torch.ones_like(value)])      # (3, pixels)
+    upper_parts = parts * upper
+    sums.index_add_(1, index, parts - upper_parts)
+    sums.index_add_(1, index + grid.plane, upper_parts)
+
+
+def _corner_table(grid):
+    """(8 C, cells) table of a (C, N, D, R, C') grid: each cell's cube with its upper neighbours,
+    ordered [column step][row step][level step][channel] (bilateral_grid._corner_table for C channels)."""
+    import torch
+
+    channels = grid.shape[0]
+    grid = grid.permute(0, 1, 3, 4, 2)                      # (C, N, R, C', D)
+    r, c, d = (size - 1 for size in grid.shape[2:])
+    cube = [grid[channel, :, dy:r + dy, dx:c + dx, dz:d + dz]
+            for dx in (0, 1) for dy in (0, 1) for dz in (0, 1) for channel in range(channels)]
+    return torch.stack(cube).view(8 * channels, -1)
+
+
+def _slice(corners, levels, top: int, grid: _Grid):
+    """(C, N, rows, W): every channel of the blurred grid read trilinearly at each pixel."""
+    import torch
+
+    channels = corners.shape[0] // 8
+    n, height, w = levels.shape
+    device = levels.device
+    rows, cols, depth = grid.rows - 1, grid.cols - 1, grid.depth - 1
+    row_pos = _centres(top, top + height, grid.cell_px, device).add_(0.5)
+    col_pos = _centres(0, w, grid.cell_px, device).add_(0.5)
+    row_low, col_low = row_pos.floor(), col_pos.floor()
+    low = levels.floor()
+    spatial = (row_low.long().view(1, -1, 1) * cols + col_low.long().view(1, 1, -1)) * depth
+    index = low.long().add_(spatial).add_(_frame_offsets(n, rows * cols * depth, device))
+    cube = torch.index_select(corners, 1, index.view(-1)).view(8 * channels, n, height, w)
+    half = 4 * channels
+    square = torch.lerp(cube[:half], cube[half:], col_pos - col_low)
+    half //= 2
+    edge = torch.lerp(square[:half], square[half:], (row_pos - row_low).view(-1, 1))
+    half //= 2
+    return torch.lerp(edge[:half], edge[half:], levels - low)
+
+
+def uncertainty_map(image, guide, settings, refined: bool = True, working_scale: float = 1.0, gains=None):
+    """The uncertainty map, (N, 1, H, W) float32 in [0, 1] grey levels of the frames: ``image`` the
+    normalised input (N, 1, H, W), ``guide`` the network's output, ``settings`` the model's
+    refinement (:class:`refine.GuidedSmoothing`), ``refined`` whether the output is the refinement
+    (else the network's output), ``working_scale`` the factor the network ran at;
+    ``gains``: (WIDE_GAIN, SE_GAIN, GRADIENT_GAIN) by default."""
+    return combine(uncertainty_components(image, guide, settings, refined, working_scale), gains)
+
+
+def combine(parts: dict, gains=None):
+    """The map from :func:`uncertainty_components`: SCALE x the gains' sum of the cues."""
+    gains = (WIDE_GAIN, SE_GAIN, GRADIENT_GAIN) if gains is None else gains
+    total = sum(gain * parts[cue] for gain, cue in zip(gains, CUES))
+    return (SCALE * total).float()
+
+
+def uncertainty_components(image, guide, settings, refined: bool = True, working_scale: float = 1.0) -> dict:
+    """The cues of the map, each (N, 1, H, W) float32 in [0, 1] grey levels (:data:`CUES`), and
+    "output" (what they describe: the refinement, or the network's output fitted to the input)."""
+    from .refine import GRID_CELLS_PER_SIGMA, GRID_SIGMA_FACTOR, compressed_levels, fit_to
+
+    image = image.float()
+    fitted = fit_to(guide.float(), image)
+    levels = compressed_levels(fitted, settings.range_power)
+    sigma = GRID_SIGMA_FACTOR * settings.sigma_px
+    mean, variance, n_eff, wide_mean = refinement_statistics(
+        image, levels, sigma, settings.range_sigma, sigma / GRID_CELLS_PER_SIGMA, settings.range_sigma / GRID_CELLS_PER_SIGMA)
+    output = mean if refined else fitted.clamp(0.0, 1.0)
+    grain_area = GRAIN_AREA_PX / max(float(working_scale), 1e-3) ** 2          # in input pixels
+    grains = (n_eff / grain_area).clamp_min(1.0)
+    return {"disagreement": (wide_mean - output).abs(), "standard_error": (variance / grains).sqrt(),
+            "gradient": gradient_magnitude(output, GRADIENT_SIGMA_PX), "output": output}
+
+
+def gradient_magnitude(frames, sigma_px: float):
+    """|Gaussian derivative| of (N, 1, H, W) frames (edges replicated), float32."""
+    import torch
+    import torch.nn.functional as F
+
+    radius = max(1, int(math.ceil(3 * sigma_px)))
+    t = torch.arange(-radius, radius + 1, dtype=torch.float32, device=frames.device)
+    smooth = torch.exp(-0.5 * (t / sigma_px) ** 2)
+    smooth = smooth / smooth.sum()
+    derivative = -t / (sigma_px * sigma_px) * smooth
+    padded = F.pad(frames.float(), (radius,) * 4, mode="replicate")
+
+    def separable(x, along_rows, along_cols):
+        x = F.conv2d(x, along_rows.view(1, 1, -1, 1))
+        return F.conv2d(x, along_cols.view(1, 1, 1, -1))
+
+    d_row = separable(padded, derivative, smooth)
+    d_col = separable(padded, smooth, derivative)
+    return torch.sqrt(d_row * d_row + d_col * d_col)

@@ -1,0 +1,238 @@
+"""The uncertainty map (engine.uncertainty, ``Despeckler.denoise(..., uncertainty=True)``, the CLI's
+``--uncertainty``, the lumen's boundary uncertainty): the refinement's statistics against a direct
+computation, the map's shapes, geometry and dtype for every input kind, nothing computed when not
+asked, the same map for the same input, and a map that is high where the output errs."""
+
+import numpy as np
+import pytest
+import torch
+
+from Speckle2SelfLib import segmentation
+from Speckle2SelfLib.cli.main import main
+from Speckle2SelfLib.engine import uncertainty
+from Speckle2SelfLib.engine.bilateral_grid import grid_filter
+from Speckle2SelfLib.engine.inference import Despeckler
+from Speckle2SelfLib.fileio.imageio import read_frames
+from conftest import simulated_frames
+
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def default_engine():
+    return Despeckler.from_file(None, "cpu")
+
+
+def _frames(n=3, size=SIZE):
+    noisy, _clean = simulated_frames(n=n, size=size, seed=3)
+    return (np.asarray(noisy) * 255).round().astype(np.uint8)
+
+
+def _direct_statistics(x, g, p, sigma, range_sigma):
+    """Weighted mean, variance and effective count of x around pixel p, by the plain sums."""
+    rows, cols = np.mgrid[:x.shape[0], :x.shape[1]]
+    w = np.exp(-((rows - p[0]) ** 2 + (cols - p[1]) ** 2) / (2 * sigma ** 2)
+               - (g - g[p]) ** 2 / (2 * range_sigma ** 2))
+    mean = (w * x).sum() / w.sum()
+    return mean, (w * x * x).sum() / w.sum() - mean ** 2, w.sum() ** 2 / (w * w).sum()
+
+
+def test_refinement_statistics_match_the_direct_sums_and_the_product_filter():
+    rng = np.random.default_rng(0)
+    x = rng.random((1, 1, 96, 96)).astype(np.float32)
+    guide = np.zeros((1, 1, 96, 96), np.float32)
+    guide[..., 48:, :] = 0.5                       # two regions the range kernel keeps apart
+    xt, gt = torch.from_numpy(x), torch.from_numpy(guide)
+    sigma, range_sigma = 5.0, 0.05
+    mean, variance, n_eff, wide = uncertainty.refinement_statistics(xt, gt, sigma, range_sigma, sigma / 1.25,
+                                                                    range_sigma / 1.25)
+    # the mean is the grid filter's output, to the bit: the map describes exactly what is returned
+    assert torch.equal(mean, grid_filter(xt, gt, sigma, range_sigma, sigma / 1.25, range_sigma / 1.25))
+    for p in [(20, 40), (47, 40), (48, 40), (70, 70)]:
+        m, v, n = _direct_statistics(x[0, 0].astype(np.float64), guide[0, 0], p, sigma, range_sigma)
+        assert abs(float(mean[0, 0][p]) - m) < 0.01
+        assert abs(float(variance[0, 0][p]) - v) < 0.05 * v
+        assert abs(float(n_eff[0, 0][p]) - n) < 0.06 * n
+    # beside the region boundary the guide halves the window: about half the effective count
+    assert float(n_eff[0, 0, 47, 40]) < 0.6 * float(n_eff[0, 0, 20, 40])
+    assert float(n_eff[0, 0, 20, 40]) == pytest.approx(4 * np.pi * sigma ** 2, rel=0.05)
+    assert wide.shape == mean.shape
+
+
+def test_denoise_returns_the_same_output_and_a_float32_map_of_its_shape(default_engine):
+    frames = _frames()
+    plain = default_engine.denoise(frames)
+    out, unc = default_engine.denoise(frames, uncertainty=True)
+    assert np.array_equal(out, plain) and out.dtype == np.uint8
+    assert unc.shape == frames.shape and unc.dtype == np.float32
+    assert np.isfinite(unc).all() and unc.min() >= 0 and unc.max() > 0
+    # 2D in, 2D out; each frame's map does not depend on its batch neighbours
+    out2d, unc2d = default_engine.denoise(frames[1], uncertainty=True)
+    assert out2d.shape == unc2d.shape == frames[1].shape
+    np.testing.assert_allclose(unc2d, unc[1], rtol=1e-4, atol=1e-3)
+    # an iterable of frames gives two lists
+    outs, maps = default_engine.denoise(iter(list(frames)), uncertainty=True)
+    assert len(outs) == len(maps) == len(frames) and all(m.shape == frames.shape[1:] for m in maps)
+
+
+def test_the_map_is_deterministic_and_in_the_frames_grey_levels(default_engine):
+    frames = _frames(n=2)
+    _out, first = default_engine.denoise(frames, uncertainty=True)
+    _out, second = default_engine.denoise(frames, uncertainty=True)
+    assert np.array_equal(first, second)
+    # the same image on a 257x wider grey scale (uint16): the map in its grey levels, 257x larger
+    _out, wide = default_engine.denoise(frames.astype(np.uint16) * 257, uncertainty=True)
+    np.testing.assert_allclose(wide, first * 257, rtol=1e-3, atol=0.05)
+
+
+def test_a_flat_frame_has_a_zero_map(default_engine):
+    frames = _frames(n=2)
+    frames[1] = 7
+    with pytest.warns(UserWarning, match="flat"):
+        out, unc = default_engine.denoise(frames, uncertainty=True)
+    assert (out[1] == 7).all() and (unc[1] == 0).all() and unc[0].max() > 0
+
+
+def test_no_map_is_computed_unless_asked(default_engine, monkeypatch):
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("the uncertainty map was computed without being asked for")
+
+    monkeypatch.setattr(uncertainty, "uncertainty_components", refuse)
+    out = default_engine.denoise(_frames(n=2))
+    assert isinstance(out, np.ndarray) and out.shape == (2, SIZE, SIZE)
+    with pytest.raises(AssertionError, match="without being asked"):
+        default_engine.denoise(_frames(n=1), uncertainty=True)
+
+
+def test_bad_uncertainty_values_are_refused(default_engine):
+    with pytest.raises(ValueError, match="uncertainty must be True or False"):
+        default_engine.denoise(_frames(n=1), uncertainty="yes")
+
+
+def test_models_without_the_refinement_get_a_map_too(untrained_model):
+    engine = Despeckler.from_file(untrained_model, "cpu")
+    assert engine.resolve_refine("auto") == "none"
+    frames = _frames(n=2)
+    out, unc = engine.denoise(frames, uncertainty=True)
+    assert np.array_equal(out, engine.denoise(frames))
+    assert unc.shape == frames.shape and unc.dtype == np.float32 and np.isfinite(unc).all() and unc.max() > 0
+
+
+def test_the_map_is_high_where_the_output_errs(default_engine):
+    """On a simulated image with a truth (a tuning seed, 512 px as in benchmarks/simulated.py): the
+    pixels the map ranks least reliable (top 10%) err several times more than the others, and the
+    map ranks the errors better than the output's gradient (benchmarks/uncertainty.py measures it
+    in full, on the test seeds)."""
+    from scipy import ndimage, stats
+
+    from Speckle2SelfLib import metrics
+    from Speckle2SelfLib.simulation import make_phantom, simulate_bmode
+
+    phantom = make_phantom("carotid", size=(512, 512), seed=1000)
+    sim = simulate_bmode(phantom.clean, fc=7.5e6, seed=1000)
+    out, unc = default_engine.denoise(sim.bmode.astype(np.float32), uncertainty=True)
+    error = np.abs(metrics.affine_fit(out, sim.reference) - sim.reference)
+    top = unc >= np.percentile(unc, 90)
+    assert error[top].mean() > 3 * error[~top].mean()
+    gradient = ndimage.gaussian_gradient_magnitude(out.astype(np.float64), 1.0)
+    rho = stats.spearmanr(unc.ravel(), error.ravel())[0]
+    assert rho > stats.spearmanr(gradient.ravel(), error.ravel())[0] + 0.1
+    # in grey levels of the output: the map's mean is the mean absolute error within a factor 2
+    assert 0.5 < unc.mean() / error.mean() < 2.0
+
+
+# ----------------------------------------------------------------------------- lumen
+
+
+def test_boundary_uncertainty_is_the_maps_mean_along_the_contour():
+    mask = np.zeros((40, 40), bool)
+    mask[10:30, 10:30] = True
+    unc = np.zeros((40, 40), np.float32)
+    assert segmentation.boundary_uncertainty(mask, unc) == 0.0
+    unc[9:31, 9:31] = 4.0            # the contour's band: the mask's edge and the pixel outside
+    unc[12:28, 12:28] = 100.0        # well inside: not on the contour
+    assert segmentation.boundary_uncertainty(mask, unc) == pytest.approx(4.0)
+    assert np.isnan(segmentation.boundary_uncertainty(np.zeros((40, 40), bool), unc))
+    with pytest.raises(ValueError, match="differs from the mask"):
+        segmentation.boundary_uncertainty(mask, unc[:-1])
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _write(path, frames, spacing=(0.2, 0.3, 0.5)):
+    import SimpleITK as sitk
+
+    image = sitk.GetImageFromArray(frames)
+    image.SetSpacing(spacing)
+    image.SetOrigin((1.0, 2.0, 3.0))
+    sitk.WriteImage(image, str(path))
+    return path
+
+
+def test_cli_writes_the_map_with_the_outputs_geometry(tmp_path, capsys):
+    import SimpleITK as sitk
+
+    src = _write(tmp_path / "in.nrrd", _frames(n=3))
+    out, unc = tmp_path / "out.nrrd", tmp_path / "unc.nrrd"
+    assert main(["denoise", str(src), str(out), "--device", "cpu", "--slice-axis", "k",
+                 "--uncertainty", str(unc)]) == 0
+    a, b = sitk.ReadImage(str(out)), sitk.ReadImage(str(unc))
+    assert b.GetSize() == a.GetSize() and b.GetSpacing() == a.GetSpacing() and b.GetOrigin() == a.GetOrigin()
+    assert b.GetDirection() == a.GetDirection()
+    assert sitk.GetArrayFromImage(b).dtype == np.float32 and sitk.GetArrayFromImage(b).max() > 0
+    plain = tmp_path / "plain.nrrd"
+    assert main(["denoise", str(src), str(plain), "--device", "cpu", "--slice-axis", "k"]) == 0
+    assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(plain))), sitk.GetArrayFromImage(a))
+
+
+def test_cli_map_of_a_volume_sliced_along_another_axis_is_laid_out_like_the_output(tmp_path):
+    import SimpleITK as sitk
+
+    volume = np.transpose(_frames(n=40, size=48)[:, :, :40], (1, 0, 2)).copy()     # frames along J
+    src = _write(tmp_path / "vol.nrrd", volume)
+    out, unc = tmp_path / "out.nrrd", tmp_path / "unc.nrrd"
+    assert main(["denoise", str(src), str(out), "--device", "cpu", "--slice-axis", "j",
+                 "--uncertainty", str(unc)]) == 0
+    maps = sitk.GetArrayFromImage(sitk.ReadImage(str(unc)))
+    assert maps.shape == volume.shape
+    engine = Despeckler.from_file(None, "cpu")
+    _o, direct = engine.denoise(np.ascontiguousarray(np.transpose(volume, (1, 0, 2))), uncertainty=True)
+    np.testing.assert_allclose(maps, np.transpose(direct, (1, 0, 2)), rtol=1e-4, atol=1e-3)
+
+
+def test_cli_rgb_png_gets_a_grey_map(tmp_path):
+    from PIL import Image
+
+    grey = _frames(n=1, size=48)[0]
+    Image.fromarray(np.stack([grey, grey, grey], axis=-1)).save(tmp_path / "in.png")
+    unc = tmp_path / "unc.mha"
+    assert main(["denoise", str(tmp_path / "in.png"), str(tmp_path / "out.png"), "--device", "cpu",
+                 "--uncertainty", str(unc)]) == 0
+    data = read_frames(unc)
+    assert data.frames.shape == (1, 48, 48) and data.frames.dtype == np.float32
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--uncertainty", "{tmp}/unc.png"], "fractional grey levels"),
+    (["--uncertainty", "{tmp}/out.mha"], "overwrite the output"),
+    (["--uncertainty", "{tmp}/missing/unc.mha"], ""),
+    (["--uncertainty", "{tmp}/unc.mha", "--slice-axis", "three"], "slice-axis auto"),
+])
+def test_cli_refuses_a_bad_map_path_before_any_work(tmp_path, capsys, extra, message):
+    src = _write(tmp_path / "in.nrrd", _frames(n=2))
+    out = tmp_path / "out.mha"
+    args = ["denoise", str(src), str(out), "--device", "cpu"] + [a.format(tmp=tmp_path) for a in extra]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not out.exists() and not (tmp_path / "unc.mha").exists()
+
+
+def test_cli_refuses_a_map_for_a_folder_run(tmp_path, capsys):
+    (tmp_path / "in").mkdir()
+    _write(tmp_path / "in" / "a.nrrd", _frames(n=1))
+    assert main(["denoise", str(tmp_path / "in"), str(tmp_path / "out"), "--uncertainty",
+                 str(tmp_path / "unc.mha")]) == 2
+    assert "one input file" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

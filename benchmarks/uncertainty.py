@@ -1,0 +1,262 @@
+"""Does the uncertainty map predict real errors? (``Despeckler.denoise(..., uncertainty=True)``)
+
+Simulated images (the built-in simulator, its expected speckle-free B-mode as the truth), at
+7.5, 3.75, 5.63 and 9.38 MHz: the output's absolute error after its gain/offset fit to the
+truth, and for each candidate map its sparsification curve (mean error of the pixels left after
+removing the fraction f the map ranks as least reliable), the area between it and the oracle's
+(pixels removed by their own error; AUSE, in 8-bit grey levels, mean over images) and its
+Spearman correlation with the error (mean over images). The trivial maps are the output's
+gradient magnitude (Gaussian derivative) and the input's local standard deviation (uniform
+window), each at its best scale on the tuning seeds.
+
+Carotid test subjects (needs ../shared): the one-click lumen from the expert mask's centroid on
+the default output, its IoU against the mask and the map's mean along the found contour
+(``segmentation.boundary_uncertainty``); frames below IoU 0.8 against the others, the difference
+of their mean boundary uncertainty with a 95% interval from a bootstrap over subjects.
+
+    python benchmarks/uncertainty.py --tune                 # choose cues/gains on tuning seeds 1000-1004
+    python benchmarks/uncertainty.py                        # the table on test seeds 2000-2007
+    python benchmarks/uncertainty.py --carotid              # also the carotid test subjects
+    python benchmarks/uncertainty.py --n-images 2 --size 128 --freqs 7.5
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Sequence
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "Speckle2Self"))
+
+from Speckle2SelfLib import metrics  # noqa: E402
+from Speckle2SelfLib.simulation import make_phantom, simulate_bmode  # noqa: E402
+
+TEST_KINDS = ("carotid", "thyroid", "layers", "points", "random", "carotid", "thyroid", "random")
+TEST_SEED_BASE = 2000          # benchmarks/simulated.py's test seeds
+TUNE_KINDS = ("carotid", "thyroid", "layers", "points", "random")
+TUNE_SEED_BASE = 1000          # its tuning seeds
+FREQS_MHZ = (7.5, 3.75, 5.63, 9.38)
+FRACTIONS = np.linspace(0.0, 0.99, 100)
+GRADIENT_SIGMAS = (1.0, 2.0, 4.0)
+STD_WINDOWS = (5, 9, 17)
+LOW_IOU = 0.8
+
+
+# ----------------------------------------------------------------------------- scores
+
+def sparsification(error: np.ndarray, ranking: np.ndarray) -> np.ndarray:
+    """Mean error of the pixels left after removing the fraction FRACTIONS of those ``ranking``
+    puts first (highest values first; ties broken by position, the same for every map)."""
+    order = np.argsort(-ranking.ravel(), kind="stable")
+    remaining = error.ravel()[order][::-1]                  # least trusted last
+    cumulative = np.cumsum(remaining)
+    n = remaining.size
+    kept = np.maximum(1, np.round((1.0 - FRACTIONS) * n).astype(int))
+    return cumulative[kept - 1] / kept
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    from scipy import stats
+    return float(stats.spearmanr(a.ravel(), b.ravel())[0])
+
+
+def ause(curve: np.ndarray, oracle: np.ndarray) -> float:
+    return float(np.trapezoid(curve - oracle, FRACTIONS))
+
+
+def trivial_maps(noisy: np.ndarray, output: np.ndarray) -> Dict[str, np.ndarray]:
+    from scipy import ndimage
+
+    maps = {}
+    for s in GRADIENT_SIGMAS:
+        maps[f"gradient s={s:g}"] = ndimage.gaussian_gradient_magnitude(output.astype(np.float64), s)
+    x = noisy.astype(np.float64)
+    for w in STD_WINDOWS:
+        mean = ndimage.uniform_filter(x, w)
+        maps[f"local std {w}px"] = np.sqrt(np.maximum(ndimage.uniform_filter(x * x, w) - mean * mean, 0.0))
+    return maps
+
+
+# ----------------------------------------------------------------------------- simulated
+
+def simulate(kinds: Sequence[str], seed_base: int, size: int, fc_mhz: float):
+    images = []
+    for i, kind in enumerate(kinds):
+        phantom = make_phantom(kind, size=(size, size), seed=seed_base + i)
+        sim = simulate_bmode(phantom.clean, fc=fc_mhz * 1e6, seed=seed_base + i)
+        images.append((sim.bmode.astype(np.float32), sim.reference.astype(np.float32)))
+    return images
+
+
+def image_maps(engine, noisy: np.ndarray):
+    """The default output, the product's map and each of its cues (float64, output grey levels)."""
+    import torch
+
+    from Speckle2SelfLib.engine import refine, uncertainty
+    from Speckle2SelfLib.engine.inference import normalise_frame
+
+    output, product = engine.denoise(noisy, uncertainty=True)
+    refined = engine.last_refine == "guided"
+    lo, hi = float(noisy.min()), float(noisy.max())
+    x = np.empty((1, 1) + noisy.shape, np.float32)
+    normalise_frame(noisy, x[0, 0])
+    xt = torch.from_numpy(x)
+    engine.last_refine = "none"                     # the network's output alone: the guide
+    guide = engine._apply_module(xt)
+    settings = refine.settings_for(engine.last_working_scale, **refine.model_settings(engine.metadata))
+    parts = uncertainty.uncertainty_components(xt, guide, settings, refined, engine.last_working_scale)
+    cues = {name: parts[name][0, 0].double().numpy() * (hi - lo) for name in uncertainty.CUES}
+    return output.astype(np.float64), product.astype(np.float64), cues
+
+
+#: Gains (window disagreement, standard error, gradient) tried by --tune.
+CANDIDATE_GAINS = [(1, 0, 0), (0, 1, 0), (0, 0, 1), (0, 2, 1), (1, 2, 0), (1, 0, 1), (1, 1, 1), (1, 2, 1), (1, 4, 1),
+                   (0.5, 2, 1), (2, 2, 1), (1, 2, 0.5), (1, 2, 2)]
+
+
+def candidate_maps(cues: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    from Speckle2SelfLib.engine import uncertainty
+
+    return {"cues " + " / ".join(f"{g:g}" for g in gains): sum(g * cues[c] for g, c in zip(gains, uncertainty.CUES))
+            for gains in CANDIDATE_GAINS}
+
+
+def run_simulated(engine, kinds, seed_base: int, size: int, freqs: Sequence[float], tune: bool) -> str:
+    rows: Dict[str, Dict[str, List[float]]] = {}
+    seconds = {"plain": [], "uncertainty": []}
+
+    def add(name, key, value):
+        rows.setdefault(name, {"ause": [], "rho": [], "calib": []})[key].append(value)
+
+    for fc in freqs:
+        for noisy, reference in simulate(kinds, seed_base, size, fc):
+            start = time.perf_counter()
+            engine.denoise(noisy)
+            seconds["plain"].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            engine.denoise(noisy, uncertainty=True)
+            seconds["uncertainty"].append(time.perf_counter() - start)
+            output, product, cues = image_maps(engine, noisy)
+            fitted = metrics.affine_fit(output, reference.astype(np.float64))
+            gain = float(np.polyfit(output.ravel(), reference.ravel().astype(np.float64), 1)[0])
+            error = np.abs(fitted - reference) * 255.0
+            oracle = sparsification(error, error)
+            maps = {"product map": product, **trivial_maps(noisy, output)}
+            if tune:
+                maps.update(candidate_maps(cues))
+            for name, m in maps.items():
+                add(name, "ause", ause(sparsification(error, m), oracle))
+                add(name, "rho", spearman(m, error))
+            # the map's scale: its mean (after the same gain) over the mean absolute error
+            add("product map", "calib", float(np.mean(product * abs(gain)) * 255.0 / error.mean()))
+    lines = [f"Simulated images ({'tuning' if tune else 'test'} seeds {seed_base}-{seed_base + len(kinds) - 1}, "
+             f"{size} px, {', '.join(f'{f:g}' for f in freqs)} MHz; {len(rows['product map']['ause'])} images), "
+             f"model {engine.metadata.get('name')}: sparsification of the default output's absolute error after "
+             "its gain/offset fit to the truth. AUSE in 8-bit grey levels (lower is better), Spearman rho with the "
+             "error (higher is better); means over images.", "",
+             "| map | AUSE | AUSE / best trivial | Spearman rho |", "|---|---:|---:|---:|"]
+    trivial = {k: v for k, v in rows.items() if k.startswith(("gradient", "local std"))}
+    best_trivial = min(float(np.mean(v["ause"])) for v in trivial.values())
+    for name, v in sorted(rows.items(), key=lambda kv: np.mean(kv[1]["ause"])):
+        a = float(np.mean(v["ause"]))
+        lines.append(f"| {name} | {a:.3f} | {a / best_trivial:.2f} | {np.mean(v['rho']):.3f} |")
+    lines += ["", f"Map mean / mean absolute error (the map's scale, 1 = calibrated): "
+                  f"{np.mean(rows['product map']['calib']):.2f}; time with the map / without: "
+                  f"{np.median(seconds['uncertainty']) / np.median(seconds['plain']):.2f}x "
+                  f"(median s/image {np.median(seconds['plain']):.3f} vs {np.median(seconds['uncertainty']):.3f})."]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- carotid
+
+def run_carotid(engine, split: str, limit: int) -> str:
+    from benchlib import carotid_data, lumen_evaluation
+    from benchlib.carotid_data import cases
+    from Speckle2SelfLib import segmentation
+
+    if carotid_data.carotid_dir() is None:
+        return "Carotid: data not found (../shared/data/carotid or $SPECKLE2SELF_SHARED); skipped."
+    chosen = cases(split)
+    if limit:
+        step = max(1, len(chosen) // limit)
+        chosen = chosen[::step][:limit]
+    ious, boundary, subjects = [], [], []
+    for case in chosen:
+        image, mask = case.load()
+        output, unc = engine.denoise(image, uncertainty=True)
+        try:
+            frame = segmentation.segment(output, segmentation.seed_from_mask(mask), "radial")
+            found = frame.mask
+        except segmentation.SeedNotInLumenError:
+            continue
+        ious.append(lumen_evaluation.iou(found, mask))
+        boundary.append(segmentation.boundary_uncertainty(found, unc))
+        subjects.append(case.subject)
+    ious, boundary, subjects = np.array(ious), np.array(boundary), np.array(subjects)
+    low = ious < LOW_IOU
+    diff, lo, hi = _bootstrap_difference(boundary, low, subjects)
+    from scipy import stats
+    rho = float(stats.spearmanr(boundary, ious)[0])
+    return "\n".join([
+        f"Carotid {split} subjects ({len(ious)} images, one-click radial lumen from the mask centroid on the default "
+        f"output of {engine.metadata.get('name')}): mean boundary uncertainty (the map's mean along the found contour, "
+        "grey levels of 255) of frames with IoU below {:.1f} and of the others; difference with a 95% interval from "
+        "a bootstrap over subjects.".format(LOW_IOU), "",
+        "| frames | n | mean IoU | mean boundary uncertainty |", "|---|---:|---:|---:|",
+        f"| IoU < {LOW_IOU} | {low.sum()} | {ious[low].mean() if low.any() else float('nan'):.3f} | "
+        f"{boundary[low].mean() if low.any() else float('nan'):.2f} |",
+        f"| IoU >= {LOW_IOU} | {(~low).sum()} | {ious[~low].mean():.3f} | {boundary[~low].mean():.2f} |",
+        "", f"Difference (low - others): {diff:+.2f} [{lo:+.2f}, {hi:+.2f}] grey levels; Spearman rho of boundary "
+            f"uncertainty with IoU: {rho:+.3f}."])
+
+
+def _bootstrap_difference(values, low, subjects, resamples: int = 4000, seed: int = 0):
+    """Mean of ``values`` over ``low`` frames minus over the others, and its 95% interval from a
+    bootstrap resampling whole subjects (frames of one subject are correlated)."""
+    groups = [np.nonzero(subjects == s)[0] for s in np.unique(subjects)]
+    rng = np.random.default_rng(seed)
+    diffs = []
+    for _ in range(resamples):
+        idx = np.concatenate([groups[i] for i in rng.integers(0, len(groups), len(groups))])
+        sel_low = low[idx]
+        if sel_low.any() and (~sel_low).any():
+            diffs.append(values[idx][sel_low].mean() - values[idx][~sel_low].mean())
+    lo, hi = np.percentile(diffs, [2.5, 97.5])
+    return float(values[low].mean() - values[~low].mean()), float(lo), float(hi)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", help="model file or bundled name (default: the bundled default model)")
+    parser.add_argument("--tune", action="store_true", help="tuning seeds (1000-1004) and every candidate map")
+    parser.add_argument("--n-images", type=int, default=None, help="images per frequency (default: all 8 / 5)")
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--freqs", type=float, nargs="+", default=list(FREQS_MHZ), help="MHz")
+    parser.add_argument("--carotid", action="store_true", help="also the carotid subjects (needs ../shared)")
+    parser.add_argument("--split", default="test", choices=["test", "tuning"], help="carotid subjects")
+    parser.add_argument("--limit", type=int, default=0, help="carotid images (0: all)")
+    parser.add_argument("--no-simulated", action="store_true")
+    args = parser.parse_args(argv)
+    import torch
+
+    torch.manual_seed(0)
+    from Speckle2SelfLib.engine.inference import Despeckler
+
+    engine = Despeckler.from_file(args.model, "cpu")
+    kinds = TUNE_KINDS if args.tune else TEST_KINDS
+    kinds = kinds[:args.n_images] if args.n_images else kinds
+    if not args.no_simulated:
+        print(run_simulated(engine, kinds, TUNE_SEED_BASE if args.tune else TEST_SEED_BASE, args.size,
+                            args.freqs, args.tune))
+        print()
+    if args.carotid:
+        print(run_carotid(engine, args.split, args.limit))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
