@@ -66,7 +66,8 @@ class Speckle2SelfParameterNode:
     sliceAxis: the plane of a 3D volume the network runs in (the label of a volume_axes choice).
     batchSize: 0 means automatic. inputGreyLevels: the output keeps each input frame's brightness
     and contrast (off: the network's own grey levels). guidedSmoothing: the network's output steers
-    an edge-keeping smoothing of the input (off: the network's output itself). lumen*: the
+    an edge-keeping smoothing of the input (off: the network's output itself). uncertainty: also a
+    map of where not to trust the output (uncertaintyVolume; single volumes). lumen*: the
     'Segment lumen' panel. adapt*: the 'Adapt model' panel (minutes, steps: 0 is no limit).
     """
 
@@ -83,6 +84,8 @@ class Speckle2SelfParameterNode:
     inputGreyLevels: bool = True
     keepColour: bool = False
     guidedSmoothing: bool = True
+    uncertainty: bool = False
+    uncertaintyVolume: vtkMRMLScalarVolumeNode
     lumenVolume: vtkMRMLScalarVolumeNode
     seedPoints: vtkMRMLMarkupsFiducialNode
     lumenMethod: Annotated[str, Choice(["radial", "flood", "growcut"])] = "radial"   # segmentation.METHODS

@@ -289,7 +289,7 @@ def test_modules_slicer_loads_need_no_scikit_image_or_opencv():
     """Slicer's Python has neither: the Lib modules the GUI imports must load without them."""
     gui_modules = ["scene.logic", "scene.despeckle", "scene.lumen", "scene.live", "scene.nodes", "scene.jobs",
                    "engine.models", "engine.inference", "engine.adapt", "engine.user_models", "engine.backends",
-                   "engine.grain", "segmentation", "simulation", "stream", "metrics"]
+                   "engine.grain", "engine.latest_frame", "segmentation", "simulation", "igtl", "metrics"]
     probe = ("import sys\n"
              "class Block:\n"
              "    def find_spec(self, name, path=None, target=None):\n"

@@ -258,6 +258,33 @@ def test_segment_runs_in_the_background_and_shows_table_and_measurements(gui):
     assert not gui.shown.errors
 
 
+def test_the_uncertainty_map_is_shown_over_the_output_and_reaches_the_lumen_table(gui):
+    """#36 in the GUI: Apply with 'Uncertainty map' adds the map as a warm-over-cold overlay; Segment
+    on that output adds each frame's uncertain boundary share to the table."""
+    volume, seeds = carotid_with_seed(gui.scene)
+    p = gui.parameterNode
+    p.inputVolume = volume
+    shim.unwrap(gui.ui.uncertaintyCheckBox).setChecked(True)
+    assert p.uncertainty and gui.ui.uncertaintySelector.enabled
+    click(gui.ui.applyButton)
+    assert shim.process_events_until(lambda: not gui.despeckle.running), "the despeckling job did not end"
+    assert not gui.shown.errors, gui.shown.errors
+    output, uncertainty = p.outputVolume, p.uncertaintyVolume
+    assert uncertainty is not None and uncertainty is not output and uncertainty.GetName() == "Carotid uncertainty"
+    maps = slicer.util.arrayFromVolume(uncertainty)
+    assert maps.shape == slicer.util.arrayFromVolume(output).shape and maps.dtype == np.float32 and maps.max() > 0
+    display = uncertainty.GetDisplayNode()
+    assert display.GetColorNodeID() == "vtkMRMLColorTableNodeFileColdToHotRainbow.txt"
+    assert display.GetWindowLevelMax() == pytest.approx(float(np.percentile(maps, 99)), rel=1e-3)
+    p.seedPoints = seeds                                   # Segment lumen on the despeckled output
+    assert p.lumenVolume is output
+    click(gui.ui.segmentButton)
+    assert shim.process_events_until(lambda: not gui.lumen.running), "the segmentation job did not end"
+    table = p.lumenTable.GetTable()
+    column = table.GetColumnByName("boundary_uncertain_share")
+    assert column is not None and column.GetNumberOfTuples() == 1 and 0.0 <= column.GetValue(0) <= 1.0
+
+
 def test_cancel_stops_segmenting_and_adds_nothing(gui):
     volume, seeds = carotid_with_seed(gui.scene)
     gui.parameterNode.lumenVolume = volume

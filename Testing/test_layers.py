@@ -4,9 +4,9 @@ Dependencies point one way, so that each part can be understood, tested and reus
 
 * ``fileio``, ``simulation``, ``metrics``, ``vtkimage``, ``jobstate`` use nothing of the library
   (``segmentation`` only ``vtkimage``);
-* ``engine`` (the network, training, inference) uses ``fileio``: never ``scene`` (MRML), ``cli``
-  or ``stream``;
-* ``stream`` uses ``engine`` and ``fileio``;
+* ``engine`` (the network, training, inference, the latest-frame-wins live despeckler) uses
+  ``fileio``: never ``scene`` (MRML), ``cli`` or ``igtl``;
+* ``igtl`` (the OpenIGTLink relay and its messages) uses ``engine`` and ``fileio``;
 * ``scene`` (MRML, headless) uses all of the above, ``cli`` none of ``scene``;
 * the module's Qt side (``Speckle2Self.py``, ``Speckle2SelfWidgets``) reaches the library
   through ``scene`` only (its self-test excepted), and the library never imports the Qt side.
@@ -37,21 +37,16 @@ ALLOWED = {
     "simulation": set(),
     "segmentation": {"vtkimage"},
     "engine": {"fileio", "jobstate"},
-    "stream": {"engine", "fileio"},
-    "scene": {"engine", "fileio", "segmentation", "simulation", "stream", "vtkimage", "jobstate"},
-    "cli": {"engine", "fileio", "segmentation", "simulation", "stream", "metrics", "vtkimage"},
+    "igtl": {"engine", "fileio"},
+    "scene": {"engine", "fileio", "segmentation", "simulation", "igtl", "vtkimage", "jobstate"},
+    "cli": {"engine", "fileio", "segmentation", "simulation", "igtl", "metrics", "vtkimage"},
 }
 
 #: The module's self-test checks the library itself (it makes a model, simulates speckle).
 GUI_TESTS = {"Speckle2SelfWidgets.selftest"}
 
 #: Cycles that another change is removing; each entry names the pair of modules.
-KNOWN_CYCLES = {
-    # cli/segment_batch.py (new, being written beside this test) takes _has_pixel_spacing and
-    # EXIT_FLAGGED from cli/segment.py, which imports segment_batch for --batch; to be removed when
-    # segment_batch takes the exit code from cli/exitcodes.py and the spacing check lives in one of the two.
-    frozenset({"Speckle2SelfLib.cli.segment", "Speckle2SelfLib.cli.segment_batch"}),
-}
+KNOWN_CYCLES: set = set()
 
 
 def module_name(path: Path) -> str:

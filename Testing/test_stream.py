@@ -1,4 +1,4 @@
-"""Live despeckling (Speckle2SelfLib.stream): latest-frame-wins worker, OpenIGTLink relay, live volume node.
+"""Live despeckling: latest-frame-wins worker (engine.latest_frame), OpenIGTLink relay (igtl), live volume node.
 
 The relay test runs ``speckle2self stream`` (cli.main) on loopback (127.0.0.1) only: a pyigtl
 client replays frames of a real PLUS sequence from ../shared (simulated frames when it is
@@ -20,8 +20,8 @@ import pytest
 
 from conftest import SHARED, simulated_frames
 from Speckle2SelfLib.engine.inference import Despeckler
-from Speckle2SelfLib.stream import (StreamDespeckler, despeckled_message, image_frames, output_device_name,
-                                    parse_address)
+from Speckle2SelfLib.engine.latest_frame import StreamDespeckler
+from Speckle2SelfLib.igtl.messages import despeckled_message, image_frames, output_device_name, parse_address
 
 LOOPBACK = "127.0.0.1"
 PLUS_SEQUENCE = SHARED / "sequences" / "SpinePhantomFreehand.igs.mha"
@@ -287,7 +287,7 @@ def test_relay_connects_to_a_server_source_and_stops_by_itself():
     """--connect: the relay is the client of the image source (as with PlusServer). Any callable
     can stand in for the model; here it inverts the grey levels (in the frame's own dtype)."""
     pyigtl = pytest.importorskip("pyigtl", reason="pyigtl is not installed (pip install -e '.[stream]')")
-    from Speckle2SelfLib.stream import StreamRelay
+    from Speckle2SelfLib.igtl.relay import StreamRelay
 
     frames = (np.arange(3 * 32 * 48) % 256).astype(np.uint8).reshape(3, 32, 48)
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -388,7 +388,7 @@ def test_live_volume_node_updates_the_output(scene, fast, threaded):
 
 
 def test_stream_refinement_follows_the_model_unless_turned_off_and_bad_values_are_refused_first():
-    from Speckle2SelfLib.stream import _stream_denoiser
+    from Speckle2SelfLib.engine.latest_frame import _stream_denoiser
 
     default = Despeckler.from_file(None, device="cpu", backend="fp32")        # recommends the guided refinement
     frame = np.rint(simulated_frames(n=1, size=64, seed=9)[0][0] * 255).astype(np.uint8)

@@ -201,6 +201,26 @@ def test_cli_map_of_a_volume_sliced_along_another_axis_is_laid_out_like_the_outp
     np.testing.assert_allclose(maps, np.transpose(direct, (1, 0, 2)), rtol=1e-4, atol=1e-3)
 
 
+def test_cli_map_of_a_sequence_keeps_its_geometry_and_header(tmp_path):
+    import SimpleITK as sitk
+
+    image = sitk.GetImageFromArray(_frames(n=3, size=48))
+    image.SetSpacing((0.2, 0.3, 1.5))
+    image.SetOrigin((10.0, -5.0, 2.0))
+    image.SetDirection((0, 1, 0, 1, 0, 0, 0, 0, -1))
+    image.SetMetaData("Seq_Frame0000_Timestamp", "12.5")
+    sitk.WriteImage(image, str(tmp_path / "cine.mha"))
+    assert read_frames(tmp_path / "cine.mha").kind == "sequence"
+    unc = tmp_path / "unc.mha"
+    assert main(["denoise", str(tmp_path / "cine.mha"), str(tmp_path / "out.mha"), "--device", "cpu",
+                 "--uncertainty", str(unc)]) == 0
+    back = sitk.ReadImage(str(unc))
+    assert back.GetSize() == image.GetSize() and back.GetSpacing() == image.GetSpacing()
+    assert back.GetOrigin() == image.GetOrigin() and back.GetDirection() == image.GetDirection()
+    assert back.GetMetaData("Seq_Frame0000_Timestamp") == "12.5"
+    assert sitk.GetArrayFromImage(back).dtype == np.float32
+
+
 def test_cli_rgb_png_gets_a_grey_map(tmp_path):
     from PIL import Image
 
@@ -236,3 +256,101 @@ def test_cli_refuses_a_map_for_a_folder_run(tmp_path, capsys):
                  str(tmp_path / "unc.mha")]) == 2
     assert "one input file" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------- MRML (slicer-core)
+
+
+def _volume_node(scene, voxels):
+    from Speckle2SelfLib.scene import nodes
+
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "us")
+    nodes.write_voxels(node, voxels)
+    node.SetSpacing(0.3, 0.2, 1.5)
+    node.SetOrigin(12.0, -30.0, 7.0)
+    node.SetIJKToRASDirections(0, -1, 0, 1, 0, 0, 0, 0, -1)
+    return node
+
+
+def test_logic_writes_the_map_into_its_own_volume_node_with_the_inputs_geometry(scene, default_engine):
+    pytest.importorskip("slicer", reason="slicer-core (MRML Python bindings) is not installed")
+    import vtk
+
+    from Speckle2SelfLib.scene import nodes
+    from Speckle2SelfLib.scene.logic import Speckle2SelfLogic
+
+    frames = _frames(n=2)
+    volume = _volume_node(scene, frames)
+    logic = Speckle2SelfLogic(default_engine)
+    plain = nodes.volume_to_array(logic.despeckle_volume(volume))
+    assert logic.last_uncertainty_node is None            # not asked: no map, no node
+    before = scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")
+    out = logic.despeckle_volume(volume, uncertainty=True)
+    unc = logic.last_uncertainty_node
+    assert scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == before + 2
+    assert unc.GetName() == "us uncertainty" and unc.GetAttribute("Speckle2Self.UncertaintyOf") == out.GetID()
+    maps = nodes.volume_to_array(unc)
+    assert maps.shape == frames.shape and maps.dtype == np.float32 and maps.max() > 0
+    assert np.array_equal(nodes.volume_to_array(out), plain)
+    _o, direct = default_engine.denoise(frames, uncertainty=True)
+    np.testing.assert_allclose(maps, direct, rtol=1e-5, atol=1e-4)
+    a, b = vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4()
+    volume.GetIJKToRASMatrix(a)
+    unc.GetIJKToRASMatrix(b)
+    assert all(a.GetElement(r, c) == b.GetElement(r, c) for r in range(4) for c in range(4))
+    # a given node is filled again; the input and the output are refused before any work
+    again = logic.despeckle_volume(volume, out, uncertainty=True, uncertainty_node=unc)
+    assert again is out and logic.last_uncertainty_node is unc
+    with pytest.raises(ValueError, match="its own volume node"):
+        logic.despeckle_volume(volume, uncertainty=True, uncertainty_node=volume)
+    with pytest.raises(ValueError, match="slice axis auto"):
+        logic.despeckle_volume(volume, uncertainty=True, slice_axis="three")
+
+
+def test_lumen_table_gets_each_frames_boundary_uncertainty(scene, default_engine):
+    pytest.importorskip("slicer", reason="slicer-core (MRML Python bindings) is not installed")
+    from Speckle2SelfLib.scene import lumen as scene_lumen
+    from Speckle2SelfLib.scene.logic import Speckle2SelfLogic
+    from Speckle2SelfLib.simulation import make_phantom, simulate_bmode
+
+    phantom = make_phantom("carotid", size=(160, 160), seed=1002)
+    frame = (simulate_bmode(phantom.clean, fc=7.5e6, seed=1002).bmode * 255).round().astype(np.uint8)
+    volume = _volume_node(scene, np.stack([frame, frame]))
+    logic = Speckle2SelfLogic(default_engine)
+    out = logic.despeckle_volume(volume, uncertainty=True)
+    row, col = segmentation.seed_from_mask(phantom.lumen_mask)
+    result = scene_lumen.segment_lumen(out, seed_ijk=(col, row, 0), plot=False)
+    shares = scene_lumen.add_boundary_uncertainty(result, logic.last_uncertainty_node, out)
+    table = result.table_node.GetTable()
+    column = table.GetColumnByName(scene_lumen.BOUNDARY_UNCERTAINTY_COLUMN)
+    assert column is not None and column.GetNumberOfTuples() == len(result.frames) == 2
+    maps = logic.last_uncertainty_node
+    from Speckle2SelfLib.scene.nodes import volume_to_array
+    expected = segmentation.uncertain_boundary_share(result.sequence.masks[0], volume_to_array(maps)[0],
+                                                     volume_to_array(out)[0])
+    assert 0.0 <= shares[0] <= 1.0 and column.GetValue(0) == pytest.approx(expected)
+    again = scene_lumen.add_boundary_uncertainty(result, maps, out)      # a rerun replaces the column
+    assert again == shares and table.GetNumberOfColumns() == len(scene_lumen.TABLE_COLUMNS) + 1
+    with pytest.raises(ValueError, match="scalar volume node"):
+        scene_lumen.add_boundary_uncertainty(result, None, out)
+
+
+def test_background_job_writes_the_same_map(scene, default_engine):
+    pytest.importorskip("slicer", reason="slicer-core (MRML Python bindings) is not installed")
+    from Speckle2SelfLib.scene import nodes
+    from Speckle2SelfLib.scene.logic import Speckle2SelfLogic
+
+    frames = _frames(n=3)
+    volume = _volume_node(scene, frames)
+    logic = Speckle2SelfLogic(default_engine)
+    job = logic.start_process(volume, uncertainty=True)
+    assert job.wait(120)
+    state = job.poll()
+    assert state.finished, state
+    unc = logic.last_uncertainty_node
+    _o, direct = default_engine.denoise(frames, uncertainty=True)
+    np.testing.assert_allclose(nodes.volume_to_array(unc), direct, rtol=1e-5, atol=1e-4)
+    assert unc.GetAttribute("Speckle2Self.UncertaintyOf") == state.result.GetID()
+    plain = logic.start_process(volume)                   # not asked: no map
+    assert plain.wait(120) and plain.poll().finished and logic.last_uncertainty_node is None
+    assert plain.uncertainty_maps is None

@@ -51,6 +51,9 @@ class DespecklePanel(Panel):
         frames = found is not None and self.ui.allFramesCheckBox.checked
         self.ui.sliceAxisComboBox.enabled = volume and not frames
         self.ui.sliceAxisLabel.enabled = self.ui.sliceAxisComboBox.enabled
+        # the uncertainty map: single volumes and frames, in one plane
+        self.ui.uncertaintyCheckBox.enabled = bool(node) and not frames
+        self.ui.uncertaintySelector.enabled = self.ui.uncertaintyCheckBox.enabled
         self.ui.sliceAxisComboBox.toolTip = _("a sequence's frames are its planes") if frames else \
             self.planeToolTip if volume else _("only a 3D volume has planes to choose from")
 
@@ -88,7 +91,7 @@ class DespecklePanel(Panel):
                 device=p.device.lower(), backend=BACKENDS[p.backend], batch_size=p.batchSize or None, gamma=p.gamma,
                 blend=p.blend, keep_colour=p.keepColour,
                 grey_levels="network" if not (p.inputGreyLevels or p.guidedSmoothing) else "auto",
-                refine="guided" if p.guidedSmoothing else "none", **self.sliceOption())
+                refine="guided" if p.guidedSmoothing else "none", **self.sliceOption(), **self.uncertaintyOption())
         except Exception as err:  # shown to the user with the details; the scene is left as it was
             self.showFailure(err)
             return
@@ -102,6 +105,12 @@ class DespecklePanel(Panel):
         """The plane choice, for a single multi-slice volume only (sequences and 2D images ignore it)."""
         return {"slice_axis": SLICE_AXES.get(self.parameterNode.sliceAxis, "auto")} \
             if self.ui.sliceAxisComboBox.enabled else {}
+
+    def uncertaintyOption(self) -> dict:
+        p = self.parameterNode
+        if not (p.uncertainty and self.ui.uncertaintyCheckBox.enabled):
+            return {}
+        return {"uncertainty": True, "uncertainty_node": p.uncertaintyVolume}
 
     @staticmethod
     def describePlane(job) -> str:
@@ -137,6 +146,7 @@ class DespecklePanel(Panel):
     def setRunning(self, running: bool) -> None:
         """While running, Apply becomes Cancel and the inputs are locked."""
         for widget in (self.ui.inputSelector, self.ui.outputSelector, self.ui.allFramesCheckBox, self.ui.sliceAxisComboBox,
+                       self.ui.uncertaintyCheckBox, self.ui.uncertaintySelector,
                        self.ui.modelComboBox, self.ui.deviceComboBox, self.ui.backendComboBox, self.ui.batchSizeSpinBox,
                        self.ui.advancedCollapsibleButton, self.ui.lumenCollapsibleButton, self.ui.liveCheckBox):
             widget.enabled = not running
@@ -155,7 +165,13 @@ class DespecklePanel(Panel):
         output = result.output_node
         p.outputVolume = output
         p.lumenVolume = output
-        slicer.util.setSliceViewerLayers(background=output, fit=True)
+        uncertainty = getattr(self.logic, "last_uncertainty_node", None) if p.uncertainty else None
+        if uncertainty is not None:
+            p.uncertaintyVolume = uncertainty
+            showAsOverlay(uncertainty)
+            slicer.util.setSliceViewerLayers(background=output, foreground=uncertainty, foregroundOpacity=0.4, fit=True)
+        else:
+            slicer.util.setSliceViewerLayers(background=output, fit=True)
         status = _("Despeckled {frames} frame(s) in {seconds:.1f} s -> '{name}' ({engine})").format(
             frames=result.frames, seconds=result.seconds, name=output.GetName(), engine=self.logic.engine_description())
         self.ui.statusLabel.text = f"{status}\n{self.planeNote}" if self.planeNote else status
@@ -165,3 +181,16 @@ class DespecklePanel(Panel):
             self.poller.stop()
             self.poller = None
             self.setRunning(False)
+
+
+def showAsOverlay(uncertainty) -> None:
+    """A warm-over-cold colour map from 0 to the map's 99th percentile (its rare extremes would
+    wash out the rest), for showing over the despeckled image."""
+    import numpy as np
+
+    uncertainty.CreateDefaultDisplayNodes()
+    display = uncertainty.GetDisplayNode()
+    display.SetAndObserveColorNodeID("vtkMRMLColorTableNodeFileColdToHotRainbow.txt")
+    display.AutoWindowLevelOff()
+    values = slicer.util.arrayFromVolume(uncertainty)
+    display.SetWindowLevelMinMax(0.0, float(np.percentile(values, 99)) if values.size else 1.0)

@@ -1,9 +1,13 @@
 """The Segment lumen panel: one seed point -> lumen segmentation, measurement table and diameter chart."""
 
+import logging
+
 import qt
 import slicer
 from slicer.i18n import tr as _
 
+from Speckle2SelfLib.scene.despeckle import UNCERTAINTY_OF_ATTRIBUTE
+from Speckle2SelfLib.scene.lumen import add_boundary_uncertainty
 from Speckle2SelfLib.scene.nodes import find_sequence
 
 from .jobpoller import JobPoller
@@ -86,6 +90,19 @@ class LumenPanel(Panel):
             except Exception as err:  # the nodes are in the scene; showing them failed: say why
                 self.showFailure(_("Showing the lumen segmentation failed:\n{error}"), err)
 
+    def addBoundaryUncertainty(self, result) -> None:
+        """Where the segmented volume has an uncertainty map (Despeckle's 'Uncertainty map'), the
+        table gets each frame's share of the contour whose position is uncertain."""
+        p = self.parameterNode
+        uncertainty = p.uncertaintyVolume
+        if uncertainty is None or p.lumenVolume is None or \
+                uncertainty.GetAttribute(UNCERTAINTY_OF_ATTRIBUTE) != p.lumenVolume.GetID():
+            return
+        try:
+            add_boundary_uncertainty(result, uncertainty, p.lumenVolume)
+        except ValueError as err:      # e.g. a sequence's map: the table stays as it is
+            logging.info(f"Speckle2Self: no boundary uncertainty column ({err})")
+
     def showFailure(self, message: str, err) -> None:
         self.ui.lumenStatusLabel.text = _("Failed: {error}").format(error=err)
         showError(message.format(error=err), err)
@@ -116,6 +133,7 @@ class LumenPanel(Panel):
         p = self.parameterNode
         p.lumenSegmentation = result.segmentation_node
         p.lumenTable = result.table_node
+        self.addBoundaryUncertainty(result)
         if result.plot_chart_node is not None:     # diameter over frames, in the layout's plot view
             slicer.modules.plots.logic().ShowChartInLayout(result.plot_chart_node)
         slicer.util.setSliceViewerLayers(background=p.lumenVolume)

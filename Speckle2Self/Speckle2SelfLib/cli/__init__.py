@@ -1,8 +1,8 @@
 """The ``speckle2self`` command line (console entry point ``Speckle2SelfLib.cli:main``).
 
-:mod:`.main` parses the command and runs train, denoise, info and export; the other
-subcommands live in their own modules, loaded only when asked for: :mod:`.simulate`,
-:mod:`.segment`, :mod:`.demo` and :mod:`.stream`. ``python -m Speckle2SelfLib.cli`` runs it too.
+:mod:`.main` builds the parser and dispatches; each subcommand is a module: :mod:`.train`,
+:mod:`.denoise`, :mod:`.info`, :mod:`.export`, and, loaded only when asked for, :mod:`.simulate`,
+:mod:`.segment`, :mod:`.demo` and :mod:`.stream`; :mod:`.options`: the option types they share. ``python -m Speckle2SelfLib.cli`` runs it too.
 """
 
 from .main import main

@@ -19,7 +19,7 @@ DEMO_DICOM = "US1_UNCR.dcm"   # GE lymph node scan with a power-Doppler overlay
 
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
-    from .main import int_at_least
+    from .options import int_at_least
 
     parser.add_argument("--out", default="demo_output", help="output folder (default: demo_output)")
     parser.add_argument("--model", help="model file or bundled name (default: the bundled default model)")

@@ -202,7 +202,9 @@ def _write_mask(out_path, masks: np.ndarray, data) -> None:
 
 
 def _print_measurements(result: SequenceResult, frames: List[int], data) -> None:
-    area_unit, length_unit = ("mm2", "mm") if _has_pixel_spacing(data) else ("px2", "px")
+    from ..fileio.imageio import has_pixel_spacing
+
+    area_unit, length_unit = ("mm2", "mm") if has_pixel_spacing(data) else ("px2", "px")
     for k in frames:
         m = result.measurements[k]
         flag = f"  FLAGGED: {result.flag_reasons[k]}" if result.flagged[k] else ""
@@ -212,10 +214,3 @@ def _print_measurements(result: SequenceResult, frames: List[int], data) -> None
     flagged = [k for k in frames if result.flagged[k]]
     if flagged:
         print(f"warning: {len(flagged)} frame(s) flagged as implausible: {flagged}", file=sys.stderr)
-
-
-def _has_pixel_spacing(data) -> bool:
-    """Pictures carry no spacing; DICOM only with PixelSpacing; ITK formats always."""
-    if data.source is None:
-        return False
-    return data.kind != "dicom" or "PixelSpacing" in data.source

@@ -72,7 +72,7 @@ def segment_file(task: Dict, setup: Dict) -> Dict:
     from ..engine.archive import _failure, _worker_engine, engine_lock
     from ..fileio.imageio import read_frames
     from ..segmentation import check_seed, segment_sequence
-    from .segment import _has_pixel_spacing
+    from ..fileio.imageio import has_pixel_spacing
 
     import numpy as np
 
@@ -99,7 +99,7 @@ def segment_file(task: Dict, setup: Dict) -> Dict:
         options = {"neighborhood_radius_px": setup["neighborhood"]} if setup["method"] == "flood" else {}
         result = segment_sequence(frames, seed_rc, setup["method"], tolerance, spacing_rc, start_frame=start,
                                   frames_to_segment=wanted, **options)
-        area_unit, length_unit = ("mm2", "mm") if _has_pixel_spacing(data) else ("px2", "px")
+        area_unit, length_unit = ("mm2", "mm") if has_pixel_spacing(data) else ("px2", "px")
         rows = []
         for k in wanted:
             m = result.measurements[k]
@@ -149,8 +149,7 @@ def run_segment_batch(args) -> int:
                                   run_tasks)
     from ..fileio.safeio import check_input_path, check_output_path
     from ..segmentation import DEFAULT_TOLERANCE, DESPECKLED_TOLERANCE
-    from .main import EXIT_FAILED, EXIT_OK
-    from .segment import EXIT_FLAGGED
+    from .exitcodes import EXIT_FAILED, EXIT_FLAGGED, EXIT_OK
 
     # 1. options, inputs and outputs, before any work
     in_dir = check_input_path(args.input)

@@ -13,7 +13,7 @@ from ..simulation import LATERAL_SCALINGS, PHANTOM_KINDS, check_fc, make_phantom
 
 def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``speckle2self simulate``."""
-    from .main import int_at_least, positive_float   # finite and > 0: inf dB would write an all-black image
+    from .options import int_at_least, positive_float   # finite and > 0: inf dB would write an all-black image
 
     parser.add_argument("--phantom", choices=PHANTOM_KINDS, default="carotid", help="clean phantom to image")
     parser.add_argument("--fc", type=_frequency, default=7.5e6,

@@ -1,4 +1,4 @@
-"""``speckle2self stream``: the live OpenIGTLink relay (:class:`~Speckle2SelfLib.stream.StreamRelay`)."""
+"""``speckle2self stream``: the live OpenIGTLink relay (:class:`~Speckle2SelfLib.igtl.relay.StreamRelay`)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ import sys
 import threading
 from dataclasses import asdict
 
-from ..stream import StreamRelay, _quiet, parse_address, warm_up
+from ..engine.latest_frame import warm_up
+from ..igtl.messages import parse_address
+from ..igtl.relay import StreamRelay, _quiet
 
 
 def add_stream_arguments(p: argparse.ArgumentParser) -> None:
@@ -29,7 +31,7 @@ def add_stream_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-forward", action="store_true", help="do not pass other messages (TRANSFORM, ...) through")
     p.add_argument("--refine", default="auto", choices=["auto", "guided", "none"],
                    help="auto (default): what the model recommends (guided for the bundled default); none: the "
-                        "network's output alone, about half the CPU latency")
+                        "network's output alone (the refinement is a small share of a frame's time)")
     p.add_argument("--threads", type=int, help="CPU threads for torch")
     p.add_argument("--json", action="store_true", help="print the final statistics as JSON")
     p.add_argument("--quiet", action="store_true", help="no connection messages on stderr")
@@ -56,7 +58,8 @@ def run_stream(args) -> int:
     name = despeckler.metadata.get("name", "model")
     source = f"receiving from {receive_from[0]}:{receive_from[1]}" if receive_from else \
         f"listening on {relay.listener.host}:{relay.port}"
-    print(f"{source}, sending to {send[0]}:{send[1]} (model {name}, device {despeckler.device})", flush=True)
+    print(f"{source}, sending to {send[0]}:{send[1]} (model {name}, device {despeckler.device}, "
+          f"backend {despeckler.backend})", flush=True)
     previous = None
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, lambda *_: relay.stop())

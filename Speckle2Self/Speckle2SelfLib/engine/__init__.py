@@ -7,6 +7,7 @@
 * :mod:`.inference` -- :class:`~.inference.Despeckler`: batched, progress, cancel;
   :mod:`.tiling` -- bounded-memory inference of large frames; :mod:`.backends` -- OpenVINO /
   ONNX Runtime / bf16 CPU paths; :mod:`.grain` -- the working scale that matches a model's speckle grain;
+  :mod:`.latest_frame` -- live despeckling, the latest frame of each stream winning (no networking);
 * :mod:`.resources` -- memory estimates before training; :mod:`.adapt` -- fine-tuning on a scene's images.
 
 torch is imported lazily wherever a module can load without it (the Slicer module does).

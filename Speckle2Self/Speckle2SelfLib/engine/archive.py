@@ -149,7 +149,10 @@ def dask_client(workers: Optional[int] = None, scheduler: Optional[str] = None,
     # the CPU time of the same call in a plain process (measured). Workers here keep glibc's defaults.
     environ = {k: v for k, v in (dask.config.get("distributed.nanny.pre-spawn-environ", {}) or {}).items()
                if k != "MALLOC_TRIM_THRESHOLD_"}
-    with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
+    # Each worker gets its next file before it finishes the current one (saturation 2; Dask's default
+    # 1.1 makes a worker with one thread wait a scheduler round trip per file).
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": environ,
+                          "distributed.scheduler.worker-saturation": 2.0}):
         cluster = distributed.LocalCluster(n_workers=int(workers or 1), threads_per_worker=int(threads_per_worker),
                                            processes=True, host="127.0.0.1", dashboard_address=None,
                                            worker_dashboard_address=None, silence_logs=logging.ERROR)
@@ -421,7 +424,7 @@ def despeckle_file(task: Dict, setup: Dict) -> Dict:
 
 
 def _despeckle(engine, data, options: Dict):
-    """What ``speckle2self denoise`` does with one file's frames (cli.main._denoise_file)."""
+    """What ``speckle2self denoise`` does with one file's frames (cli.denoise._denoise_file)."""
     try:
         from .volume_axes import despeckle_frames
     except ImportError:                     # a library without volume plane choice: frame by frame

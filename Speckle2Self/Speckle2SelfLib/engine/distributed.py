@@ -62,32 +62,21 @@ class DistContext:
         ids = [int(device.split(":")[1])] if device.startswith("cuda:") else None
         return DistributedDataParallel(net, device_ids=ids)
 
-    def agree(self, values: Sequence[float], stop: bool) -> tuple:
-        """The ranks' mean of ``values`` (the step's losses), rank 0's first entry of the rest,
-        and whether any rank wants to stop: one small all-reduce per step, so every rank takes
-        the same decisions (a time budget is rank 0's clock)."""
+    def agree(self, values: Sequence[float], stop: bool, clock: float = 0.0) -> tuple:
+        """The ranks' mean of ``values`` (the step's losses), whether any rank wants to stop, and
+        rank 0's ``clock`` (the elapsed time a budget is judged by): one small all-reduce per step,
+        so every rank takes the same decisions."""
         if not self.active:
-            return list(values), stop
+            return list(values), stop, clock
         import torch
         import torch.distributed as dist
 
         device = "cuda" if self.backend == "nccl" else "cpu"
-        buf = torch.tensor(list(values) + [1.0 if stop else 0.0], dtype=torch.float64, device=device)
+        buf = torch.tensor(list(values) + [1.0 if stop else 0.0, clock if self.is_main else 0.0],
+                           dtype=torch.float64, device=device)
         dist.all_reduce(buf)
         out = buf.cpu().tolist()
-        return [v / self.world_size for v in out[:-1]], out[-1] > 0
-
-    def broadcast_float(self, value: float) -> float:
-        """Rank 0's value on every rank (the elapsed time that stops a timed run)."""
-        if not self.active:
-            return value
-        import torch
-        import torch.distributed as dist
-
-        device = "cuda" if self.backend == "nccl" else "cpu"
-        buf = torch.tensor([value if self.is_main else 0.0], dtype=torch.float64, device=device)
-        dist.broadcast(buf, 0)
-        return float(buf.item())
+        return [v / self.world_size for v in out[:-2]], out[-2] > 0, out[-1]
 
     def barrier(self) -> None:
         if self.active:

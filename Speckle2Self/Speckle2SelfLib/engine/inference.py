@@ -164,10 +164,15 @@ def _map_in_grey_levels(maps01: np.ndarray, frames: np.ndarray) -> np.ndarray:
     """(N, H, W) uncertainty maps on [0, 1] grey levels as float32 in each frame's own range
     (zero for flat frames, which are returned unchanged)."""
     out = np.empty(maps01.shape, np.float32)
+    largest = float(np.finfo(np.float32).max)
     for k, (m, frame) in enumerate(zip(maps01, frames)):
         lo, hi = frame_range(frame)
-        span = hi - lo if np.isfinite(hi - lo) else np.finfo(np.float32).max
-        out[k] = np.clip(m.astype(np.float64) * span, 0.0, np.finfo(np.float32).max) if hi > lo else 0.0
+        if not hi > lo:
+            out[k] = 0.0
+        elif (hi - lo) * float(m.max()) < largest:
+            np.multiply(m, np.float32(hi - lo), out=out[k], casting="unsafe")
+        else:                           # ranges near float32's limit: in float64, clipped
+            out[k] = np.clip(m.astype(np.float64) * min(hi - lo, 1e308), 0.0, largest)
     return out
 
 
@@ -401,11 +406,17 @@ class Despeckler:
             y = torch.nn.functional.interpolate(y, size=(h, w), mode="bilinear", align_corners=False)
         y = y.clamp(0.0, 1.0)
         if getattr(self, "_uncertainty_batches", None) is not None:      # asked for: denoise(uncertainty=True)
-            from .uncertainty import uncertainty_map
+            from .uncertainty import combine, uncertainty_components
             settings = guided_settings(self.last_working_scale, **model_settings(self.metadata))
-            self._uncertainty_batches.append(
-                uncertainty_map(x.to(self.device), y.to(self.device), settings, self.last_refine == "guided",
-                                self.last_working_scale)[:, 0].cpu().numpy())
+            guided = self.last_refine == "guided"
+            parts = uncertainty_components(x.to(self.device), y.to(self.device), settings, guided,
+                                           self.last_working_scale)
+            self._uncertainty_batches.append(combine(parts)[:, 0].cpu().numpy())
+            if guided and self.refine_method == "grid":
+                # the statistics' weighted mean is guided_filter's output (same splat, blur and slice; to the
+                # bit with one torch thread, Testing/test_uncertainty.py; within float rounding where the
+                # grid splits its strips among threads): no second grid
+                return parts["output"].float().cpu()
         if self.last_refine == "guided":
             settings = guided_settings(self.last_working_scale, **model_settings(self.metadata))
             smooth = guided_smoothing if self.refine_method == "direct" else guided_filter

@@ -594,9 +594,9 @@ def _train(cfg: TrainConfig, pool: FramePool, out_path, resume, progress, on_ste
         state.last_loss = {k: float(v.detach()) for k, v in losses.items()}
         if ctx.active:      # the ranks' mean loss, rank 0's clock, and one decision to stop for all
             keys = sorted(state.last_loss)
-            means, stop_now = ctx.agree([state.last_loss[k] for k in keys], ask_stop is not None and ask_stop())
+            means, stop_now, state.elapsed_s = ctx.agree([state.last_loss[k] for k in keys],
+                                                         ask_stop is not None and ask_stop(), state.elapsed_s)
             state.last_loss = dict(zip(keys, means))
-            state.elapsed_s = ctx.broadcast_float(state.elapsed_s)
             should_stop = _always if stop_now else None
         if not math.isfinite(state.last_loss["total"]):
             raise FloatingPointError(f"loss became {state.last_loss['total']} at step {state.step}; "

@@ -24,8 +24,9 @@ SCALE makes the map's mean the mean absolute error there. For models whose outpu
 network's own (``refine="none"``) the statistics of the refinement the model's settings
 describe are used the same way, with the network's output (fitted to the input's grey levels)
 as the output. Everything runs on the frames' device in torch; nothing is computed unless asked
-(``Despeckler.denoise(..., uncertainty=True)``), and it costs about a fifth of the default output's
-time on top of it.
+(``Despeckler.denoise(..., uncertainty=True)``). The statistics' weighted mean is the refinement
+itself, which is then not run a second time: with the map a call takes 1.1-1.3x the default
+output's time (docs/results.md#uncertainty).
 """
 
 from __future__ import annotations
@@ -78,8 +79,10 @@ def refinement_statistics(image, guide, sigma_px: float, range_sigma: float, cel
     table = _corner_table(torch.cat([blurred(sums, 1.0, 1.0), blurred(sums[2:], narrow, narrow),
                                      blurred(sums[0::2].contiguous(), *wide)]))
     out = torch.empty((6, n, h, w), dtype=torch.float32, device=image.device)
-    for top, bottom in _strips(h, w):
-        out[:, :, top:bottom] = _slice(table, levels[:, 0, top:bottom], top, grid)
+    strips = _strips(h, w)
+    workspace = torch.empty(15 * 6 * n * (strips[0][1] - strips[0][0]) * w, dtype=torch.float32, device=image.device)
+    for top, bottom in strips:
+        out[:, :, top:bottom] = _slice(table, levels[:, 0, top:bottom], top, grid, workspace)
     weight = out[2].clamp_min(1e-30)
     mean = out[0] / weight
     variance = (out[1] / weight - mean * mean).clamp_min(0.0)
@@ -149,13 +152,17 @@ def _corner_table(grid):
     return torch.stack(cube).view(8 * channels, -1)
 
 
-def _slice(corners, levels, top: int, grid: _Grid):
-    """(C, N, rows, W): every channel of the blurred grid read trilinearly at each pixel."""
+def _slice(corners, levels, top: int, grid: _Grid, workspace=None):
+    """(C, N, rows, W): every channel of the blurred grid read trilinearly at each pixel.
+    ``workspace``: room for 15 C floats per pixel of the largest strip, reused by every strip."""
     import torch
 
     channels = corners.shape[0] // 8
     n, height, w = levels.shape
+    pixels = n * height * w
     device = levels.device
+    if workspace is None:
+        workspace = torch.empty(15 * channels * pixels, dtype=torch.float32, device=device)
     rows, cols, depth = grid.rows - 1, grid.cols - 1, grid.depth - 1
     row_pos = _centres(top, top + height, grid.cell_px, device).add_(0.5)
     col_pos = _centres(0, w, grid.cell_px, device).add_(0.5)
@@ -163,13 +170,14 @@ def _slice(corners, levels, top: int, grid: _Grid):
     low = levels.floor()
     spatial = (row_low.long().view(1, -1, 1) * cols + col_low.long().view(1, 1, -1)) * depth
     index = low.long().add_(spatial).add_(_frame_offsets(n, rows * cols * depth, device))
-    cube = torch.index_select(corners, 1, index.view(-1)).view(8 * channels, n, height, w)
-    half = 4 * channels
-    square = torch.lerp(cube[:half], cube[half:], col_pos - col_low)
-    half //= 2
-    edge = torch.lerp(square[:half], square[half:], (row_pos - row_low).view(-1, 1))
-    half //= 2
-    return torch.lerp(edge[:half], edge[half:], levels - low)
+    c = channels
+    cube, square, edge, both = (workspace[start * c * pixels:(start + size) * c * pixels].view(size * c, n, height, w)
+                                for start, size in ((0, 8), (8, 4), (12, 2), (14, 1)))
+    torch.index_select(corners, 1, index.view(-1), out=cube.view(8 * c, -1))
+    torch.lerp(cube[:4 * c], cube[4 * c:], col_pos - col_low, out=square)
+    torch.lerp(square[:2 * c], square[2 * c:], (row_pos - row_low).view(-1, 1), out=edge)
+    torch.lerp(edge[:c], edge[c:], levels - low, out=both)
+    return both
 
 
 def uncertainty_map(image, guide, settings, refined: bool = True, working_scale: float = 1.0, gains=None):
@@ -225,3 +233,37 @@ def gradient_magnitude(frames, sigma_px: float):
     d_row = separable(padded, derivative, smooth)
     d_col = separable(padded, smooth, derivative)
     return torch.sqrt(d_row * d_row + d_col * d_col)
+
+
+class MapRecorder:
+    """Stands for a Despeckler where frames are despeckled by code that knows nothing of the map
+    (``volume_axes.despeckle_frames`` / ``despeckle_volume``): despeckles with ``uncertainty=True``
+    and keeps the maps; :meth:`replay` then stands for it in a second call of the same code with
+    the same arguments and hands back the maps in the same order, so that they are laid out
+    (e.g. transposed back from another slice axis) exactly as the outputs were."""
+
+    def __init__(self, despeckler):
+        self.despeckler = despeckler
+        self.maps = []
+
+    def __getattr__(self, name):
+        return getattr(self.despeckler, name)
+
+    def denoise(self, frames, **options):
+        out, unc = self.despeckler.denoise(frames, uncertainty=True, **options)
+        self.maps.append(unc)
+        return out
+
+    def replay(self) -> "_Replay":
+        return _Replay(self.maps)
+
+
+class _Replay:
+    def __init__(self, maps):
+        self.maps = list(maps)
+
+    def denoise(self, frames, **_options):
+        unc = self.maps.pop(0)
+        if unc.shape != frames.shape:
+            raise RuntimeError(f"replayed map of shape {unc.shape} for frames of shape {frames.shape}")
+        return unc

@@ -502,3 +502,11 @@ def _derived_identity(ds, source, derivation: Optional[dict], generate_uid) -> N
     else:
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
         ds.SeriesInstanceUID = generate_uid()
+
+
+def has_pixel_spacing(data) -> bool:
+    """Whether read frames carry a physical pixel spacing: pictures never, DICOM only with
+    PixelSpacing, ITK formats always (measurements are then in mm, else in pixels)."""
+    if data.source is None:
+        return False
+    return data.kind != "dicom" or "PixelSpacing" in data.source

@@ -164,6 +164,50 @@ def store_volume(source: VolumeSource, output_node, result: np.ndarray):
     return output_node
 
 
+#: Name suffix of the uncertainty map's volume node, and its attribute naming the output it describes.
+UNCERTAINTY_SUFFIX = " uncertainty"
+UNCERTAINTY_OF_ATTRIBUTE = "Speckle2Self.UncertaintyOf"
+
+
+def check_uncertainty_node(uncertainty_node, input_node, output_node, slice_axis: str) -> None:
+    """ValueError unless the uncertainty map can be written: a scalar volume node (or None: a new
+    one) that is neither the input nor the output, and one slice plane (not "three")."""
+    if slice_axis == "three":
+        raise ValueError("the uncertainty map describes one plane's despeckling; choose slice axis auto, i, j or k")
+    if uncertainty_node is None:
+        return
+    if uncertainty_node is input_node or (output_node is not None and uncertainty_node is output_node):
+        raise ValueError("the uncertainty map needs its own volume node (not the input or the output); "
+                         "choose another node or create a new one")
+    if uncertainty_node.GetClassName() != "vtkMRMLScalarVolumeNode":
+        raise ValueError(f"the uncertainty map is a scalar volume; {uncertainty_node.GetName()!r} is a "
+                         f"{uncertainty_node.GetClassName()}: choose a scalar volume or create a new one")
+
+
+def uncertainty_voxels(recorder, pixels: Pixels, slice_choice=None) -> np.ndarray:
+    """The maps a :class:`~Speckle2SelfLib.engine.uncertainty.MapRecorder` kept while
+    :func:`despeckle_pixels` ran, as float32 (K, J, I) voxels laid out like its result."""
+    from ..engine.volume_axes import despeckle_volume, is_k_frames
+
+    if not is_k_frames(slice_choice):
+        maps, _ = despeckle_volume(recorder.replay(), pixels.grey, choice=slice_choice)
+        return maps.astype(np.float32, copy=False)
+    return np.concatenate(recorder.maps).reshape(pixels.grey.shape).astype(np.float32, copy=False)
+
+
+def store_uncertainty(source: VolumeSource, uncertainty_node, maps: np.ndarray, output_node):
+    """Write the uncertainty map into ``uncertainty_node`` (new when None) with the input's geometry;
+    the node's attribute :data:`UNCERTAINTY_OF_ATTRIBUTE` names the output node it describes."""
+    check_still_in_scene(source.scene, input=source.node, output=uncertainty_node)
+    with CreatedNodes(source.scene) as created:
+        if uncertainty_node is None:
+            uncertainty_node = created.add("vtkMRMLScalarVolumeNode", base_name(source.node) + UNCERTAINTY_SUFFIX)
+        write_voxels(uncertainty_node, maps)
+        copy_geometry(source.node, uncertainty_node)
+        uncertainty_node.SetAttribute(UNCERTAINTY_OF_ATTRIBUTE, output_node.GetID())
+    return uncertainty_node
+
+
 def store_sequence(src: SequenceSource, output_node, per_item: List[np.ndarray], sequences_logic=None,
                    progress: ProgressFn = None, cancel: CancelFn = None):
     """Output sequence + proxy volume, played by the input's browser (or a new one): returns
@@ -311,8 +355,10 @@ class DespeckleJob(BackgroundJob):
 
     def __init__(self, logic, pixels: Pixels, store: Callable[[np.ndarray], Any], *,
                  colour_out: bool, colour_threshold: float, model, device, batch_size, gamma, blend,
-                 grey_levels: str = "auto", refine: str = "auto", slice_choice=None):
+                 grey_levels: str = "auto", refine: str = "auto", slice_choice=None, uncertainty: bool = False):
         super().__init__(int(pixels.grey.shape[0]))
+        self._uncertainty = uncertainty             # also keep the uncertainty map (volumes)
+        self.uncertainty_maps: Optional[np.ndarray] = None
         self.slice_choice = slice_choice            # the plane of a 3D volume (engine.volume_axes); None: K
         self._logic, self._pixels, self._store = logic, pixels, store
         self._colour_out, self._colour_threshold = colour_out, colour_threshold
@@ -324,6 +370,15 @@ class DespeckleJob(BackgroundJob):
     def compute(self) -> np.ndarray:
         """Worker thread: numpy and torch only."""
         despeckler = self._logic.despeckler(self._model, self._device)
+        if self._uncertainty:
+            from ..engine.uncertainty import MapRecorder
+            despeckler = MapRecorder(despeckler)
+        output = self._despeckle(despeckler)
+        if self._uncertainty:
+            self.uncertainty_maps = uncertainty_voxels(despeckler, self._pixels, self.slice_choice)
+        return output
+
+    def _despeckle(self, despeckler) -> np.ndarray:
         grey = self._pixels.grey
         from ..engine.volume_axes import despeckle_volume, is_k_frames
         if not is_k_frames(self.slice_choice):     # another plane: frames over all passes scaled onto K's
@@ -362,12 +417,21 @@ def prepare_job(logic, source, output_node=None, *, all_frames: bool = True, mod
                 device: Optional[str] = None, batch_size: Optional[int] = None, gamma: Optional[float] = None,
                 blend: float = 0.0, keep_colour: bool = False,
                 colour_threshold: float = COLOUR_THRESHOLD, grey_levels: str = "auto",
-                refine: str = "auto", slice_axis: str = "auto") -> DespeckleJob:
+                refine: str = "auto", slice_axis: str = "auto", uncertainty: bool = False,
+                uncertainty_node=None) -> DespeckleJob:
     """Read ``source`` now (main thread) for a :class:`DespeckleJob` of ``logic``; ``slice_axis``: the
-    plane of a 3D volume (Speckle2SelfLib.engine.volume_axes; a sequence's frames are its items)."""
+    plane of a 3D volume (Speckle2SelfLib.engine.volume_axes; a sequence's frames are its items).
+    ``uncertainty`` (volumes): also the uncertainty map, into ``uncertainty_node`` (new when None),
+    kept as ``logic.last_uncertainty_node``."""
     from ..engine.volume_axes import check_slice_axis, choose_volume_axis, record_on_node
 
     check_slice_axis(slice_axis)
+    logic.last_uncertainty_node = None
+    if uncertainty and means_sequence(source, all_frames):
+        raise ValueError("the uncertainty map is made for volumes only, not yet for a whole sequence; "
+                         "despeckle the sequence without it, or one frame (all frames off) with it")
+    if uncertainty:
+        check_uncertainty_node(uncertainty_node, source, output_node, slice_axis)
     options = dict(model=model, device=device, batch_size=batch_size, gamma=gamma, blend=blend,
                    colour_threshold=colour_threshold, grey_levels=check_grey_levels(grey_levels),
                    refine=check_refine(refine))
@@ -383,6 +447,13 @@ def prepare_job(logic, source, output_node=None, *, all_frames: bool = True, mod
         return job
     volume = VolumeSource.read(source, output_node, keep_colour)
     choice = choose_volume_axis(volume.pixels.grey, slice_axis)
-    return DespeckleJob(logic, volume.pixels,
-                        lambda result: record_on_node(store_volume(volume, output_node, result), choice),
-                        colour_out=volume.colour_out, slice_choice=choice, **options)
+
+    def store_both(result: np.ndarray):
+        out = record_on_node(store_volume(volume, output_node, result), choice)
+        if uncertainty:
+            logic.last_uncertainty_node = store_uncertainty(volume, uncertainty_node, job.uncertainty_maps, out)
+        return out
+
+    job = DespeckleJob(logic, volume.pixels, store_both, colour_out=volume.colour_out, slice_choice=choice,
+                       uncertainty=uncertainty, **options)
+    return job

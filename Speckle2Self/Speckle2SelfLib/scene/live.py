@@ -1,7 +1,7 @@
 """Live despeckling of a volume node (e.g. ``Image_Reference`` of OpenIGTLinkIF), the latest frame winning.
 
 The input is snapshot on the main thread, despeckled in the worker thread of a
-:class:`~Speckle2SelfLib.stream.StreamDespeckler` and the newest result written into an output
+:class:`~Speckle2SelfLib.engine.latest_frame.StreamDespeckler` and the newest result written into an output
 volume node, again on the main thread: the module's "Live" check box calls
 :meth:`~LiveVolumeDespeckler.capture` and :meth:`~LiveVolumeDespeckler.apply` from a QTimer.
 MRML is never touched off the main thread; no Qt here.
@@ -13,8 +13,8 @@ from typing import Optional
 
 import numpy as np
 
+from ..engine.latest_frame import DRAIN_SECONDS, StreamDespeckler, StreamStats
 from ..fileio.imageio import luminance_like
-from ..stream import DRAIN_SECONDS, StreamDespeckler, StreamStats
 from ..vtkimage import image_from_array
 from .despeckle import output_name
 from .nodes import add_node, copy_display, volume_to_array, write_voxels

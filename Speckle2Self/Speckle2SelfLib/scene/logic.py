@@ -34,7 +34,8 @@ from ..engine.refine import check_refine
 from ..engine.volume_axes import SLICE_AXIS_LABELS  # noqa: F401 (the module's plane choice)
 from ..segmentation import DEFAULT_METHOD
 from .despeckle import (CancelFn, DespeckleJob, ProgressFn, SequenceOutput, SequenceSource, VolumeSource,
-                        despeckle_pixels, prepare_job, scaled_progress, store_sequence, store_volume)
+                        check_uncertainty_node, despeckle_pixels, prepare_job, scaled_progress, store_sequence,
+                        store_uncertainty, store_volume, uncertainty_voxels)
 from .nodes import COLOUR_THRESHOLD, display_name, find_sequence, means_sequence
 
 #: The module's name: its parameter node's singleton tag and ``ModuleName`` attribute.
@@ -83,6 +84,7 @@ class Speckle2SelfLogic:
         self._despeckler: Optional[Tuple[Tuple[str, str, str], Any]] = None     # (key, Despeckler)
         self._despeckler_lock = threading.Lock()
         self.last_seconds = 0.0      # duration of the last successful call (despeckling + writing)
+        self.last_uncertainty_node = None   # the uncertainty map of the last despeckle_volume(uncertainty=True)
 
     # ------------------------------------------------------------------ parameter node
     @staticmethod
@@ -221,26 +223,40 @@ class Speckle2SelfLogic:
                          batch_size: Optional[int] = None, gamma: Optional[float] = None, blend: float = 0.0,
                          keep_colour: bool = False, colour_threshold: float = COLOUR_THRESHOLD,
                          progress: ProgressFn = None, cancel: CancelFn = None, grey_levels: str = "auto",
-                         refine: str = "auto", slice_axis: str = "auto"):
+                         refine: str = "auto", slice_axis: str = "auto", uncertainty: bool = False,
+                         uncertainty_node=None):
         """Despeckle every slice (frame) of a volume into ``output_node`` (new when None).
 
         Returns the output volume node: grey scalar, or RGB vector with ``keep_colour`` for an
         RGB input. Raises Cancelled (scene unchanged) when ``cancel()`` turns true.
         ``slice_axis``: the plane of a 3D volume the network runs in: auto (the acquisition plane),
         i, j, k or three (Speckle2SelfLib.engine.volume_axes); recorded on the output node.
+        ``uncertainty``: also write the map of where not to trust the output (float32, the expected
+        absolute error in grey levels, Speckle2SelfLib.engine.uncertainty) into ``uncertainty_node``
+        (new when None), kept as :attr:`last_uncertainty_node`; not with slice axis "three".
         """
         from ..engine.volume_axes import check_slice_axis, choose_volume_axis, record_on_node
 
         check_grey_levels(grey_levels)
         refine = check_refine(refine)
         check_slice_axis(slice_axis)
+        self.last_uncertainty_node = None
+        if uncertainty:
+            check_uncertainty_node(uncertainty_node, input_node, output_node, slice_axis)
         source = VolumeSource.read(input_node, output_node, keep_colour)
         choice = choose_volume_axis(source.pixels.grey, slice_axis)
         despeckler = self.despeckler(model, device)
+        if uncertainty:
+            from ..engine.uncertainty import MapRecorder
+            despeckler = MapRecorder(despeckler)
         started = time.monotonic()
         result = despeckle_pixels(despeckler, source.pixels, source.colour_out, colour_threshold, batch_size, gamma,
                                   blend, progress, cancel, grey_levels, refine, choice)
+        if uncertainty:
+            maps = uncertainty_voxels(despeckler, source.pixels, choice)
         output_node = record_on_node(store_volume(source, output_node, result), choice)
+        if uncertainty:
+            self.last_uncertainty_node = store_uncertainty(source, uncertainty_node, maps, output_node)
         self.last_seconds = time.monotonic() - started
         return output_node
 
@@ -279,7 +295,8 @@ class Speckle2SelfLogic:
         sequence, or a sequence / browser node) now, on the main thread, for a
         :class:`~Speckle2SelfLib.scene.despeckle.DespeckleJob` that despeckles it in a worker
         thread. ``options``: all_frames, model, device, batch_size (the most frames per batch),
-        gamma, blend, keep_colour, colour_threshold, grey_levels, refine."""
+        gamma, blend, keep_colour, colour_threshold, grey_levels, refine, slice_axis, uncertainty,
+        uncertainty_node."""
         return prepare_job(self, source, output_node, **options)
 
     def process(self, input_node, output_node=None, *, all_frames: bool = True, model=None, device: str = "auto",
@@ -307,11 +324,13 @@ class Speckle2SelfLogic:
     def start_process(self, input_node, output_node=None, *, all_frames: bool = True, model=None,
                       device: str = "auto", backend: str = "auto", batch_size=None, gamma: Optional[float] = None,
                       blend: float = 0.0, keep_colour: bool = False, grey_levels: str = "auto",
-                      refine: str = "auto", slice_axis: str = "auto") -> DespeckleJob:
+                      refine: str = "auto", slice_axis: str = "auto", uncertainty: bool = False,
+                      uncertainty_node=None) -> DespeckleJob:
         """Like :meth:`process`, in the background: reads the frames now and returns the started
         :class:`~Speckle2SelfLib.scene.despeckle.DespeckleJob`; poll() it from the main thread
         (e.g. a QTimer) to get progress and, at the end, the result written into the scene
-        (:meth:`DespeckleRun.from_result` of it); cancel() stops it."""
+        (:meth:`DespeckleRun.from_result` of it); cancel() stops it. ``uncertainty`` (volumes): also
+        the uncertainty map into ``uncertainty_node`` (new when None), then :attr:`last_uncertainty_node`."""
         if input_node is None:
             raise ValueError("Select an input volume.")
         self.backend = backend
@@ -319,7 +338,8 @@ class Speckle2SelfLogic:
                                      means_sequence(input_node, all_frames))
         job = self.prepare_job(input_node, output_node, all_frames=all_frames, model=model, device=device,
                                batch_size=batch_size, gamma=_gamma(gamma), blend=blend, keep_colour=keep_colour,
-                               grey_levels=grey_levels, refine=refine, slice_axis=slice_axis)
+                               grey_levels=grey_levels, refine=refine, slice_axis=slice_axis,
+                               uncertainty=uncertainty, uncertainty_node=uncertainty_node)
         job.start()
         return job
 

@@ -493,3 +493,45 @@ def _plot_series_of(scene, table_node):
     found = nodes_of_class(scene, "vtkMRMLPlotSeriesNode", lambda n: n.GetAttribute(PLOT_ATTRIBUTE) == "diameter"
                            and n.GetTableNodeID() == table_node.GetID())
     return found[0] if found else None
+
+
+#: Table column :func:`add_boundary_uncertainty` adds: the share of each frame's contour whose
+#: position the despeckler's uncertainty map leaves uncertain by more than a pixel.
+BOUNDARY_UNCERTAINTY_COLUMN = "boundary_uncertain_share"
+
+
+def add_boundary_uncertainty(lumen: LumenResult, uncertainty_node, segmented_node) -> List[float]:
+    """Add each segmented frame's boundary uncertainty to ``lumen``'s table (column
+    :data:`BOUNDARY_UNCERTAINTY_COLUMN`, replaced on a rerun) and return it in table order:
+    :func:`~Speckle2SelfLib.segmentation.uncertain_boundary_share` of the frame's mask, from
+    ``uncertainty_node`` (the map ``Speckle2SelfLogic.despeckle_volume(..., uncertainty=True)``
+    wrote, ``last_uncertainty_node``) and ``segmented_node`` (the volume that was segmented: the
+    despeckled one). Both are volume nodes of the lumen's voxel grid (a sequence's map: not yet)."""
+    import vtk
+
+    from ..segmentation import uncertain_boundary_share
+    from .nodes import volume_to_array
+
+    for role, node in (("uncertainty", uncertainty_node), ("segmented", segmented_node)):
+        if node is None or not node.IsA("vtkMRMLScalarVolumeNode"):
+            raise ValueError(f"the {role} node must be a scalar volume node (a sequence's map is not supported); "
+                             "despeckle the volume with uncertainty=True and pass its nodes")
+    maps, frames = volume_to_array(uncertainty_node), volume_to_array(segmented_node)
+    masks = lumen.sequence.masks
+    if maps.shape != masks.shape or frames.shape != masks.shape:
+        raise ValueError(f"the uncertainty map {maps.shape} and the segmented volume {frames.shape} must have the "
+                         f"lumen's voxel grid {masks.shape}; pass the map of the volume that was segmented")
+    shares = [uncertain_boundary_share(masks[k], maps[k], frames[k]) for k in lumen.frames]
+    table = lumen.table_node.GetTable()
+    if table.GetColumnByName(BOUNDARY_UNCERTAINTY_COLUMN) is not None:
+        table.RemoveColumnByName(BOUNDARY_UNCERTAINTY_COLUMN)
+    column = vtk.vtkDoubleArray()
+    column.SetName(BOUNDARY_UNCERTAINTY_COLUMN)
+    for share in shares:
+        column.InsertNextValue(share)
+    table.AddColumn(column)
+    lumen.table_node.SetColumnDescription(
+        BOUNDARY_UNCERTAINTY_COLUMN, "share (0-1) of the contour where the despeckled image's uncertainty exceeds "
+                                     "the wall's contrast per pixel: higher, less trustworthy boundary")
+    lumen.table_node.Modified()
+    return shares

@@ -16,7 +16,7 @@ seg.segment(image, (row, col))``). The ``speckle2self segment`` command is
 from .editor_effects import (DEFAULT_TOLERANCE, DESPECKLED_TOLERANCE, NEIGHBORHOOD_FRACTION, automatic_background_seeds,
                              flood_fill, grow_from_seeds)
 from .lumen import (DEFAULT_METHOD, MAX_AREA_CHANGE, METHODS, LumenFrame, SequenceResult, boundary_uncertainty,
-                    contrast_reason, segment, segment_frame, segment_sequence)
+                    contrast_reason, segment, segment_frame, segment_sequence, uncertain_boundary_share)
 from .masks import (LEAK_AREA_FRACTION, Measurement, RowCol, SegmentationWarning, check_seed, leak_reason, measure,
                     seed_from_mask, seed_looks_like_wall)
 from .radial import RadialContour, SeedNotInLumenError, radial_boundary, radial_reason, radial_segment
@@ -27,4 +27,5 @@ __all__ = ["DEFAULT_METHOD", "DEFAULT_TOLERANCE", "DESPECKLED_TOLERANCE", "LEAK_
            "boundary_uncertainty", "check_seed",
            "contrast_reason",
            "flood_fill", "grow_from_seeds", "leak_reason", "measure", "radial_boundary", "radial_reason",
-           "radial_segment", "seed_from_mask", "seed_looks_like_wall", "segment", "segment_frame", "segment_sequence"]
+           "radial_segment", "seed_from_mask", "seed_looks_like_wall", "segment", "segment_frame", "segment_sequence",
+           "uncertain_boundary_share"]

@@ -146,12 +146,10 @@ def contrast_reason(image2d: np.ndarray, mask: np.ndarray, ring_px: int = 2 * RA
 
 
 def boundary_uncertainty(mask: np.ndarray, uncertainty_map: np.ndarray) -> float:
-    """The boundary confidence of a lumen: the mean of an uncertainty map (the despeckler's,
+    """A lumen's boundary uncertainty: the mean of an uncertainty map (the despeckler's,
     ``Despeckler.denoise(..., uncertainty=True)``, in grey levels) along the mask's contour (the
     pixels within 1 px of it, inside or outside); higher means a less reliable boundary. NaN for an
     empty mask. A ValueError when the two shapes differ."""
-    from scipy import ndimage
-
     mask = np.asarray(mask, bool)
     uncertainty_map = np.asarray(uncertainty_map)
     if mask.shape != uncertainty_map.shape:
@@ -159,8 +157,39 @@ def boundary_uncertainty(mask: np.ndarray, uncertainty_map: np.ndarray) -> float
                          "pass the map of the frame that was segmented")
     if not mask.any():
         return float("nan")
-    band = ndimage.binary_dilation(mask) & ~ndimage.binary_erosion(mask, border_value=1)
-    return float(np.mean(uncertainty_map[band], dtype=np.float64))
+    return float(np.mean(uncertainty_map[_contour_band(mask)], dtype=np.float64))
+
+
+#: Gaussian sigma (px) of the gradient :func:`uncertain_boundary_share` compares the map with.
+BOUNDARY_GRADIENT_SIGMA_PX = 1.0
+
+
+def uncertain_boundary_share(mask: np.ndarray, uncertainty_map: np.ndarray, image2d: np.ndarray) -> float:
+    """The share (0..1) of a lumen's contour whose position the uncertainty map leaves uncertain by
+    more than a pixel: where the map (grey levels) exceeds the segmented image's grey-level change
+    per pixel across the boundary (Gaussian gradient, :data:`BOUNDARY_GRADIENT_SIGMA_PX`). Along a
+    faint or smoothed wall it is high; chosen over the map's mean along the contour on the carotid
+    tuning subjects (``benchmarks/uncertainty.py --carotid --split tuning``). NaN for an empty mask."""
+    from scipy import ndimage
+
+    mask = np.asarray(mask, bool)
+    image2d = np.asarray(image2d)
+    if image2d.shape != mask.shape:
+        raise ValueError(f"the image's shape {image2d.shape} differs from the mask's {mask.shape}; "
+                         "pass the frame that was segmented")
+    mean = boundary_uncertainty(mask, uncertainty_map)        # checks the map's shape
+    if np.isnan(mean):
+        return mean
+    band = _contour_band(mask)
+    gradient = ndimage.gaussian_gradient_magnitude(image2d.astype(np.float64), BOUNDARY_GRADIENT_SIGMA_PX)
+    return float(np.mean(np.asarray(uncertainty_map)[band] > gradient[band]))
+
+
+def _contour_band(mask: np.ndarray) -> np.ndarray:
+    """The pixels within 1 px of a mask's contour, inside or outside."""
+    from scipy import ndimage
+
+    return ndimage.binary_dilation(mask) & ~ndimage.binary_erosion(mask, border_value=1)
 
 
 @dataclass
