@@ -144,19 +144,3 @@ def test_cuda_gives_the_cpu_result():
     assert gpu.device.type == "cuda"
     torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-4, rtol=0)
 
-
-def test_strips_shared_among_threads_give_the_one_thread_result_and_restore_the_thread_count(monkeypatch):
-    monkeypatch.setattr(bilateral_grid, "STRIP_PIXELS", 150 * 9)           # 17 strips to share
-    image, guide = _speckled_scene(size=150, seed=12)
-    image, guide = torch.cat([image, image.flip(-1)]), torch.cat([guide, guide.flip(-1)])
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = bilateral_grid.grid_filter(image, guide, 6.0, 0.05, 4.8, 0.04)
-        torch.set_num_threads(2)
-        assert bilateral_grid._workers(image, 10) == 2
-        two = bilateral_grid.grid_filter(image, guide, 6.0, 0.05, 4.8, 0.04)
-        assert torch.get_num_threads() == 2                 # torch's own setting is given back
-    finally:
-        torch.set_num_threads(before)
-    torch.testing.assert_close(two, one, atol=1e-6, rtol=0)

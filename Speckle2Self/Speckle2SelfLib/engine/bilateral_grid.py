@@ -16,18 +16,11 @@ Frames run in strips of rows: per-pixel temporaries stay small and are reused fr
 allocator's cache (whole-frame temporaries cost more in page faults than in arithmetic), and
 huge frames need no more than the grid and the output. The result does not depend on the
 strip height. Everything runs in torch on the tensors' device (CPU or CUDA).
-
-On the CPU the strips are shared among torch's threads, each strip's work on one core (the
-splat's scatter-adds and the slice's small steps gain little from torch's own parallelism, so
-whole strips in parallel use the cores better): each thread splats into a grid of its own (summed
-before the blur) and slices into its own rows of the output.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 #: Pixels per strip of the splat and the slice (whole rows, at least one): small enough that
@@ -63,62 +56,19 @@ def grid_filter(image, guide, sigma_px: float, range_sigma: float, cell_px: floa
     n, _, h, w = image.shape
     levels = _level_coordinates(guide.float(), level_cell)
     grid = _Grid(n, int(levels.max().floor()) + 2, _cell_count(h, cell_px), _cell_count(w, cell_px), cell_px)
+    values = torch.zeros(n * grid.depth * grid.plane, dtype=torch.float32, device=image.device)
+    weights = torch.zeros_like(values)
     strips = _strips(h, w)
-    workers = _workers(image, len(strips))
-    shares = [strips[k::workers] for k in range(workers)]       # interleaved: even shares of the work
-
-    def splat(share):
-        values = torch.zeros(n * grid.depth * grid.plane, dtype=torch.float32, device=image.device)
-        weights = torch.zeros_like(values)
-        for top, bottom in share:
-            _splat(values, weights, image[:, 0, top:bottom], levels[:, 0, top:bottom], top, grid)
-        return torch.stack([values, weights])
-
+    for top, bottom in strips:
+        _splat(values, weights, image[:, 0, top:bottom], levels[:, 0, top:bottom], top, grid)
+    blurred = _blur(torch.stack([values, weights]).view(2, n, grid.depth, grid.rows, grid.cols),
+                    _blur_sigma(sigma_px, cell_px, spatial=True), _blur_sigma(range_sigma, level_cell, spatial=False))
+    corners = _corner_table(blurred)
     out = torch.empty_like(image)
-    room = 30 * n * (strips[0][1] - strips[0][0]) * w         # _slice's workspace: the largest strip
-
-    def slice_into(share):
-        workspace = torch.empty(room, dtype=torch.float32, device=image.device)
-        for top, bottom in share:
-            out[:, 0, top:bottom] = _slice(corners, levels[:, 0, top:bottom], top, grid, workspace)
-
-    with _one_thread_per_share(workers) as run:
-        grids = run(splat, shares)
-    sums = grids[0] if workers == 1 else torch.stack(grids).sum(dim=0)
-    blurred = _blur(sums.view(2, n, grid.depth, grid.rows, grid.cols), _blur_sigma(sigma_px, cell_px, spatial=True),
-                    _blur_sigma(range_sigma, level_cell, spatial=False))
-    corners = _corner_table(blurred)           # the blur and the table: torch's own threads, whole grid
-    with _one_thread_per_share(workers) as run:
-        run(slice_into, shares)
+    workspace = torch.empty(30 * n * (strips[0][1] - strips[0][0]) * w, dtype=torch.float32, device=image.device)
+    for top, bottom in strips:
+        out[:, 0, top:bottom] = _slice(corners, levels[:, 0, top:bottom], top, grid, workspace)
     return out
-
-
-def _workers(image, strips: int) -> int:
-    """Threads that take strips: torch's CPU threads (one per core by default), one on a GPU."""
-    import torch
-
-    if image.device.type != "cpu":
-        return 1
-    return max(1, min(torch.get_num_threads(), strips))
-
-
-@contextlib.contextmanager
-def _one_thread_per_share(workers: int):
-    """A function running ``fn`` over the shares, in parallel threads where ``workers`` > 1, with
-    torch's own intra-op threads set to one meanwhile (each strip's work stays on its core; the
-    setting is restored after)."""
-    if workers == 1:
-        yield lambda fn, shares: [fn(share) for share in shares]
-        return
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="speckle2self-grid") as pool:
-            yield lambda fn, shares: list(pool.map(fn, shares))
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _level_coordinates(guide, level_cell: float):
@@ -164,11 +114,11 @@ def _splat(values, weights, image, levels, top: int, grid: _Grid) -> None:
     index = index.add_(_frame_offsets(n, grid.depth * grid.plane, device)).view(-1)
     value = image.reshape(-1)
     upper_value = upper * value
-    values.index_add_(0, index, value - upper_value)
-    weights.index_add_(0, index, 1.0 - upper)
+    values.scatter_add_(0, index, value - upper_value)
+    weights.scatter_add_(0, index, 1.0 - upper)
     index += grid.plane                         # the level cell above
-    values.index_add_(0, index, upper_value)
-    weights.index_add_(0, index, upper)
+    values.scatter_add_(0, index, upper_value)
+    weights.scatter_add_(0, index, upper)
 
 
 def _blur_sigma(sigma: float, cell: float, spatial: bool) -> float:
