@@ -5,7 +5,7 @@
 #    real copies, about 29 MiB). Without a folder the images are benchlib.carotid_data.cases("tuning")
 #    (the benchmark's subject split, from ../shared or $SPECKLE2SELF_SHARED), else /work/train_data/tuning:
 #        bash scripts/gpu_session.sh --prepare [SOURCE_DIR]
-# 2. On the GPU machine, with .gpu_data/ copied there and OUT set to the results folder:
+# 2. On the GPU machine, with .gpu_data/ copied there (OUT: the results folder, default gpu_results/):
 #        OUT=results/ bash scripts/gpu_session.sh
 #    It prints nvidia-smi and the python/torch versions, then runs scripts/gpu_train.py (default:
 #    7 minutes of training per run, 9.5 minutes for everything) and tees the log to
@@ -29,10 +29,7 @@ if [ "${1:-}" = "--prepare" ]; then
   exec "$PY" scripts/gpu_train.py --prepare --data "$DATA"
 fi
 
-if [ -z "${OUT:-}" ]; then
-  echo "error: set OUT to the folder for the results (the device tool sets it)" >&2
-  exit 2
-fi
+OUT=${OUT:-gpu_results}
 n_png=$(find "$DATA" -maxdepth 1 -type f -iname '*.png' 2>/dev/null | wc -l)
 if [ "$n_png" -eq 0 ]; then
   echo "error: no training images in $DATA: run \`bash scripts/gpu_session.sh --prepare\` on the CPU machine" \

@@ -69,6 +69,7 @@ def _bundled_default() -> Path:
 BUNDLED_DEFAULT = _bundled_default()
 DEFAULT_SOURCE = Path("/work/train_data/tuning")
 IMAGE_SUFFIXES = (".png",)
+#: The results folder is kept small and few-filed, so it copies quickly off a GPU machine.
 MAX_OUT_FILES = 8
 #: Largest output file written in one piece (16 MiB, less a margin). The paper-size
 #: model (4.2 M fp32 weights) is 16.2 MiB as written: it travels deflate-compressed (the library
@@ -626,7 +627,7 @@ def main(argv=None) -> int:
     files = sorted(p.name for p in out.iterdir())
     log(f"wrote {len(files)} file(s) to {out}: {', '.join(files)}")
     if len(files) > MAX_OUT_FILES:
-        log(f"warning: more than {MAX_OUT_FILES} files in {out}; only {MAX_OUT_FILES} come back from a lent machine")
+        log(f"warning: more than {MAX_OUT_FILES} files in {out}; copying it off the GPU machine may take long")
     failed = [k for k, r in summary["runs"].items() if not r.get("ok")]
     if failed:
         log(f"runs failed: {', '.join(failed)}")

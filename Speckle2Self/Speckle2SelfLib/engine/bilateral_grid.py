@@ -67,7 +67,7 @@ def grid_filter(image, guide, sigma_px: float, range_sigma: float, cell_px: floa
     out = torch.empty_like(image)
     workspace = torch.empty(30 * n * (strips[0][1] - strips[0][0]) * w, dtype=torch.float32, device=image.device)
     for top, bottom in strips:
-        out[:, 0, top:bottom] = _slice(corners, levels[:, 0, top:bottom], top, grid, workspace)
+        _slice(corners, levels[:, 0, top:bottom], top, grid, workspace, out[:, 0, top:bottom])
     return out
 
 
@@ -104,14 +104,16 @@ def _splat(values, weights, image, levels, top: int, grid: _Grid) -> None:
     """Add the pixels of one strip ((N, rows, W) values and levels) to the flat grids: each to
     the spatial cell its centre falls in (cell k >= 1 spans [k - 1, k) in cell units), shared
     linearly between the two level cells around its level."""
+    import torch
+
     n, height, w = image.shape
     device = image.device
     row_cell = _centres(top, top + height, grid.cell_px, device).long().add_(1)    # floor: centres > 0
     col_cell = _centres(0, w, grid.cell_px, device).long().add_(1)
+    place = (row_cell.view(1, -1, 1) * grid.cols + col_cell.view(1, 1, -1)) + _frame_offsets(n, grid.depth * grid.plane, device)
     low = levels.floor()
     upper = (levels - low).view(-1)
-    index = low.long().mul_(grid.plane).add_(row_cell.view(1, -1, 1) * grid.cols + col_cell.view(1, 1, -1))
-    index = index.add_(_frame_offsets(n, grid.depth * grid.plane, device)).view(-1)
+    index = torch.add(place, low.long(), alpha=grid.plane).view(-1)
     value = image.reshape(-1)
     upper_value = upper * value
     values.scatter_add_(0, index, value - upper_value)
@@ -189,11 +191,11 @@ def _corner_table(grid):
     return torch.stack(cube).view(16, -1)
 
 
-def _slice(corners, levels, top: int, grid: _Grid, workspace):
+def _slice(corners, levels, top: int, grid: _Grid, workspace, out) -> None:
     """One strip ((N, rows, W) levels) of the filtered frames: the blurred grid read trilinearly
-    at each pixel, value / weight. ``workspace``: room for 30 floats per pixel of the largest
-    strip, reused by every strip (fresh temporaries of this size cost more in page faults than
-    the arithmetic)."""
+    at each pixel, value / weight, written into ``out`` ((N, rows, W)). ``workspace``: room for
+    30 floats per pixel of the largest strip, reused by every strip (fresh temporaries of this
+    size cost more in page faults than the arithmetic)."""
     import torch
 
     n, height, w = levels.shape
@@ -203,13 +205,15 @@ def _slice(corners, levels, top: int, grid: _Grid, workspace):
     row_pos = _centres(top, top + height, grid.cell_px, device).add_(0.5)   # cell k's centre at k
     col_pos = _centres(0, w, grid.cell_px, device).add_(0.5)
     row_low, col_low = row_pos.floor(), col_pos.floor()
+    place = (row_low.long().view(1, -1, 1) * cols + col_low.long().view(1, 1, -1)) * depth \
+        + _frame_offsets(n, rows * cols * depth, device)
     low = levels.floor()
-    spatial = (row_low.long().view(1, -1, 1) * cols + col_low.long().view(1, 1, -1)) * depth
-    index = low.long().add_(spatial).add_(_frame_offsets(n, rows * cols * depth, device))
+    index = torch.add(place, low.long())
     cube, square, edge, both = (workspace[start * pixels:(start + size) * pixels].view(size, n, height, w)
                                 for start, size in ((0, 16), (16, 8), (24, 4), (28, 2)))
     torch.index_select(corners, 1, index.view(-1), out=cube.view(16, -1))
     torch.lerp(cube[:8], cube[8:], col_pos - col_low, out=square)               # weights broadcast
     torch.lerp(square[:4], square[4:], (row_pos - row_low).view(-1, 1), out=edge)
     torch.lerp(edge[:2], edge[2:], levels - low, out=both)
-    return both[0] / both[1].clamp_min(1e-30)
+    # every pixel's weight is positive: its own splat lies within the blur's reach of its position
+    torch.div(both[0], both[1], out=out)

@@ -199,14 +199,14 @@ def combine(parts: dict, gains=None):
 def uncertainty_components(image, guide, settings, refined: bool = True, working_scale: float = 1.0) -> dict:
     """The cues of the map, each (N, 1, H, W) float32 in [0, 1] grey levels (:data:`CUES`), and
     "output" (what they describe: the refinement, or the network's output fitted to the input)."""
-    from .refine import GRID_CELLS_PER_SIGMA, GRID_SIGMA_FACTOR, compressed_levels, fit_to
+    from .refine import GRID_SIGMA_FACTOR, compressed_levels, fit_to, grid_cells
 
     image = image.float()
     fitted = fit_to(guide.float(), image)
     levels = compressed_levels(fitted, settings.range_power)
     sigma = GRID_SIGMA_FACTOR * settings.sigma_px
     mean, variance, n_eff, wide_mean = refinement_statistics(
-        image, levels, sigma, settings.range_sigma, sigma / GRID_CELLS_PER_SIGMA, settings.range_sigma / GRID_CELLS_PER_SIGMA)
+        image, levels, sigma, settings.range_sigma, *grid_cells(sigma, settings.range_sigma))
     output = mean if refined else fitted.clamp(0.0, 1.0)
     grain_area = GRAIN_AREA_PX / max(float(working_scale), 1e-3) ** 2          # in input pixels
     grains = (n_eff / grain_area).clamp_min(1.0)

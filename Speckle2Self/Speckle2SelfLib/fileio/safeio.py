@@ -207,8 +207,8 @@ def atomic_output(out) -> Iterator[Path]:
     remove_stale_partials(out)
     tmp_dir = partial_dir_for(out)
     shutil.rmtree(tmp_dir, ignore_errors=True)
-    tmp_dir.mkdir(parents=False)
     try:
+        tmp_dir.mkdir(parents=False)
         tmp = tmp_dir / out.name
         yield tmp
         written = [p for p in tmp_dir.iterdir() if p.name != out.name]
@@ -218,7 +218,26 @@ def atomic_output(out) -> Iterator[Path]:
             raise OSError(f"{out}: the writer produced no file")
         os.replace(tmp, out)
     finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
+        with _termination_deferred():     # a SIGTERM in the middle of the clean-up would leave part of it
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+@contextmanager
+def _termination_deferred():
+    """SIGTERM and SIGINT held back (delivered when the block ends) where the platform allows it:
+    the CLI turns them into exceptions, which must not cut a clean-up short."""
+    import signal
+    import threading
+
+    mask = getattr(signal, "pthread_sigmask", None)
+    if mask is None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = mask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+    try:
+        yield
+    finally:
+        mask(signal.SIG_SETMASK, previous)
 
 
 # ----------------------------------------------------------------------------- messages
