@@ -101,44 +101,21 @@ def list_images(folder) -> list:
         if folder.is_dir() else []
 
 
-def read_grey(path) -> np.ndarray:
-    """A picture as a 2D grey array, read with PIL; colour -> luminance as the library reads it."""
-    from PIL import Image
-
-    with Image.open(path) as im:
-        if im.mode in ("P", "PA", "CMYK", "YCbCr", "HSV", "LAB"):
-            im = im.convert("RGB")
-        elif im.mode in ("1", "LA"):
-            im = im.convert("L")
-        arr = np.array(im)
-    if arr.ndim == 3 and arr.shape[-1] in (3, 4):   # ITU-R BT.601 luma, as Speckle2SelfLib.fileio.imageio
-        arr = arr[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
-    if arr.ndim != 2:
-        raise ValueError(f"{path}: expected a 2D grey or RGB picture, got shape {arr.shape}")
-    return arr
-
-
 def load_frames(folder, max_frames=None, min_side: int = 32):
-    """(frames as float32 [0, 1], summary) of every PNG in ``folder``, as FramePool.from_paths keeps them."""
+    """(frames as float32 [0, 1], summary) of every PNG in ``folder``, read by the engine
+    (FramePool.from_paths: the library's readers, small and flat frames left out)."""
     paths = list_images(folder)
     if max_frames and len(paths) > max_frames:
         paths = [paths[k] for k in np.unique(np.linspace(0, len(paths) - 1, max_frames).round().astype(int))]
-    frames, files, skipped = [], [], []
-    for path in paths:
-        arr = read_grey(path).astype(np.float32)
-        lo, hi = float(arr.min()), float(arr.max())
-        if min(arr.shape) < min_side or not hi > lo:
-            skipped.append(path.name)
-            continue
-        frames.append((arr - lo) / (hi - lo))
-        files.append(path.name)
-    summary = {"files": len(files), "frames": len(frames), "examples": files[:10], "skipped": skipped[:10],
-               "subjects": len({name.rsplit("_", 1)[0] for name in files})}    # carotid names: <subject>_<frame>.png
+    pool = FramePool.from_paths([str(p) for p in paths], min_side=min_side)
+    summary = dict(pool.summary)
+    kept = [p.name for p in paths if p.name not in set(summary.get("skipped", []))]
+    summary["subjects"] = len({name.rsplit("_", 1)[0] for name in kept})    # carotid names: <subject>_<frame>.png
     source = Path(folder) / "SOURCE.json"
     if source.is_file():
         summary["source"] = json.loads(source.read_text()).get("description")
     summary["masks_used"] = False
-    return frames, summary
+    return pool.frames, summary
 
 
 # ----------------------------------------------------------------------------- one run (a process)
@@ -370,8 +347,9 @@ def write_preview(models: dict, data: str, device: str, path) -> None:
     from PIL import Image, ImageDraw
 
     from Speckle2SelfLib.engine.inference import Despeckler
+    from Speckle2SelfLib.fileio.imageio import read_frames
 
-    frame = read_grey(list_images(data)[0])
+    frame = read_frames(list_images(data)[0]).frames[0]
     frame = np.clip(np.rint(frame), 0, 255).astype(np.uint8) if frame.dtype != np.uint8 else frame
     panels = [("input", frame)]
     for label, model in models.items():
