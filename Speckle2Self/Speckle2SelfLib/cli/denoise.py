@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from ..engine.archive import read_checked
 from .exitcodes import EXIT_FAILED, EXIT_OK
 from .options import float_between, int_at_least, int_between, set_threads
 
@@ -121,7 +122,7 @@ def run_denoise(args) -> int:
             remove_stale_partials(dst)
             print(f"{src} -> {dst} skipped (exists)")
             return EXIT_OK
-        data = _read_checked(src, dst)          # a bad input is refused before the model is loaded
+        data = read_checked(src, dst)          # a bad input is refused before the model is loaded
         if unc is not None:
             from ..fileio.imageio import check_output_format
             check_output_format(unc, data)
@@ -168,28 +169,12 @@ def _folder_output(dst: Path, src: Path, f: Path) -> Path:
     return out.with_name(out.name + ".dcm") if is_unnamed_dicom(f) else out
 
 
-def _read_checked(src: Path, out: Path):
-    """Check the output path, read the input and check that it can be written there."""
-    from ..fileio.imageio import WRITABLE_SUFFIXES, check_output_format, read_frames
-    from ..engine.inference import check_frames
-    from ..fileio.safeio import check_output_path
-
-    check_output_path(out, [src], suffixes=WRITABLE_SUFFIXES)
-    data = read_frames(src)
-    check_output_format(out, data)
-    try:
-        check_frames(data.frames)
-    except (ValueError, TypeError) as err:
-        raise type(err)(f"{src}: {err}") from err
-    return data
-
-
 def _denoise_file(engine, src: Path, out: Path, options: dict, data=None, unc: Optional[Path] = None) -> None:
     """Read, check the output format, despeckle, write atomically; errors name the file.
     ``unc``: also write the uncertainty map there (checked by the caller)."""
     from ..fileio.imageio import write_like
 
-    data = _read_checked(src, out) if data is None else data
+    data = read_checked(src, out) if data is None else data
     from ..engine.volume_axes import despeckle_frames
 
     if unc is None:

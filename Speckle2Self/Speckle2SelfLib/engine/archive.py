@@ -393,26 +393,33 @@ def _failure(err: BaseException, src: str, t0: float) -> Dict:
             "reason": name_file(src, one_line(err))}
 
 
+def read_checked(src, out: Path):
+    """Check the output path, read the input and check that it can be written there and despeckled
+    (the single-process CLI and every archive task alike); errors name the file."""
+    from ..fileio.imageio import WRITABLE_SUFFIXES, check_output_format, read_frames
+    from ..fileio.safeio import check_output_path
+    from .inference import check_frames
+
+    check_output_path(out, [src], suffixes=WRITABLE_SUFFIXES)
+    data = read_frames(src)
+    check_output_format(out, data)
+    try:
+        check_frames(data.frames)
+    except (ValueError, TypeError) as err:
+        raise type(err)(f"{src}: {err}") from err
+    return data
+
+
 def despeckle_file(task: Dict, setup: Dict) -> Dict:
     """One input file on a worker: read, check, despeckle, write atomically. Never raises for a
     bad file: the result's ``status`` is "failed" with the one-line reason."""
-    from ..fileio.imageio import check_output_format, read_frames, write_like
-    from ..fileio.safeio import check_output_path
+    from ..fileio.imageio import write_like
 
     t0 = time.perf_counter()
     src, out = task["input"], Path(task["outputs"][0])
     try:
-        from .inference import check_frames
-        from ..fileio.imageio import WRITABLE_SUFFIXES
-
         out.parent.mkdir(parents=True, exist_ok=True)
-        check_output_path(out, [src], suffixes=WRITABLE_SUFFIXES)
-        data = read_frames(src)
-        check_output_format(out, data)
-        try:
-            check_frames(data.frames)
-        except (ValueError, TypeError) as err:
-            raise type(err)(f"{src}: {err}") from err
+        data = read_checked(src, out)
         engine = _worker_engine(setup)
         with engine_lock(engine):           # as the single-process run: volumes in their acquisition plane
             result = _despeckle(engine, data, setup["options"])
