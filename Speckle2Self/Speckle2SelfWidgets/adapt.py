@@ -189,13 +189,11 @@ class AdaptPanel(Panel):
         self.updateButtons()
 
     def setRunning(self, running: bool) -> None:
-        for widget in (self.ui.adaptInputSelector, self.ui.adaptInitComboBox, self.ui.adaptMinutesSpinBox,
-                       self.ui.adaptStepsSpinBox, self.ui.adaptCropComboBox, self.ui.adaptDeviceComboBox,
-                       self.ui.adaptRemoveButton):
-            widget.enabled = not running
-        self.ui.adaptStartButton.text = _("Stop") if running else _("Start adaptation")
-        self.ui.adaptStartButton.enabled = True
-        self.ui.adaptProgressBar.visible = running
+        ui = self.ui
+        self.showBusy(running, (ui.adaptInputSelector, ui.adaptInitComboBox, ui.adaptMinutesSpinBox,
+                                ui.adaptStepsSpinBox, ui.adaptCropComboBox, ui.adaptDeviceComboBox,
+                                ui.adaptRemoveButton),
+                      ui.adaptStartButton, _("Stop"), _("Start adaptation"), ui.adaptProgressBar)
         if not running:
             self.updateButtons()
 

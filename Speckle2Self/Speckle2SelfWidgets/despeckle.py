@@ -145,15 +145,12 @@ class DespecklePanel(Panel):
 
     def setRunning(self, running: bool) -> None:
         """While running, Apply becomes Cancel and the inputs are locked."""
-        for widget in (self.ui.inputSelector, self.ui.outputSelector, self.ui.allFramesCheckBox, self.ui.sliceAxisComboBox,
-                       self.ui.uncertaintyCheckBox, self.ui.uncertaintySelector,
-                       self.ui.modelComboBox, self.ui.deviceComboBox, self.ui.backendComboBox, self.ui.batchSizeSpinBox,
-                       self.ui.advancedCollapsibleButton, self.ui.lumenCollapsibleButton, self.ui.liveCheckBox):
-            widget.enabled = not running
-        self.ui.applyButton.text = _("Cancel") if running else _("Apply")
-        self.ui.applyButton.enabled = True
-        self.ui.progressBar.visible = running
-        self.ui.progressBar.value = 0
+        ui = self.ui
+        self.showBusy(running, (ui.inputSelector, ui.outputSelector, ui.allFramesCheckBox, ui.sliceAxisComboBox,
+                                ui.uncertaintyCheckBox, ui.uncertaintySelector, ui.modelComboBox, ui.deviceComboBox,
+                                ui.backendComboBox, ui.batchSizeSpinBox, ui.advancedCollapsibleButton,
+                                ui.lumenCollapsibleButton, ui.liveCheckBox),
+                      ui.applyButton, _("Cancel"), _("Apply"), ui.progressBar)
         if running:
             self.ui.statusLabel.text = _("Loading the model...")
         else:

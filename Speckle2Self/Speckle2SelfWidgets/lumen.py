@@ -109,14 +109,10 @@ class LumenPanel(Panel):
 
     def setSegmenting(self, running: bool) -> None:
         """While segmenting, Segment becomes Cancel and the lumen inputs are locked."""
-        for widget in (self.ui.lumenVolumeSelector, self.ui.seedSelector, self.ui.seedPlaceWidget,
-                       self.ui.lumenMethodComboBox, self.ui.toleranceSliderWidget, self.ui.lumenAllFramesCheckBox,
-                       self.ui.openSegmentEditorButton):
-            widget.enabled = not running
-        self.ui.segmentButton.text = _("Cancel") if running else _("Segment")
-        self.ui.segmentButton.enabled = True
-        self.ui.lumenProgressBar.visible = running
-        self.ui.lumenProgressBar.value = 0
+        ui = self.ui
+        self.showBusy(running, (ui.lumenVolumeSelector, ui.seedSelector, ui.seedPlaceWidget, ui.lumenMethodComboBox,
+                                ui.toleranceSliderWidget, ui.lumenAllFramesCheckBox, ui.openSegmentEditorButton),
+                      ui.segmentButton, _("Cancel"), _("Segment"), ui.lumenProgressBar)
         if running:
             self.ui.lumenStatusLabel.setStyleSheet("")
             self.ui.lumenStatusLabel.text = _("Segmenting...")

@@ -33,6 +33,17 @@ class Panel:
     def stop(self) -> None:
         """End what the panel runs (the scene closes or the module is reloaded)."""
 
+    @staticmethod
+    def showBusy(running: bool, locked, button, busyText: str, idleText: str, progressBar) -> None:
+        """While a job runs its inputs are locked, its button turns into the way to stop it (and
+        stays clickable) and the progress bar shows; all back when it has ended."""
+        for widget in locked:
+            widget.enabled = not running
+        button.text = busyText if running else idleText
+        button.enabled = True
+        progressBar.visible = running
+        progressBar.value = 0
+
 
 def showError(message: str, err) -> None:
     """A dialog with the message and the traceback as details; the traceback goes to the log too."""

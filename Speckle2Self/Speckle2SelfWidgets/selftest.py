@@ -153,8 +153,6 @@ class Speckle2SelfTest(ScriptedLoadableModuleTest):
 
     @requiresTorch
     def test_widget_apply(self):
-        import time
-
         frames, _masks = self.speckledFrames(1)
         volume = self.addVolume(frames)
         widget = slicer.modules.speckle2self.widgetRepresentation().self()
@@ -164,11 +162,7 @@ class Speckle2SelfTest(ScriptedLoadableModuleTest):
         parameterNode.outputVolume = None
         parameterNode.model = self.model() or ""
         widget.despeckle.onApplyButton()  # despeckles in a worker thread; the GUI timer stores the result
-        deadline = time.monotonic() + 120
-        while widget.despeckle.running and time.monotonic() < deadline:
-            slicer.app.processEvents()
-            time.sleep(0.02)
-        self.assertFalse(widget.despeckle.running, "the despeckling job did not end")
+        self.assertTrue(waitUntil(lambda: not widget.despeckle.running, 120), "the despeckling job did not end")
         output = parameterNode.outputVolume
         self.assertIsNotNone(output)
         self.assertEqual(output.GetName(), "US despeckled")
@@ -177,8 +171,6 @@ class Speckle2SelfTest(ScriptedLoadableModuleTest):
     @requiresTorch
     def test_widget_segment(self):
         """Segment runs in a background job; its table and segmentation appear when it ends."""
-        import time
-
         import numpy as np
 
         rr, cc = np.ogrid[:96, :112]
@@ -197,12 +189,21 @@ class Speckle2SelfTest(ScriptedLoadableModuleTest):
         parameterNode.lumenSegmentation = None
         parameterNode.lumenTable = None
         widget.lumen.onSegmentButton()    # segments in a worker thread; the GUI timer stores the result
-        deadline = time.monotonic() + 60
-        while widget.lumen.running and time.monotonic() < deadline:
-            slicer.app.processEvents()
-            time.sleep(0.02)
-        self.assertFalse(widget.lumen.running, "the segmentation job did not end")
+        self.assertTrue(waitUntil(lambda: not widget.lumen.running, 60), "the segmentation job did not end")
         self.assertIsNotNone(parameterNode.lumenTable)
         self.assertEqual(parameterNode.lumenTable.GetNumberOfRows(), 1)
         self.assertIsNotNone(parameterNode.lumenSegmentation)
         self.assertEqual(widget.ui.segmentButton.text, "Segment")
+
+
+def waitUntil(condition, seconds: float) -> bool:
+    """Keep Slicer's event loop running (the job pollers' timers) until ``condition()`` or the time is up."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        slicer.app.processEvents()
+        time.sleep(0.02)
+    return True
