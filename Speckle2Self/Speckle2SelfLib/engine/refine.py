@@ -154,8 +154,9 @@ GRID_SIGMA_FACTOR = 0.9
 #: Grid cells per sigma in space: finer cells follow the Gaussian more closely and cost more (the
 #: slice's table holds 16 numbers per cell). At 1.25 the grid differs from the direct filter by
 #: 0.35 grey levels on average (``python benchmarks/refine_methods.py``) and keeps its carotid
-#: figures within 0.003; at 1 (about 10% less time) the flood-fill IoU on the test subjects fell
-#: to 0.405 (direct filter 0.417; ``benchmarks/carotid.py``), with 1 in level too to 0.404.
+#: figures within 0.003; at 1 (about 7% less refinement time) the flood-fill IoU on the test
+#: subjects fell to 0.405 (direct filter 0.417; ``benchmarks/carotid.py``), with 1 in level too
+#: (about 20% less) to 0.404.
 GRID_CELLS_PER_SIGMA = 1.25
 #: The same in level (the range kernel), where boundaries are decided.
 GRID_LEVEL_CELLS_PER_SIGMA = 1.25
