@@ -33,7 +33,8 @@ from __future__ import annotations
 
 import math
 
-from .bilateral_grid import _blur, _blur_sigma, _cell_count, _centres, _frame_offsets, _Grid, _level_coordinates, _strips
+from .bilateral_grid import (SLICE_FLOATS, _blur, _blur_sigma, _cell_count, _centres, _frame_offsets, _Grid,
+                             _level_coordinates, _strips, check_cells, corner_table, slice_grid, weighted_mean)
 
 #: The wider window of the disagreement cue, in the refinement's spatial and range sigmas.
 WIDE_SIGMA_FACTOR = 2.0
@@ -61,6 +62,7 @@ def refinement_statistics(image, guide, sigma_px: float, range_sigma: float, cel
     the weighted mean over a window ``wide`` = (spatial, range) times wider (from the same splat)."""
     import torch
 
+    check_cells(sigma_px, range_sigma, cell_px, level_cell)
     image = image.float()
     n, _, h, w = image.shape
     levels = _level_coordinates(guide.float(), level_cell)
@@ -68,28 +70,31 @@ def refinement_statistics(image, guide, sigma_px: float, range_sigma: float, cel
     sums = torch.zeros(3, n * grid.depth * grid.plane, dtype=torch.float32, device=image.device)
     for top, bottom in _strips(h, w):
         _splat3(sums, image[:, 0, top:bottom], levels[:, 0, top:bottom], top, grid)
-    sums = sums.view(3, n, grid.depth, grid.rows, grid.cols)
+    sums = sums.view(3, n, grid.rows, grid.cols, grid.depth)
 
     def blurred(channels, spatial: float, tonal: float):
         return _blur(channels, _blur_sigma(spatial * sigma_px, cell_px, spatial=True),
                      _blur_sigma(tonal * range_sigma, level_cell, spatial=False))
 
+    # as grid_filter: means taken in the grid, then sliced (the mean is grid_filter's, bit for bit);
+    # the weights are sliced as they are, for the effective count.
     # Gaussian weights squared are Gaussians of sigma / sqrt(2): sum w^2 from the weights alone
     narrow = 1.0 / math.sqrt(2.0)
-    table = _corner_table(torch.cat([blurred(sums, 1.0, 1.0), blurred(sums[2:], narrow, narrow),
-                                     blurred(sums[0::2].contiguous(), *wide)]))
-    out = torch.empty((6, n, h, w), dtype=torch.float32, device=image.device)
+    window, wide_window = blurred(sums, 1.0, 1.0), blurred(sums[0::2].contiguous(), *wide)
+    table = corner_table(torch.stack([weighted_mean(window[0], window[2]), weighted_mean(window[1], window[2]),
+                                      window[2], blurred(sums[2:], narrow, narrow)[0],
+                                      weighted_mean(wide_window[0], wide_window[1])]))
+    out = torch.empty((5, n, h, w), dtype=torch.float32, device=image.device)
     strips = _strips(h, w)
-    workspace = torch.empty(15 * 6 * n * (strips[0][1] - strips[0][0]) * w, dtype=torch.float32, device=image.device)
+    workspace = torch.empty(SLICE_FLOATS * 5 * n * (strips[0][1] - strips[0][0]) * w, dtype=torch.float32,
+                            device=image.device)
     for top, bottom in strips:
-        out[:, :, top:bottom] = _slice(table, levels[:, 0, top:bottom], top, grid, workspace)
-    weight = out[2].clamp_min(1e-30)
-    mean = out[0] / weight
-    variance = (out[1] / weight - mean * mean).clamp_min(0.0)
+        slice_grid(table, levels[:, 0, top:bottom], top, grid, workspace, out[:, :, top:bottom])
+    mean, mean_square, weight, weight_square, wide_mean = out
+    variance = (mean_square - mean * mean).clamp_min(0.0)
     # the grid's weights carry a global factor per sum; a flat frame's interior calibrates it
-    n_eff = weight * weight / out[3].clamp_min(1e-30) * _flat_count_factor(sigma_px, range_sigma, cell_px,
-                                                                            level_cell, image.device)
-    wide_mean = out[4] / out[5].clamp_min(1e-30)
+    n_eff = weight * weight / weight_square.clamp_min(1e-30) * _flat_count_factor(sigma_px, range_sigma, cell_px,
+                                                                                   level_cell, image.device)
     return mean[:, None], variance[:, None], n_eff[:, None], wide_mean[:, None]
 
 
@@ -109,11 +114,13 @@ def _flat_count_factor(sigma_px, range_sigma, cell_px, level_cell, device) -> fl
         grid = _Grid(1, 3, _cell_count(side, cell_px), _cell_count(side, cell_px), cell_px)
         sums = torch.zeros(3, grid.depth * grid.plane, dtype=torch.float32, device=device)
         _splat3(sums, flat[:, 0], levels[:, 0], 0, grid)
-        shape = (1, grid.depth, grid.rows, grid.cols)
+        shape = (1, grid.rows, grid.cols, grid.depth)
         wide = _blur(sums[2:].view(1, *shape), _blur_sigma(sigma_px, cell_px, True), _blur_sigma(range_sigma, level_cell, False))
         narrow = _blur(sums[2:].view(1, *shape), _blur_sigma(sigma_px / math.sqrt(2.0), cell_px, True),
                        _blur_sigma(range_sigma / math.sqrt(2.0), level_cell, False))
-        out = _slice(_corner_table(torch.cat([wide, narrow])), levels[:, 0], 0, grid)
+        out = torch.empty((2, 1, side, side), dtype=torch.float32, device=device)
+        slice_grid(corner_table(torch.cat([wide, narrow])), levels[:, 0], 0, grid,
+                   torch.empty(SLICE_FLOATS * 2 * side * side, dtype=torch.float32, device=device), out)
         centre = side // 2
         grid_count = float(out[0, 0, centre, centre] ** 2 / out[1, 0, centre, centre])
         _FLAT_FACTORS[key] = 4.0 * math.pi * sigma_px * sigma_px / grid_count
@@ -130,54 +137,13 @@ def _splat3(sums, image, levels, top: int, grid: _Grid) -> None:
     col_cell = _centres(0, w, grid.cell_px, device).long().add_(1)
     low = levels.floor()
     upper = (levels - low).reshape(-1)
-    index = low.long().mul_(grid.plane).add_(row_cell.view(1, -1, 1) * grid.cols + col_cell.view(1, 1, -1))
-    index = index.add_(_frame_offsets(n, grid.depth * grid.plane, device)).view(-1)
+    cell = (row_cell.view(1, -1, 1) * grid.cols + col_cell.view(1, 1, -1)) + _frame_offsets(n, grid.plane, device)
+    index = torch.add(low.long(), cell, alpha=grid.depth).view(-1)       # level innermost, as _splat
     value = image.reshape(-1)
     parts = torch.stack([value, value * value, torch.ones_like(value)])      # (3, pixels)
     upper_parts = parts * upper
     sums.index_add_(1, index, parts - upper_parts)
-    sums.index_add_(1, index + grid.plane, upper_parts)
-
-
-def _corner_table(grid):
-    """(8 C, cells) table of a (C, N, D, R, C') grid: each cell's cube with its upper neighbours,
-    ordered [column step][row step][level step][channel] (bilateral_grid._corner_table for C channels)."""
-    import torch
-
-    channels = grid.shape[0]
-    grid = grid.permute(0, 1, 3, 4, 2)                      # (C, N, R, C', D)
-    r, c, d = (size - 1 for size in grid.shape[2:])
-    cube = [grid[channel, :, dy:r + dy, dx:c + dx, dz:d + dz]
-            for dx in (0, 1) for dy in (0, 1) for dz in (0, 1) for channel in range(channels)]
-    return torch.stack(cube).view(8 * channels, -1)
-
-
-def _slice(corners, levels, top: int, grid: _Grid, workspace=None):
-    """(C, N, rows, W): every channel of the blurred grid read trilinearly at each pixel.
-    ``workspace``: room for 15 C floats per pixel of the largest strip, reused by every strip."""
-    import torch
-
-    channels = corners.shape[0] // 8
-    n, height, w = levels.shape
-    pixels = n * height * w
-    device = levels.device
-    if workspace is None:
-        workspace = torch.empty(15 * channels * pixels, dtype=torch.float32, device=device)
-    rows, cols, depth = grid.rows - 1, grid.cols - 1, grid.depth - 1
-    row_pos = _centres(top, top + height, grid.cell_px, device).add_(0.5)
-    col_pos = _centres(0, w, grid.cell_px, device).add_(0.5)
-    row_low, col_low = row_pos.floor(), col_pos.floor()
-    low = levels.floor()
-    spatial = (row_low.long().view(1, -1, 1) * cols + col_low.long().view(1, 1, -1)) * depth
-    index = low.long().add_(spatial).add_(_frame_offsets(n, rows * cols * depth, device))
-    c = channels
-    cube, square, edge, both = (workspace[start * c * pixels:(start + size) * c * pixels].view(size * c, n, height, w)
-                                for start, size in ((0, 8), (8, 4), (12, 2), (14, 1)))
-    torch.index_select(corners, 1, index.view(-1), out=cube.view(8 * c, -1))
-    torch.lerp(cube[:4 * c], cube[4 * c:], col_pos - col_low, out=square)
-    torch.lerp(square[:2 * c], square[2 * c:], (row_pos - row_low).view(-1, 1), out=edge)
-    torch.lerp(edge[:c], edge[c:], levels - low, out=both)
-    return both
+    sums.index_add_(1, index + 1, upper_parts)
 
 
 def uncertainty_map(image, guide, settings, refined: bool = True, working_scale: float = 1.0, gains=None):
