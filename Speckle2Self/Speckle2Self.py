@@ -67,8 +67,9 @@ class Speckle2SelfParameterNode:
     batchSize: 0 means automatic. inputGreyLevels: the output keeps each input frame's brightness
     and contrast (off: the network's own grey levels). guidedSmoothing: the network's output steers
     an edge-keeping smoothing of the input (off: the network's output itself). uncertainty: also a
-    map of where not to trust the output (uncertaintyVolume; single volumes). lumen*: the
-    'Segment lumen' panel. adapt*: the 'Adapt model' panel (minutes, steps: 0 is no limit).
+    map of where not to trust the output (uncertaintyVolume; for a sequence, the proxy of the map
+    sequence). lumen*: the 'Segment lumen' panel. adapt*: the 'Adapt model' panel (minutes, steps:
+    0 is no limit).
     """
 
     inputVolume: vtkMRMLScalarVolumeNode

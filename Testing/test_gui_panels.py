@@ -285,6 +285,52 @@ def test_the_uncertainty_map_is_shown_over_the_output_and_reaches_the_lumen_tabl
     assert column is not None and column.GetNumberOfTuples() == 1 and 0.0 <= column.GetValue(0) <= 1.0
 
 
+def test_the_uncertainty_map_of_a_whole_sequence_plays_with_the_output_and_reaches_the_lumen_table(gui):
+    """#36 for cine loops: Apply with 'Uncertainty map' on a sequence proxy (all frames) adds a map
+    sequence played by the input's browser, its proxy shown over the despeckled proxy; Segment on
+    every frame of that output adds each frame's uncertain boundary share."""
+    import vtk
+
+    from test_mrml_despeckle import make_sequence
+
+    disk, seeds = carotid_with_seed(gui.scene)
+    frame = slicer.util.arrayFromVolume(disk)[0]
+    rng = np.random.default_rng(5)
+    frames = [np.clip(frame + rng.normal(0, 6, frame.shape), 0, 255).astype(np.uint8) for _ in range(3)]
+    sequence, browser, proxy = make_sequence(gui.scene, frames, name="Loop")
+    ijk_to_ras = vtk.vtkMatrix4x4()
+    proxy.GetIJKToRASMatrix(ijk_to_ras)
+    seeds.RemoveAllControlPoints()
+    seeds.AddControlPointWorld(vtk.vtkVector3d(*ijk_to_ras.MultiplyPoint((56.0, 48.0, 0.0, 1.0))[:3]))
+    p = gui.parameterNode
+    gui.ui.inputSelector.setCurrentNode(proxy)
+    assert gui.ui.allFramesCheckBox.visible and p.allFrames
+    shim.unwrap(gui.ui.uncertaintyCheckBox).setChecked(True)
+    assert gui.ui.uncertaintyCheckBox.enabled and gui.ui.uncertaintySelector.enabled and p.uncertainty
+    click(gui.ui.applyButton)
+    assert shim.process_events_until(lambda: not gui.despeckle.running), "the despeckling job did not end"
+    assert not gui.shown.errors, gui.shown.errors
+    output, shown = p.outputVolume, p.uncertaintyVolume
+    maps = browser.GetSequenceNode(shown)                  # the selector holds the map's proxy
+    assert maps is gui.logic.last_uncertainty_node and maps.GetName() == "Loop uncertainty"
+    assert maps.GetNumberOfDataNodes() == 3 and browser.GetSequenceNode(output) is not None
+    assert [maps.GetNthIndexValue(k) for k in range(3)] == [sequence.GetNthIndexValue(k) for k in range(3)]
+    values = np.concatenate([slicer.util.arrayFromVolume(maps.GetNthDataNode(k)) for k in range(3)])
+    assert values.shape == (3, 96, 112) and np.isfinite(values).all() and values.min() >= 0
+    display = shown.GetDisplayNode()
+    assert display.GetColorNodeID() == "vtkMRMLColorTableNodeFileColdToHotRainbow.txt"
+    assert display.GetWindowLevelMax() == pytest.approx(float(np.percentile(values, 99)), rel=1e-3)
+    assert gui.shown.layers[-1] is output
+    p.seedPoints = seeds                                   # Segment lumen on every despeckled frame
+    assert p.lumenVolume is output and p.lumenAllFrames
+    click(gui.ui.segmentButton)
+    assert shim.process_events_until(lambda: not gui.lumen.running), "the segmentation job did not end"
+    assert not gui.shown.errors, gui.shown.errors
+    column = p.lumenTable.GetTable().GetColumnByName("boundary_uncertain_share")
+    assert column is not None and column.GetNumberOfTuples() == 3
+    assert all(0.0 <= column.GetValue(k) <= 1.0 for k in range(3))
+
+
 def test_cancel_stops_segmenting_and_adds_nothing(gui):
     volume, seeds = carotid_with_seed(gui.scene)
     gui.parameterNode.lumenVolume = volume

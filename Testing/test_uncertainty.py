@@ -354,3 +354,199 @@ def test_background_job_writes_the_same_map(scene, default_engine):
     plain = logic.start_process(volume)                   # not asked: no map
     assert plain.wait(120) and plain.poll().finished and logic.last_uncertainty_node is None
     assert plain.uncertainty_maps is None
+
+
+# ----------------------------------------------------------------------------- MRML: whole sequences (#36)
+
+
+def _sequence_nodes(scene, frames, name="cine"):
+    """A sequence of 2D volumes (index "time" in s, geometry set per item), a browser and its proxy."""
+    import slicer
+
+    from Speckle2SelfLib.scene import nodes
+
+    sequence = scene.AddNewNodeByClass("vtkMRMLSequenceNode", name)
+    sequence.SetIndexName("time")
+    sequence.SetIndexUnit("s")
+    for k, frame in enumerate(frames):
+        item = slicer.vtkMRMLScalarVolumeNode()
+        nodes.write_voxels(item, frame[None])
+        item.SetSpacing(0.3, 0.2, 1.5)
+        item.SetOrigin(12.0 + k, -30.0, 7.0)         # a probe that moves: each item has its own geometry
+        item.SetIJKToRASDirections(0, -1, 0, 1, 0, 0, 0, 0, -1)
+        sequence.SetDataNodeAtValue(item, f"{1.5 + 0.04 * k:.2f}")
+    browser = scene.AddNewNodeByClass("vtkMRMLSequenceBrowserNode", name + " browser")
+    browser.SetAndObserveMasterSequenceNodeID(sequence.GetID())
+    scene.sequences_logic.UpdateProxyNodesFromSequences(browser)
+    return sequence, browser, browser.GetProxyNode(sequence)
+
+
+def _matrix(volume):
+    import vtk
+
+    matrix = vtk.vtkMatrix4x4()
+    volume.GetIJKToRASMatrix(matrix)
+    return [[matrix.GetElement(r, c) for c in range(4)] for r in range(4)]
+
+
+def _node_ids(scene):
+    return [scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())]
+
+
+def _assert_map_sequence_of(result, sequence, browser, direct):
+    """One map per input item at its index value, laid out like the output item, played by ``browser``."""
+    from Speckle2SelfLib.scene import nodes
+
+    maps, out = result.uncertainty_node, result.sequence_node
+    assert maps.GetName() == "cine uncertainty" and maps.GetAttribute("Speckle2Self.UncertaintyOf") == out.GetID()
+    assert maps.GetNumberOfDataNodes() == sequence.GetNumberOfDataNodes() == len(direct)
+    assert (maps.GetIndexName(), maps.GetIndexUnit()) == ("time", "s")
+    for k in range(len(direct)):
+        assert maps.GetNthIndexValue(k) == sequence.GetNthIndexValue(k) == out.GetNthIndexValue(k)
+        item, out_item = maps.GetNthDataNode(k), out.GetNthDataNode(k)
+        values = nodes.volume_to_array(item)
+        assert values.shape == nodes.volume_to_array(out_item).shape and values.dtype == np.float32
+        assert np.isfinite(values).all() and values.min() >= 0 and values.max() > 0
+        assert _matrix(item) == _matrix(out_item) == _matrix(sequence.GetNthDataNode(k))
+        np.testing.assert_allclose(values[0], direct[k], rtol=1e-5, atol=1e-4)
+    proxy = result.uncertainty_proxy_node
+    assert browser.IsSynchronizedSequenceNode(maps, False) and browser.GetProxyNode(maps) is proxy
+    assert browser.GetSequenceNode(proxy) is maps and proxy.GetName() == maps.GetName()
+    browser.SetSelectedItemNumber(2)                    # plays in step with the output
+    np.testing.assert_allclose(nodes.volume_to_array(proxy)[0], direct[2], rtol=1e-5, atol=1e-4)
+    assert _matrix(proxy) == _matrix(result.proxy_node)
+
+
+def test_a_sequence_gets_a_map_sequence_played_with_its_output(scene, default_engine):
+    pytest.importorskip("slicer", reason="slicer-core (MRML Python bindings) is not installed")
+    from Speckle2SelfLib.scene.logic import Speckle2SelfLogic
+
+    frames = _frames(n=3)
+    sequence, browser, proxy = _sequence_nodes(scene, frames)
+    logic = Speckle2SelfLogic(default_engine, sequences_logic=scene.sequences_logic)
+    job = logic.start_process(proxy, uncertainty=True)            # what the module's Apply starts
+    assert job.wait(120)
+    state = job.poll()
+    assert state.finished, state
+    result = state.result
+    assert logic.last_uncertainty_node is result.uncertainty_node
+    _o, direct = default_engine.denoise(frames, uncertainty=True)
+    _assert_map_sequence_of(result, sequence, browser, direct)
+    # the module's rerun: the map's proxy (what it remembers) gets its sequence refilled, no node added
+    count = scene.GetNumberOfNodes()
+    again = logic.despeckle_sequence(proxy, result.proxy_node, uncertainty=True,
+                                     uncertainty_node=result.uncertainty_proxy_node)
+    assert again.uncertainty_node is result.uncertainty_node and again.uncertainty_proxy_node is \
+        result.uncertainty_proxy_node and logic.last_uncertainty_node is again.uncertainty_node
+    assert scene.GetNumberOfNodes() == count, "a rerun into the same output and map adds no node"
+    assert browser.GetNumberOfSynchronizedSequenceNodes() == 2      # output and map (the input is primary)
+    assert again.uncertainty_node.GetAttribute("Speckle2Self.UncertaintyOf") == again.sequence_node.GetID()
+    plain = logic.despeckle_sequence(sequence)                     # not asked: no map
+    assert plain.uncertainty_node is None and logic.last_uncertainty_node is None
+    # Apply forgives a remembered map that cannot take a sequence's maps (a volume's): a new one
+    job = logic.start_process(proxy, uncertainty=True, uncertainty_node=_volume_node(scene, frames[:1]))
+    assert job.wait(120) and job.poll().finished
+    made = logic.last_uncertainty_node
+    assert made.IsA("vtkMRMLSequenceNode") and made is not result.uncertainty_node
+    assert made.GetName().startswith("cine uncertainty_")
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("input", "their own sequence"), ("input proxy", "their own sequence"), ("output", "their own sequence"),
+    ("volume", "no browser shows"), ("table", "no browser shows"),
+])
+def test_a_bad_map_node_for_a_sequence_is_refused_before_any_work(scene, default_engine, bad, message):
+    pytest.importorskip("slicer", reason="slicer-core (MRML Python bindings) is not installed")
+    from Speckle2SelfLib.scene.logic import Speckle2SelfLogic
+
+    sequence, browser, proxy = _sequence_nodes(scene, _frames(n=2))
+    logic = Speckle2SelfLogic(default_engine, sequences_logic=scene.sequences_logic)
+    output = logic.despeckle_sequence(proxy).proxy_node
+    nodes_by_role = {"input": sequence, "input proxy": proxy, "output": output,
+                     "volume": _volume_node(scene, _frames(n=1)),
+                     "table": scene.AddNewNodeByClass("vtkMRMLTableNode", "t")}
+
+    def no_model(*_args, **_kwargs):
+        raise AssertionError("the model ran before the map node was checked")
+
+    logic.despeckler = no_model
+    ids = _node_ids(scene)
+    for call in (lambda **o: logic.despeckle_sequence(proxy, output, **o),
+                 lambda **o: logic.prepare_job(proxy, output, **o)):
+        with pytest.raises(ValueError, match=message) as err:
+            call(uncertainty=True, uncertainty_node=nodes_by_role[bad])
+        assert len(str(err.value).splitlines()) == 1 and "create a new one" in str(err.value)
+    assert _node_ids(scene) == ids
+
+
+def test_a_cancelled_or_failed_sequence_run_leaves_no_map_node(scene, default_engine, monkeypatch):
+    pytest.importorskip("slicer", reason="slicer-core (MRML Python bindings) is not installed")
+    from Speckle2SelfLib.engine.inference import Cancelled
+    from Speckle2SelfLib.scene import despeckle
+    from Speckle2SelfLib.scene.logic import Speckle2SelfLogic
+
+    sequence, browser, proxy = _sequence_nodes(scene, _frames(n=3))
+    logic = Speckle2SelfLogic(default_engine, sequences_logic=scene.sequences_logic)
+    ids, synchronised = _node_ids(scene), browser.GetNumberOfSynchronizedSequenceNodes()
+    steps = []
+    with pytest.raises(Cancelled):           # cancelled while the output sequence is being stored
+        logic.despeckle_sequence(sequence, uncertainty=True, progress=lambda done, total: steps.append(done),
+                                 cancel=lambda: bool(steps) and steps[-1] >= 4)
+    assert _node_ids(scene) == ids and browser.GetNumberOfSynchronizedSequenceNodes() == synchronised
+    job = logic.prepare_job(proxy, uncertainty=True)
+    job.cancel()
+    job.start()
+    assert job.wait(120) and job.poll().cancelled
+    assert _node_ids(scene) == ids and logic.last_uncertainty_node is None
+    real = despeckle._store_maps
+
+    def fails_after_the_maps(*args):
+        real(*args)
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(despeckle, "_store_maps", fails_after_the_maps)
+    with pytest.raises(RuntimeError, match="disk full"):
+        logic.despeckle_sequence(sequence, uncertainty=True)
+    assert _node_ids(scene) == ids and browser.GetNumberOfSynchronizedSequenceNodes() == synchronised
+
+
+def _carotid_frames(n=2):
+    from Speckle2SelfLib.simulation import make_phantom, simulate_bmode
+
+    phantom = make_phantom("carotid", size=(160, 160), seed=1002)
+    frames = [(simulate_bmode(phantom.clean, fc=7.5e6, seed=1002 + k).bmode * 255).round().astype(np.uint8)
+              for k in range(n)]
+    return np.stack(frames), phantom
+
+
+def test_lumen_table_on_a_sequence_gets_each_frames_boundary_uncertainty(scene, default_engine):
+    pytest.importorskip("slicer", reason="slicer-core (MRML Python bindings) is not installed")
+    from Speckle2SelfLib.scene import lumen as scene_lumen
+    from Speckle2SelfLib.scene.logic import Speckle2SelfLogic
+    from Speckle2SelfLib.scene.nodes import volume_to_array
+
+    frames, phantom = _carotid_frames(2)
+    sequence, browser, proxy = _sequence_nodes(scene, frames)
+    logic = Speckle2SelfLogic(default_engine, sequences_logic=scene.sequences_logic)
+    out = logic.despeckle_sequence(proxy, uncertainty=True)
+    row, col = segmentation.seed_from_mask(phantom.lumen_mask)
+    result = scene_lumen.segment_lumen(out.sequence_node, seed_ijk=(col, row, 0), plot=False)
+    assert result.segmentation_sequence_node is not None and result.frames == [0, 1]
+    shares = scene_lumen.add_boundary_uncertainty(result, out.uncertainty_node, out.sequence_node)
+    column = result.table_node.GetTable().GetColumnByName(scene_lumen.BOUNDARY_UNCERTAINTY_COLUMN)
+    assert column is not None and column.GetNumberOfTuples() == 2
+    for k in range(2):
+        expected = segmentation.uncertain_boundary_share(
+            result.sequence.masks[k], volume_to_array(out.uncertainty_node.GetNthDataNode(k))[0],
+            volume_to_array(out.sequence_node.GetNthDataNode(k))[0])
+        assert 0.0 <= shares[k] <= 1.0 and column.GetValue(k) == pytest.approx(expected)
+    # the module passes the proxies: the same column
+    assert scene_lumen.add_boundary_uncertainty(result, out.uncertainty_proxy_node, out.proxy_node) == shares
+    with pytest.raises(ValueError, match="must be a sequence"):
+        scene_lumen.add_boundary_uncertainty(result, _volume_node(scene, frames[:1]), out.sequence_node)
+    with pytest.raises(ValueError, match="not measured on sequence"):
+        scene_lumen.add_boundary_uncertainty(result, out.uncertainty_node, sequence)
+    shifted, _b, _p = _sequence_nodes(scene, frames, "other")
+    shifted.UpdateIndexValue("1.50", "9.00")             # a map sequence whose index values differ
+    with pytest.raises(ValueError, match="has no item at time 1.50"):
+        scene_lumen.add_boundary_uncertainty(result, shifted, out.sequence_node)

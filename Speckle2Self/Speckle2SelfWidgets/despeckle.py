@@ -4,7 +4,7 @@ import slicer
 from slicer.i18n import tr as _
 
 from Speckle2SelfLib.scene.logic import SLICE_AXIS_LABELS, DespeckleRun, is_rgb
-from Speckle2SelfLib.scene.nodes import find_sequence
+from Speckle2SelfLib.scene.nodes import find_sequence, volume_showing
 
 from .installer import offerFastBackend, torchReady
 from .jobpoller import JobPoller
@@ -51,8 +51,8 @@ class DespecklePanel(Panel):
         frames = found is not None and self.ui.allFramesCheckBox.checked
         self.ui.sliceAxisComboBox.enabled = volume and not frames
         self.ui.sliceAxisLabel.enabled = self.ui.sliceAxisComboBox.enabled
-        # the uncertainty map: single volumes and frames, in one plane
-        self.ui.uncertaintyCheckBox.enabled = bool(node) and not frames
+        # the uncertainty map: volumes, frames and whole sequences (the logic refuses three planes)
+        self.ui.uncertaintyCheckBox.enabled = bool(node)
         self.ui.uncertaintySelector.enabled = self.ui.uncertaintyCheckBox.enabled
         self.ui.sliceAxisComboBox.toolTip = _("a sequence's frames are its planes") if frames else \
             self.planeToolTip if volume else _("only a 3D volume has planes to choose from")
@@ -163,10 +163,11 @@ class DespecklePanel(Panel):
         p.outputVolume = output
         p.lumenVolume = output
         uncertainty = getattr(self.logic, "last_uncertainty_node", None) if p.uncertainty else None
-        if uncertainty is not None:
-            p.uncertaintyVolume = uncertainty
-            showAsOverlay(uncertainty)
-            slicer.util.setSliceViewerLayers(background=output, foreground=uncertainty, foregroundOpacity=0.4, fit=True)
+        shown = volume_showing(uncertainty) if uncertainty is not None else None   # a sequence's: its proxy
+        if shown is not None:
+            p.uncertaintyVolume = shown
+            showAsOverlay(shown, mapValues(uncertainty))
+            slicer.util.setSliceViewerLayers(background=output, foreground=shown, foregroundOpacity=0.4, fit=True)
         else:
             slicer.util.setSliceViewerLayers(background=output, fit=True)
         status = _("Despeckled {frames} frame(s) in {seconds:.1f} s -> '{name}' ({engine})").format(
@@ -180,14 +181,25 @@ class DespecklePanel(Panel):
             self.setRunning(False)
 
 
-def showAsOverlay(uncertainty) -> None:
-    """A warm-over-cold colour map from 0 to the map's 99th percentile (its rare extremes would
-    wash out the rest), for showing over the despeckled image."""
+def showAsOverlay(uncertainty, values=None) -> None:
+    """A warm-over-cold colour map from 0 to the 99th percentile of ``values`` (default: the
+    volume's; its rare extremes would wash out the rest), for showing over the despeckled image."""
     import numpy as np
 
     uncertainty.CreateDefaultDisplayNodes()
     display = uncertainty.GetDisplayNode()
     display.SetAndObserveColorNodeID("vtkMRMLColorTableNodeFileColdToHotRainbow.txt")
     display.AutoWindowLevelOff()
-    values = slicer.util.arrayFromVolume(uncertainty)
+    values = slicer.util.arrayFromVolume(uncertainty) if values is None else values
     display.SetWindowLevelMinMax(0.0, float(np.percentile(values, 99)) if values.size else 1.0)
+
+
+def mapValues(uncertainty):
+    """The map's values: of every item of a map sequence, so that one colour scale holds for the
+    whole loop (a frame's own percentile would change the colours from frame to frame)."""
+    import numpy as np
+
+    if not uncertainty.IsA("vtkMRMLSequenceNode"):
+        return slicer.util.arrayFromVolume(uncertainty)
+    return np.concatenate([slicer.util.arrayFromVolume(uncertainty.GetNthDataNode(i)).ravel()
+                           for i in range(uncertainty.GetNumberOfDataNodes())])

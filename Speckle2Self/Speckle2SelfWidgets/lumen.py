@@ -6,7 +6,7 @@ import qt
 import slicer
 from slicer.i18n import tr as _
 
-from Speckle2SelfLib.scene.despeckle import UNCERTAINTY_OF_ATTRIBUTE
+from Speckle2SelfLib.scene.despeckle import is_map_of
 from Speckle2SelfLib.scene.lumen import add_boundary_uncertainty
 from Speckle2SelfLib.scene.nodes import find_sequence
 
@@ -92,15 +92,15 @@ class LumenPanel(Panel):
 
     def addBoundaryUncertainty(self, result) -> None:
         """Where the segmented volume has an uncertainty map (Despeckle's 'Uncertainty map'), the
-        table gets each frame's share of the contour whose position is uncertain."""
+        table gets each frame's share of the contour whose position is uncertain (for a sequence's
+        frames: from the map sequence that the remembered map's proxy shows)."""
         p = self.parameterNode
         uncertainty = p.uncertaintyVolume
-        if uncertainty is None or p.lumenVolume is None or \
-                uncertainty.GetAttribute(UNCERTAINTY_OF_ATTRIBUTE) != p.lumenVolume.GetID():
+        if not is_map_of(uncertainty, p.lumenVolume):
             return
         try:
             add_boundary_uncertainty(result, uncertainty, p.lumenVolume)
-        except ValueError as err:      # e.g. a sequence's map: the table stays as it is
+        except ValueError as err:      # e.g. the sequence changed since: the table stays as it is
             logging.info(f"Speckle2Self: no boundary uncertainty column ({err})")
 
     def showFailure(self, message: str, err) -> None:

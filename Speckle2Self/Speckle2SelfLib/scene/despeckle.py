@@ -7,7 +7,8 @@ node with the input's geometry (IJK-to-RAS: origin, spacing, directions), parent
 window/level. RGB(-like) vector volumes are despeckled on their luminance; ``keep_colour``
 keeps coloured pixels (e.g. a Doppler overlay) unchanged in an RGB output. A sequence (a
 cine loop) gives a new sequence with the same index name, unit, type and values, added to
-the browser that plays the input so that both are browsed frame by frame.
+the browser that plays the input so that both are browsed frame by frame; its uncertainty maps
+(``uncertainty=True``) are one more such sequence, played beside it.
 
 The calls are :class:`~Speckle2SelfLib.scene.logic.Speckle2SelfLogic`'s (``despeckle_volume``,
 ``despeckle_sequence``, ``prepare_job``); this module holds the steps they share. The input
@@ -29,7 +30,8 @@ from ..engine.refine import check_refine
 from .jobs import BackgroundJob
 from .nodes import (COLOUR_THRESHOLD, CreatedNodes, Pixels, base_name, browser_item_number, check_still_in_scene,
                     coloured_pixels, copy_display, copy_geometry, display_name, find_sequence, means_sequence,
-                    read_pixels, read_sequence_items, resolve_sequence, scene_of, stack_items, write_voxels)
+                    play_as_proxy, primary_sequence, read_pixels, read_sequence_items, resolve_sequence, scene_of,
+                    stack_items, write_voxels)
 
 OUTPUT_SUFFIX = " despeckled"
 SEQUENCE_SUFFIX = " sequence"
@@ -50,6 +52,8 @@ class SequenceOutput:
     frames: int
     seconds: float
     created_browser: bool = False  # no browser played the input, so a new one was made
+    uncertainty_node: Any = None   # with uncertainty=True: vtkMRMLSequenceNode of one map per input item
+    uncertainty_proxy_node: Any = None   # the volume showing the browser's current map
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -170,8 +174,9 @@ UNCERTAINTY_OF_ATTRIBUTE = "Speckle2Self.UncertaintyOf"
 
 
 def check_uncertainty_node(uncertainty_node, input_node, output_node, slice_axis: str) -> None:
-    """ValueError unless the uncertainty map can be written: a scalar volume node (or None: a new
-    one) that is neither the input nor the output, and one slice plane (not "three")."""
+    """ValueError unless a volume's uncertainty map can be written: a scalar volume node (or None: a
+    new one) that is neither the input nor the output nor a sequence's proxy, and one slice plane
+    (not "three"). A sequence's maps: :func:`sequence_map_target`."""
     if slice_axis == "three":
         raise ValueError("the uncertainty map describes one plane's despeckling; choose slice axis auto, i, j or k")
     if uncertainty_node is None:
@@ -182,6 +187,10 @@ def check_uncertainty_node(uncertainty_node, input_node, output_node, slice_axis
     if uncertainty_node.GetClassName() != "vtkMRMLScalarVolumeNode":
         raise ValueError(f"the uncertainty map is a scalar volume; {uncertainty_node.GetName()!r} is a "
                          f"{uncertainty_node.GetClassName()}: choose a scalar volume or create a new one")
+    shown = find_sequence(uncertainty_node)
+    if shown is not None:
+        raise ValueError(f"{display_name(uncertainty_node)} shows a frame of sequence {display_name(shown[0])}: its "
+                         "browser would replace the map at its next step; choose another volume or create a new one")
 
 
 def uncertainty_voxels(recorder, pixels: Pixels, slice_choice=None) -> np.ndarray:
@@ -208,13 +217,74 @@ def store_uncertainty(source: VolumeSource, uncertainty_node, maps: np.ndarray, 
     return uncertainty_node
 
 
+@dataclass
+class MapTarget:
+    """Where a sequence's uncertainty maps go: the map sequence to refill and the volume that shows
+    its current item in the input's browser (each None: made new)."""
+
+    sequence: Any = None
+    proxy: Any = None
+
+
+@dataclass
+class SequenceMaps:
+    """A sequence's uncertainty maps, one float32 (K, J, I) array per item, and where they go."""
+
+    per_item: List[np.ndarray]
+    target: MapTarget
+
+
+def sequence_map_target(uncertainty_node, src: SequenceSource, output_node) -> MapTarget:
+    """Where a sequence's maps go, checked before any work: ``uncertainty_node`` None (a new map
+    sequence), a sequence node, or the volume that shows one in the browser playing the input (what
+    the module remembers); never the input's, the output's or the browser's primary sequence."""
+    if uncertainty_node is None:
+        return MapTarget()
+    target = _map_target_of(uncertainty_node, src.browser)
+    shown = find_sequence(output_node) if output_node is not None else None
+    primary = primary_sequence(src.browser) if src.browser is not None else None
+    if uncertainty_node is output_node or any(target.sequence is node for node in
+                                              (src.sequence, shown[0] if shown else None, primary)):
+        raise ValueError(f"the uncertainty maps need their own sequence; {display_name(uncertainty_node)} is (or "
+                         "shows) the input, the output or the browser's primary sequence: choose another node or "
+                         "create a new one")
+    if target.proxy is not None and target.proxy.GetClassName() != "vtkMRMLScalarVolumeNode":
+        raise ValueError(f"sequence {display_name(target.sequence)} is shown by {display_name(target.proxy)}, a "
+                         f"{target.proxy.GetClassName()}; the maps are scalar volumes: choose another node or create "
+                         "a new one")
+    return target
+
+
+def _map_target_of(node, browser) -> MapTarget:
+    """A sequence node (with its proxy where ``browser`` plays it), or a volume ``browser`` shows."""
+    import slicer
+
+    if isinstance(node, slicer.vtkMRMLSequenceNode):
+        played = browser is not None and browser.IsSynchronizedSequenceNode(node, True)
+        return MapTarget(node, browser.GetProxyNode(node) if played else None)
+    found = find_sequence(node)
+    if found is None:
+        raise ValueError(f"a sequence's uncertainty maps go into a sequence; {display_name(node)} is a "
+                         f"{node.GetClassName()} that no browser shows: choose a sequence (or its proxy volume) or "
+                         "create a new one")
+    if found[1] is not browser:
+        raise ValueError(f"{display_name(node)} shows sequence {display_name(found[0])} in browser "
+                         f"{display_name(found[1])}, not in the one playing the input; choose another node or "
+                         "create a new one")
+    return MapTarget(found[0], node)
+
+
 def store_sequence(src: SequenceSource, output_node, per_item: List[np.ndarray], sequences_logic=None,
-                   progress: ProgressFn = None, cancel: CancelFn = None):
-    """Output sequence + proxy volume, played by the input's browser (or a new one): returns
-    (output proxy, output sequence, browser, whether the browser was made here)."""
+                   progress: ProgressFn = None, cancel: CancelFn = None,
+                   maps: Optional[SequenceMaps] = None) -> SequenceOutput:
+    """Output sequence + proxy volume, played by the input's browser (or a new one), and with
+    ``maps`` the uncertainty map sequence + proxy played beside them: all of them, or none when
+    this fails or is cancelled (``seconds`` of the result is the caller's to set)."""
     n = len(per_item)
     sequence, browser, input_proxy = src.sequence, src.browser, src.input_proxy
-    check_still_in_scene(src.scene, sequence=sequence, browser=browser, proxy=input_proxy, output=output_node)
+    target = maps.target if maps is not None else MapTarget()
+    check_still_in_scene(src.scene, sequence=sequence, browser=browser, proxy=input_proxy, output=output_node,
+                         uncertainty=target.sequence, uncertainty_proxy=target.proxy)
     if sequence.GetNumberOfDataNodes() != n:
         raise ValueError(f"sequence {display_name(sequence)} changed from {n} to {sequence.GetNumberOfDataNodes()} "
                          "frames while it was despeckled; nothing was added, run it again")
@@ -223,15 +293,12 @@ def store_sequence(src: SequenceSource, output_node, per_item: List[np.ndarray],
             output_node = created.add(_volume_class(src.colour_out),
                                       output_name(input_proxy if input_proxy is not None else sequence))
         out_sequence = created.add("vtkMRMLSequenceNode", output_name(sequence) + SEQUENCE_SUFFIX)
-        _fill_sequence(out_sequence, sequence, per_item, src.colour_out, progress, cancel, n)
+        _copy_index(out_sequence, sequence)
+        out_sequence.SetAttribute(SOURCE_ATTRIBUTE, sequence.GetID() or "")
+        _fill_items(out_sequence, sequence, per_item, _volume_class(src.colour_out), OUTPUT_SUFFIX, progress, cancel)
         current = browser_item_number(browser, sequence) if browser is not None else None
         current = min(max(current or 0, 0), n - 1)
-        write_voxels(output_node, per_item[current])
-        copy_geometry(sequence.GetNthDataNode(current), output_node)
-        # Sequence items are copies without scene references (vtkMRMLSequenceNode::CopyContent):
-        # the parent transform (e.g. ImageToReference of tracked ultrasound) is the input proxy's.
-        transform = input_proxy.GetParentTransformNode() if input_proxy is not None else None
-        output_node.SetAndObserveTransformNodeID(transform.GetID() if transform is not None else None)
+        _show_item(output_node, per_item[current], src, current)
         copy_display(input_proxy if input_proxy is not None else sequence.GetNthDataNode(0), output_node)
         created.track_display(output_node)
         made_browser = browser is None
@@ -244,33 +311,85 @@ def store_sequence(src: SequenceSource, output_node, per_item: List[np.ndarray],
             name = src.replaced.GetName()
             src.scene.RemoveNode(src.replaced)
             out_sequence.SetName(name)
+        result = SequenceOutput(out_sequence, output_node, browser, n, 0.0, made_browser)
+        if maps is not None:
+            result.uncertainty_node, result.uncertainty_proxy_node = _store_maps(created, src, browser, maps,
+                                                                                 out_sequence, current)
         if sequences_logic is not None:
             sequences_logic.UpdateProxyNodesFromSequences(browser)
-        return output_node, out_sequence, browser, made_browser
+        return result
 
 
-def _fill_sequence(out_sequence, sequence, per_item: List[np.ndarray], colour_out: bool,
-                   progress: ProgressFn, cancel: CancelFn, n: int) -> None:
-    """One output volume per input item, at the same index value, with the item's geometry."""
+def _copy_index(target, sequence) -> None:
+    target.SetIndexName(sequence.GetIndexName())
+    target.SetIndexUnit(sequence.GetIndexUnit())
+    target.SetIndexType(sequence.GetIndexType())
+
+
+def _fill_items(target, sequence, per_item: List[np.ndarray], class_name: str, suffix: str,
+                progress: ProgressFn = None, cancel: CancelFn = None) -> None:
+    """One ``class_name`` volume per input item into ``target``, at the item's index value, with its
+    geometry; ``progress`` counts the items stored after the N despeckled (of 2 N)."""
     import slicer
 
     from ..engine.inference import Cancelled, _is_cancelled
 
-    out_sequence.SetIndexName(sequence.GetIndexName())
-    out_sequence.SetIndexUnit(sequence.GetIndexUnit())
-    out_sequence.SetIndexType(sequence.GetIndexType())
-    out_sequence.SetAttribute(SOURCE_ATTRIBUTE, sequence.GetID() or "")
+    n = len(per_item)
     for i, voxels in enumerate(per_item):
         if _is_cancelled(cancel):
             raise Cancelled("despeckling cancelled")
         item = sequence.GetNthDataNode(i)
-        frame = getattr(slicer, _volume_class(colour_out))()
-        frame.SetName(base_name(item, "frame") + OUTPUT_SUFFIX)
+        frame = getattr(slicer, class_name)()
+        frame.SetName(base_name(item, "frame") + suffix)
         write_voxels(frame, voxels)
         copy_geometry(item, frame)
-        out_sequence.SetDataNodeAtValue(frame, sequence.GetNthIndexValue(i))
+        target.SetDataNodeAtValue(frame, sequence.GetNthIndexValue(i))
         if progress is not None:
             progress(n + i + 1, 2 * n)
+
+
+def _show_item(proxy, voxels: np.ndarray, src: SequenceSource, current: int) -> None:
+    """``proxy`` shows item ``current`` of a result: its voxels, with the input item's geometry."""
+    write_voxels(proxy, voxels)
+    copy_geometry(src.sequence.GetNthDataNode(current), proxy)
+    # Sequence items are copies without scene references (vtkMRMLSequenceNode::CopyContent):
+    # the parent transform (e.g. ImageToReference of tracked ultrasound) is the input proxy's.
+    transform = src.input_proxy.GetParentTransformNode() if src.input_proxy is not None else None
+    proxy.SetAndObserveTransformNodeID(transform.GetID() if transform is not None else None)
+
+
+def _store_maps(created: CreatedNodes, src: SequenceSource, browser, maps: SequenceMaps, out_sequence, current: int):
+    """(map sequence, its proxy): the given sequence refilled, or a new "<input> uncertainty", one
+    scalar volume per input item with its geometry, played by ``browser`` beside the output. Written
+    after the output (whose storing can be cancelled), so a cancel never leaves a given sequence half
+    refilled."""
+    sequence = maps.target.sequence
+    if sequence is None:
+        sequence = created.add("vtkMRMLSequenceNode", base_name(src.sequence) + UNCERTAINTY_SUFFIX)
+    proxy = maps.target.proxy
+    if proxy is None:    # named as the sequence it shows, as the Sequences module names proxies
+        proxy = created.add("vtkMRMLScalarVolumeNode", sequence.GetName())
+        proxy.SetName(sequence.GetName())
+    sequence.RemoveAllDataNodes()
+    _copy_index(sequence, src.sequence)
+    _fill_items(sequence, src.sequence, maps.per_item, "vtkMRMLScalarVolumeNode", UNCERTAINTY_SUFFIX)
+    sequence.SetAttribute(UNCERTAINTY_OF_ATTRIBUTE, out_sequence.GetID())
+    _show_item(proxy, maps.per_item[current], src, current)
+    play_as_proxy(browser, sequence, proxy)
+    return sequence, proxy
+
+
+def is_map_of(uncertainty_node, output_node) -> bool:
+    """Whether ``uncertainty_node`` is the uncertainty map of ``output_node``: a volume's map by its
+    attribute; the proxy of a map sequence when its sequence is the map of the sequence that
+    ``output_node`` shows (a browser's step rewrites a proxy's attributes, not a sequence's)."""
+    if uncertainty_node is None or output_node is None:
+        return False
+    if uncertainty_node.GetAttribute(UNCERTAINTY_OF_ATTRIBUTE) == output_node.GetID():
+        return True
+    maps, output = find_sequence(uncertainty_node), find_sequence(output_node)
+    return maps is not None and output is not None and \
+        maps[0].GetAttribute(UNCERTAINTY_OF_ATTRIBUTE) == output[0].GetID()
 
 
 def _earlier_result(output_node, browser, sequence):
@@ -288,17 +407,15 @@ def _earlier_result(output_node, browser, sequence):
 
 
 def _synchronise(browser, out_sequence, proxy, made_browser: bool) -> None:
-    """Play ``out_sequence`` in ``browser`` with ``proxy`` as the node that shows its current item."""
+    """Play ``out_sequence`` in ``browser`` (its primary sequence when the browser was made for it)
+    with ``proxy`` as the node that shows its current item."""
     modifying = browser.StartModify()
     try:
         if made_browser:
             set_primary = getattr(browser, "SetAndObservePrimarySequenceNodeID", None) or \
                 browser.SetAndObserveMasterSequenceNodeID
             set_primary(out_sequence.GetID())
-        else:
-            browser.AddSynchronizedSequenceNode(out_sequence)
-        browser.AddProxyNode(proxy, out_sequence, False)
-        browser.SetSaveChanges(out_sequence, False)   # edits of the proxy must not rewrite the result
+        play_as_proxy(browser, out_sequence, proxy)
     finally:
         browser.EndModify(modifying)
 
@@ -357,7 +474,7 @@ class DespeckleJob(BackgroundJob):
                  colour_out: bool, colour_threshold: float, model, device, batch_size, gamma, blend,
                  grey_levels: str = "auto", refine: str = "auto", slice_choice=None, uncertainty: bool = False):
         super().__init__(int(pixels.grey.shape[0]))
-        self._uncertainty = uncertainty             # also keep the uncertainty map (volumes)
+        self._uncertainty = uncertainty             # also keep the uncertainty maps
         self.uncertainty_maps: Optional[np.ndarray] = None
         self.slice_choice = slice_choice            # the plane of a 3D volume (engine.volume_axes); None: K
         self._logic, self._pixels, self._store = logic, pixels, store
@@ -421,39 +538,53 @@ def prepare_job(logic, source, output_node=None, *, all_frames: bool = True, mod
                 uncertainty_node=None) -> DespeckleJob:
     """Read ``source`` now (main thread) for a :class:`DespeckleJob` of ``logic``; ``slice_axis``: the
     plane of a 3D volume (Speckle2SelfLib.engine.volume_axes; a sequence's frames are its items).
-    ``uncertainty`` (volumes): also the uncertainty map, into ``uncertainty_node`` (new when None),
-    kept as ``logic.last_uncertainty_node``."""
-    from ..engine.volume_axes import check_slice_axis, choose_volume_axis, record_on_node
+    ``uncertainty``: also the uncertainty map, into ``uncertainty_node`` (new when None), kept as
+    ``logic.last_uncertainty_node``: a volume for a volume, a sequence of maps played beside the
+    output for a sequence (:func:`sequence_map_target` says which nodes can take it)."""
+    from ..engine.volume_axes import check_slice_axis
 
     check_slice_axis(slice_axis)
     logic.last_uncertainty_node = None
-    if uncertainty and means_sequence(source, all_frames):
-        raise ValueError("the uncertainty map is made for volumes only, not yet for a whole sequence; "
-                         "despeckle the sequence without it, or one frame (all frames off) with it")
-    if uncertainty:
-        check_uncertainty_node(uncertainty_node, source, output_node, slice_axis)
     options = dict(model=model, device=device, batch_size=batch_size, gamma=gamma, blend=blend,
                    colour_threshold=colour_threshold, grey_levels=check_grey_levels(grey_levels),
-                   refine=check_refine(refine))
+                   refine=check_refine(refine), uncertainty=uncertainty)
     if means_sequence(source, all_frames):
-        src = SequenceSource.read(source, output_node, keep_colour)
-        job: Optional[DespeckleJob] = None
+        return _sequence_job(logic, source, output_node, keep_colour, uncertainty_node, options)
+    if uncertainty:
+        check_uncertainty_node(uncertainty_node, source, output_node, slice_axis)
+    return _volume_job(logic, source, output_node, keep_colour, slice_axis, uncertainty_node, options)
 
-        def store(result: np.ndarray) -> SequenceOutput:
-            out = store_sequence(src, output_node, np.split(result, src.frames), logic.sequences_logic)
-            return SequenceOutput(out[1], out[0], out[2], src.frames, time.monotonic() - job.started, out[3])
 
-        job = DespeckleJob(logic, src.stacked, store, colour_out=src.colour_out, **options)
-        return job
+def _sequence_job(logic, source, output_node, keep_colour: bool, uncertainty_node, options: dict) -> DespeckleJob:
+    src = SequenceSource.read(source, output_node, keep_colour)
+    uncertainty = options["uncertainty"]
+    target = sequence_map_target(uncertainty_node, src, output_node) if uncertainty else None
+    job: Optional[DespeckleJob] = None
+
+    def store(result: np.ndarray) -> SequenceOutput:
+        maps = SequenceMaps(np.split(job.uncertainty_maps, src.frames), target) if uncertainty else None
+        out = store_sequence(src, output_node, np.split(result, src.frames), logic.sequences_logic, maps=maps)
+        out.seconds = time.monotonic() - job.started
+        logic.last_uncertainty_node = out.uncertainty_node
+        return out
+
+    job = DespeckleJob(logic, src.stacked, store, colour_out=src.colour_out, **options)
+    return job
+
+
+def _volume_job(logic, source, output_node, keep_colour: bool, slice_axis: str, uncertainty_node,
+                options: dict) -> DespeckleJob:
+    from ..engine.volume_axes import choose_volume_axis, record_on_node
+
     volume = VolumeSource.read(source, output_node, keep_colour)
     choice = choose_volume_axis(volume.pixels.grey, slice_axis)
+    job: Optional[DespeckleJob] = None
 
     def store_both(result: np.ndarray):
         out = record_on_node(store_volume(volume, output_node, result), choice)
-        if uncertainty:
+        if options["uncertainty"]:
             logic.last_uncertainty_node = store_uncertainty(volume, uncertainty_node, job.uncertainty_maps, out)
         return out
 
-    job = DespeckleJob(logic, volume.pixels, store_both, colour_out=volume.colour_out, slice_choice=choice,
-                       uncertainty=uncertainty, **options)
+    job = DespeckleJob(logic, volume.pixels, store_both, colour_out=volume.colour_out, slice_choice=choice, **options)
     return job

@@ -12,6 +12,7 @@ job the GUI polls), segments the lumen from a seed point (likewise), lists and m
     logic = Speckle2SelfLogic(device='cuda')                      # keeps the loaded model for reuse
     out = logic.despeckle_volume(getNode('US'), progress=lambda done, total: print(done, total))
     result = logic.despeckle_sequence(getNode('Sequence'))        # -> SequenceOutput
+    result = logic.despeckle_sequence(getNode('Sequence'), uncertainty=True)   # + a map per frame
     lumen = logic.segment_lumen(getNode('US despeckled'), getNode('F'))   # seed: last point of F
 
 The input node is never modified. When the work is cancelled or fails, every node the call
@@ -33,10 +34,10 @@ from ..engine.inference import check_grey_levels
 from ..engine.refine import check_refine
 from ..engine.volume_axes import SLICE_AXIS_LABELS  # noqa: F401 (the module's plane choice)
 from ..segmentation import DEFAULT_METHOD
-from .despeckle import (CancelFn, DespeckleJob, ProgressFn, SequenceOutput, SequenceSource, VolumeSource,
-                        check_uncertainty_node, despeckle_pixels, prepare_job, scaled_progress, store_sequence,
-                        store_uncertainty, store_volume, uncertainty_voxels)
-from .nodes import COLOUR_THRESHOLD, display_name, find_sequence, means_sequence
+from .despeckle import (CancelFn, DespeckleJob, ProgressFn, SequenceMaps, SequenceOutput, SequenceSource,
+                        VolumeSource, check_uncertainty_node, despeckle_pixels, prepare_job, scaled_progress,
+                        sequence_map_target, store_sequence, store_uncertainty, store_volume, uncertainty_voxels)
+from .nodes import COLOUR_THRESHOLD, display_name, find_sequence, means_sequence, resolve_sequence
 
 #: The module's name: its parameter node's singleton tag and ``ModuleName`` attribute.
 MODULE_NAME = "Speckle2Self"
@@ -84,7 +85,7 @@ class Speckle2SelfLogic:
         self._despeckler: Optional[Tuple[Tuple[str, str, str], Any]] = None     # (key, Despeckler)
         self._despeckler_lock = threading.Lock()
         self.last_seconds = 0.0      # duration of the last successful call (despeckling + writing)
-        self.last_uncertainty_node = None   # the uncertainty map of the last despeckle_volume(uncertainty=True)
+        self.last_uncertainty_node = None   # the last uncertainty=True run's map (a sequence, for a sequence)
 
     # ------------------------------------------------------------------ parameter node
     @staticmethod
@@ -265,7 +266,8 @@ class Speckle2SelfLogic:
                            keep_colour: bool = False, colour_threshold: float = COLOUR_THRESHOLD,
                            progress: ProgressFn = None, cancel: CancelFn = None,
                            grey_levels: str = "auto", refine: str = "auto",
-                           slice_axis: str = "auto") -> SequenceOutput:
+                           slice_axis: str = "auto", uncertainty: bool = False,
+                           uncertainty_node=None) -> SequenceOutput:
         """Despeckle every item of a sequence of volumes into a new sequence node (``slice_axis``
         is accepted for :meth:`process`: a sequence's frames are its items, despeckled as they are).
 
@@ -274,21 +276,30 @@ class Speckle2SelfLogic:
         index name, unit, type and values; it is added to the browser that plays the input (a
         new browser when none does), with ``output_node`` (new when None) as its proxy.
         ``progress(done, total)`` counts frames despeckled, then frames stored (total = 2 N).
+        ``uncertainty``: also a sequence of maps, one float32 volume per item with its geometry, at
+        the same index values, played by the same browser: ``uncertainty_node`` (a sequence, or the
+        volume that shows one in that browser; a new "<input> uncertainty" when None), kept as
+        :attr:`last_uncertainty_node` and in the result.
         """
         check_grey_levels(grey_levels)
         refine = check_refine(refine)
+        self.last_uncertainty_node = None
         src = SequenceSource.read(source, output_node, keep_colour)
+        target = sequence_map_target(uncertainty_node, src, output_node) if uncertainty else None
         n = src.frames
         despeckler = self.despeckler(model, device)
+        if uncertainty:
+            from ..engine.uncertainty import MapRecorder
+            despeckler = MapRecorder(despeckler)
         started = time.monotonic()
         result = despeckle_pixels(despeckler, src.stacked, src.colour_out, colour_threshold, batch_size, gamma, blend,
                                   scaled_progress(progress, 2 * n, src.stacked.grey.shape[0], n), cancel, grey_levels,
                                   refine)
-        output_node, out_sequence, browser, made_browser = store_sequence(
-            src, output_node, np.split(result, n), self.sequences_logic, progress, cancel)
-        seconds = time.monotonic() - started
-        self.last_seconds = seconds
-        return SequenceOutput(out_sequence, output_node, browser, n, seconds, made_browser)
+        maps = SequenceMaps(np.split(uncertainty_voxels(despeckler, src.stacked), n), target) if uncertainty else None
+        out = store_sequence(src, output_node, np.split(result, n), self.sequences_logic, progress, cancel, maps)
+        out.seconds = self.last_seconds = time.monotonic() - started
+        self.last_uncertainty_node = out.uncertainty_node
+        return out
 
     def prepare_job(self, source, output_node=None, **options) -> DespeckleJob:
         """Read ``source`` (a volume; with ``all_frames`` (default) a sequence proxy's whole
@@ -329,13 +340,15 @@ class Speckle2SelfLogic:
         """Like :meth:`process`, in the background: reads the frames now and returns the started
         :class:`~Speckle2SelfLib.scene.despeckle.DespeckleJob`; poll() it from the main thread
         (e.g. a QTimer) to get progress and, at the end, the result written into the scene
-        (:meth:`DespeckleRun.from_result` of it); cancel() stops it. ``uncertainty`` (volumes): also
-        the uncertainty map into ``uncertainty_node`` (new when None), then :attr:`last_uncertainty_node`."""
+        (:meth:`DespeckleRun.from_result` of it); cancel() stops it. ``uncertainty``: also the
+        uncertainty map into ``uncertainty_node`` when that can take it (else a new one), then
+        :attr:`last_uncertainty_node` (for a sequence: a sequence of maps, played with the output)."""
         if input_node is None:
             raise ValueError("Select an input volume.")
         self.backend = backend
-        output_node = _usable_output(output_node, keep_colour and is_rgb(input_node),
-                                     means_sequence(input_node, all_frames))
+        whole_sequence = means_sequence(input_node, all_frames)
+        output_node = _usable_output(output_node, keep_colour and is_rgb(input_node), whole_sequence)
+        uncertainty_node = _usable_uncertainty(uncertainty_node, input_node, whole_sequence)
         job = self.prepare_job(input_node, output_node, all_frames=all_frames, model=model, device=device,
                                batch_size=batch_size, gamma=_gamma(gamma), blend=blend, keep_colour=keep_colour,
                                grey_levels=grey_levels, refine=refine, slice_axis=slice_axis,
@@ -416,6 +429,23 @@ def _usable_output(output_node, colour: bool, whole_sequence: bool = False):
     return output_node
 
 
+def _usable_uncertainty(uncertainty_node, input_node, whole_sequence: bool):
+    """The remembered map node, or None for a new one where it cannot take this map: a volume's map
+    never goes into a sequence's frame (its browser would replace it); a sequence's maps need a
+    sequence, or the volume that shows one in the browser playing the input."""
+    if uncertainty_node is None:
+        return None
+    shown = find_sequence(uncertainty_node)
+    if not whole_sequence:
+        usable = shown is None and not uncertainty_node.IsA("vtkMRMLSequenceNode")
+    else:
+        usable = uncertainty_node.IsA("vtkMRMLSequenceNode") or \
+            (shown is not None and shown[1] is resolve_sequence(input_node)[1])
+    if not usable:
+        logging.info(f"{display_name(uncertainty_node)} cannot hold this uncertainty map; creating a new one")
+    return uncertainty_node if usable else None
+
+
 def _usable_live_output(output_node, input_node):
     """The remembered output, or None for a new one where it cannot take a live result: live
     output is grey, never the input itself, and never a frame of a sequence (its browser would
@@ -439,7 +469,9 @@ def despeckle_node(node, output_node=None, *, all_frames: bool = False, model=No
 
     Returns the output volume node, or for a sequence the output sequence node (its proxy is
     in the scene as "<name> despeckled"). ``options``: batch_size, gamma, blend, keep_colour,
-    colour_threshold, progress, cancel (see :meth:`Speckle2SelfLogic.despeckle_volume`).
+    colour_threshold, progress, cancel, uncertainty, uncertainty_node (see
+    :meth:`Speckle2SelfLogic.despeckle_volume` and :meth:`~Speckle2SelfLogic.despeckle_sequence`; the
+    map is then the given ``logic``'s ``last_uncertainty_node``).
     """
     logic = logic or Speckle2SelfLogic(model, device)
     if means_sequence(node, all_frames):

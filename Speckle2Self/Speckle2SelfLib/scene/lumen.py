@@ -34,8 +34,8 @@ from ..segmentation import (DEFAULT_METHOD, DEFAULT_TOLERANCE, MAX_AREA_CHANGE, 
 from ..vtkimage import image_from_array
 from .jobs import BackgroundJob
 from .nodes import (CreatedNodes, base_name, browser_item_number, browser_showing, check_still_in_scene, display_name,
-                    nodes_of_class, read_pixels, read_sequence_items, remove_with_display_nodes, resolve_sequence,
-                    synchronized_sequences)
+                    find_sequence, nodes_of_class, play_as_proxy, read_pixels, read_sequence_items,
+                    remove_with_display_nodes, resolve_sequence, synchronized_sequences)
 
 LUMEN_SEGMENT_NAME = "Carotid lumen"
 LUMEN_COLOR = (0.85, 0.15, 0.15)
@@ -390,7 +390,7 @@ def _write_sequence_segmentations(created: CreatedNodes, lumen: LumenResult, fra
         created, segmentation_node, frames.geometry(start), lumen.sequence.masks[start][None], frames.transform_node,
         stem)      # named as the lumen sequence it shows, not after one frame's item
     if browser is not None:
-        _play_as_proxy(browser, sequence, lumen.segmentation_node)
+        play_as_proxy(browser, sequence, lumen.segmentation_node)
         lumen.segment_id = lumen.segmentation_node.GetSegmentation().GetSegmentIdBySegmentName(
             LUMEN_SEGMENT_NAME) or lumen.segment_id
 
@@ -414,20 +414,6 @@ def _earlier_lumen_sequence(browser, segmentation_node, source):
                 proxy.IsA("vtkMRMLSegmentationNode"):
             return sequence, proxy
     return None, None
-
-
-def _play_as_proxy(browser, sequence, proxy) -> None:
-    """Browse ``sequence`` with ``browser``, shown by ``proxy`` (registered in one modification,
-    so that the Sequences logic does not make a proxy copy of its own)."""
-    modifying = browser.StartModify()
-    try:
-        if not browser.IsSynchronizedSequenceNode(sequence, True):
-            browser.AddSynchronizedSequenceNode(sequence)
-        if browser.GetProxyNode(sequence) is not proxy:
-            browser.AddProxyNode(proxy, sequence, False)
-        browser.SetSaveChanges(sequence, False)   # edits of the shown frame do not rewrite the results
-    finally:
-        browser.EndModify(modifying)
 
 
 def _fill_table(created: CreatedNodes, table_node, name: str, result: SequenceResult, frames: List[int]):
@@ -506,23 +492,77 @@ def add_boundary_uncertainty(lumen: LumenResult, uncertainty_node, segmented_nod
     :func:`~Speckle2SelfLib.segmentation.uncertain_boundary_share` of the frame's mask, from
     ``uncertainty_node`` (the map ``Speckle2SelfLogic.despeckle_volume(..., uncertainty=True)``
     wrote, ``last_uncertainty_node``) and ``segmented_node`` (the volume that was segmented: the
-    despeckled one). Both are volume nodes of the lumen's voxel grid (a sequence's map: not yet)."""
-    import vtk
-
+    despeckled one). For a lumen measured on every frame of a sequence, both are sequences (or the
+    volumes that show them: the proxies): the map sequence of ``despeckle_sequence(...,
+    uncertainty=True)`` and the segmented sequence, whose frames the map's items match by index value."""
     from ..segmentation import uncertain_boundary_share
-    from .nodes import volume_to_array
 
-    for role, node in (("uncertainty", uncertainty_node), ("segmented", segmented_node)):
-        if node is None or not node.IsA("vtkMRMLScalarVolumeNode"):
-            raise ValueError(f"the {role} node must be a scalar volume node (a sequence's map is not supported); "
-                             "despeckle the volume with uncertainty=True and pass its nodes")
-    maps, frames = volume_to_array(uncertainty_node), volume_to_array(segmented_node)
+    if lumen.segmentation_sequence_node is None:
+        maps, frames = _volume_map_and_frames(uncertainty_node, segmented_node)
+    else:
+        maps, frames = _sequence_map_and_frames(lumen, uncertainty_node, segmented_node)
     masks = lumen.sequence.masks
     if maps.shape != masks.shape or frames.shape != masks.shape:
         raise ValueError(f"the uncertainty map {maps.shape} and the segmented volume {frames.shape} must have the "
                          f"lumen's voxel grid {masks.shape}; pass the map of the volume that was segmented")
     shares = [uncertain_boundary_share(masks[k], maps[k], frames[k]) for k in lumen.frames]
-    table = lumen.table_node.GetTable()
+    _write_share_column(lumen.table_node, shares)
+    return shares
+
+
+def _volume_map_and_frames(uncertainty_node, segmented_node) -> Tuple[np.ndarray, np.ndarray]:
+    """The map and the segmented frames of a lumen measured on one volume (its slices are the frames)."""
+    from .nodes import volume_to_array
+
+    for role, node in (("uncertainty", uncertainty_node), ("segmented", segmented_node)):
+        if node is None or not node.IsA("vtkMRMLScalarVolumeNode"):
+            raise ValueError(f"the lumen was measured on one volume, so the {role} node must be a scalar volume node; "
+                             "despeckle the volume with uncertainty=True and pass its nodes")
+    return volume_to_array(uncertainty_node), volume_to_array(segmented_node)
+
+
+def _sequence_map_and_frames(lumen: LumenResult, uncertainty_node, segmented_node) -> Tuple[np.ndarray, np.ndarray]:
+    """The maps and the segmented frames of a lumen measured on every frame of a sequence, one per
+    segmented item in item order (the order of the lumen's masks)."""
+    maps, segmented = _sequence_of(uncertainty_node, "uncertainty"), _sequence_of(segmented_node, "segmented")
+    if lumen.segmentation_sequence_node.GetAttribute(LUMEN_SOURCE_ATTRIBUTE) != segmented.GetID():
+        raise ValueError(f"the lumen was not measured on sequence {display_name(segmented)}; pass the sequence (or "
+                         "its proxy) that was segmented")
+    return _items_at_values_of(maps, segmented), _items_at_values_of(segmented, segmented)
+
+
+def _sequence_of(node, role: str):
+    """``node`` when it is a sequence, the sequence it shows when it is a proxy volume."""
+    import slicer
+
+    if isinstance(node, slicer.vtkMRMLSequenceNode):
+        return node
+    found = find_sequence(node)
+    if found is None:
+        raise ValueError(f"the lumen was measured on every frame of a sequence, so the {role} node must be a sequence "
+                         f"(or its proxy volume), not {display_name(node)}; pass the sequences despeckle_sequence("
+                         "uncertainty=True) gave")
+    return found[0]
+
+
+def _items_at_values_of(sequence, segmented) -> np.ndarray:
+    """(N, rows, cols) grey frames of ``sequence``: its item at each index value of ``segmented``."""
+    frames = []
+    for k in range(segmented.GetNumberOfDataNodes()):
+        value = segmented.GetNthIndexValue(k)
+        item = sequence.GetItemNumberFromIndexValue(value, True)
+        if item < 0:
+            raise ValueError(f"sequence {display_name(sequence)} has no item at {segmented.GetIndexName()} {value} of "
+                             f"the segmented sequence {display_name(segmented)}; pass the map made with it")
+        frames.append(read_pixels(sequence.GetNthDataNode(item)).grey)
+    return np.concatenate(frames)
+
+
+def _write_share_column(table_node, shares: List[float]) -> None:
+    """(Re)place the :data:`BOUNDARY_UNCERTAINTY_COLUMN` of ``table_node`` (one value per row)."""
+    import vtk
+
+    table = table_node.GetTable()
     if table.GetColumnByName(BOUNDARY_UNCERTAINTY_COLUMN) is not None:
         table.RemoveColumnByName(BOUNDARY_UNCERTAINTY_COLUMN)
     column = vtk.vtkDoubleArray()
@@ -530,8 +570,7 @@ def add_boundary_uncertainty(lumen: LumenResult, uncertainty_node, segmented_nod
     for share in shares:
         column.InsertNextValue(share)
     table.AddColumn(column)
-    lumen.table_node.SetColumnDescription(
+    table_node.SetColumnDescription(
         BOUNDARY_UNCERTAINTY_COLUMN, "share (0-1) of the contour where the despeckled image's uncertainty exceeds "
                                      "the wall's contrast per pixel: higher, less trustworthy boundary")
-    lumen.table_node.Modified()
-    return shares
+    table_node.Modified()

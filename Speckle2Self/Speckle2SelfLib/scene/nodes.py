@@ -4,7 +4,7 @@
   :func:`add_node` (a new node under a name that is unique in its scene);
 * browsers: :func:`find_sequence` (the sequence a proxy volume shows), :func:`resolve_sequence`
   (sequence, browser and proxy of a sequence, browser or proxy node), :func:`browser_item_number`,
-  :func:`synchronized_sequences`, :func:`nodes_of_class`;
+  :func:`synchronized_sequences`, :func:`play_as_proxy`, :func:`volume_showing`, :func:`nodes_of_class`;
 * voxels: :func:`read_pixels`, the one validator of input volume nodes (grey or RGB, finite,
   frames in the IJ plane), :func:`read_sequence_items` / :func:`read_input` for whole sequences,
   :func:`write_voxels`, :func:`copy_geometry` and :func:`copy_display` for outputs;
@@ -149,6 +149,32 @@ def resolve_sequence(source) -> Tuple[Any, Any, Any]:
     return sequence, browser, source
 
 
+def play_as_proxy(browser, sequence, proxy) -> None:
+    """Browse ``sequence`` with ``browser``, shown by ``proxy`` (registered in one modification,
+    so that the Sequences logic does not make a proxy copy of its own); edits of the shown item
+    never rewrite the sequence (it holds results)."""
+    modifying = browser.StartModify()
+    try:
+        if not browser.IsSynchronizedSequenceNode(sequence, True):
+            browser.AddSynchronizedSequenceNode(sequence)
+        if browser.GetProxyNode(sequence) is not proxy:
+            browser.AddProxyNode(proxy, sequence, False)
+        browser.SetSaveChanges(sequence, False)
+    finally:
+        browser.EndModify(modifying)
+
+
+def volume_showing(node):
+    """The volume node that shows ``node``: ``node`` itself for a volume; for a sequence, its proxy
+    in the first browser that plays it (None when none does)."""
+    import slicer
+
+    if not isinstance(node, slicer.vtkMRMLSequenceNode):
+        return node
+    browser = first_browser(node.GetScene(), lambda b: b.IsSynchronizedSequenceNode(node, True))
+    return browser.GetProxyNode(node) if browser is not None else None
+
+
 def synchronized_sequences(browser) -> list:
     """The sequences ``browser`` plays (its primary sequence included)."""
     import vtk
@@ -158,14 +184,19 @@ def synchronized_sequences(browser) -> list:
     return [found.GetItemAsObject(i) for i in range(found.GetNumberOfItems())]
 
 
+def primary_sequence(browser):
+    """The sequence whose items ``browser`` steps through (Slicer < 5.4 calls it the master)."""
+    get_primary = getattr(browser, "GetPrimarySequenceNode", None) or browser.GetMasterSequenceNode
+    return get_primary()
+
+
 def browser_item_number(browser, sequence) -> Optional[int]:
     """Item number of ``sequence`` that ``browser`` shows now: matched by the index value of
     the browser's primary sequence (the selected item number counts the primary sequence's
     items, which need not be ``sequence``'s), None when ``sequence`` has no such item."""
     if browser is None or sequence is None or sequence.GetNumberOfDataNodes() == 0:
         return None
-    get_primary = getattr(browser, "GetPrimarySequenceNode", None) or browser.GetMasterSequenceNode
-    primary, selected = get_primary(), browser.GetSelectedItemNumber()
+    primary, selected = primary_sequence(browser), browser.GetSelectedItemNumber()
     if primary is None or not 0 <= selected < primary.GetNumberOfDataNodes():
         return None
     if primary is sequence:
@@ -385,10 +416,21 @@ class CreatedNodes:
     def __exit__(self, exc_type, exc, tb):
         if exc_type is None:
             return False
+        self._stop_playing_sequences()
         for node in reversed(self.nodes):
             if node is not None and node.GetScene() is self.scene:
                 remove_with_display_nodes(self.scene, node)
         return False
+
+    def _stop_playing_sequences(self) -> None:
+        """Browsers stop playing the created sequences first: a browser that still plays one when
+        its proxy is removed makes a proxy of its own for it (Sequences logic), which would stay."""
+        created = [node for node in self.nodes if node is not None and node.GetScene() is self.scene
+                   and node.IsA("vtkMRMLSequenceNode")]
+        for browser in nodes_of_class(self.scene, "vtkMRMLSequenceBrowserNode") if created else []:
+            for sequence in created:
+                if browser.IsSynchronizedSequenceNode(sequence, False):
+                    browser.RemoveSynchronizedSequenceNode(sequence.GetID())
 
 
 def check_still_in_scene(scene, doing: str = "despeckled", **nodes) -> None:
