@@ -9,14 +9,15 @@ and weight at its own position; their ratio is the filtered pixel. The grid has 
 cost) falls as the filter widens, and the splat and slice cost a fixed amount per pixel
 whatever the window: a 41 x 41 window costs what a 5 x 5 one does.
 
-The splat is nearest-cell in space and linear in level. The blur's Gaussian is narrowed so
-that splat + blur + slice together have the requested spatial and range variances. Global
-factors cancel in value / weight, so the blur needs no normalising. The ratio is taken in the
-grid, before the slice (the grid has 3-4x fewer cells than the frame has pixels, and the slice
-then reads 8 numbers per pixel instead of 16): each pixel is a trilinear blend of cells' weighted
-means, itself a weighted mean of input pixels. It differs from slicing value and weight apart
-and dividing by 0.1 grey levels of 255 on average, a third of the grid's own difference from the
-direct filter, and halves the refinement's time (``python benchmarks/refine_methods.py``).
+The splat is nearest-cell in space and linear in level; the slice is trilinear. The blur's
+Gaussian is narrowed so that splat + blur + slice together have the requested spatial and range
+variances. Global factors cancel in value / weight, so the blur needs no normalising. The grid
+is laid out with the level innermost, and the slice gathers, for each pixel, the 16 numbers
+(value and weight at the 8 corners of its cell) from a corner table with one row per number:
+torch's gather spreads that over its threads where ``index_select`` runs on one. (Dividing value
+by weight in the grid before the slice reads half as much and halves the refinement's time, but
+it blends level cells without their weights and lost flood-fill IoU on the carotid test
+subjects: docs/methodology.md.)
 Frames run in strips of rows: per-pixel temporaries stay small and are reused from the
 allocator's cache (whole-frame temporaries cost more in page faults than in arithmetic), and
 huge frames need no more than the grid and the output. The result does not depend on the
@@ -57,8 +58,6 @@ def grid_filter(image, guide, sigma_px: float, range_sigma: float, cell_px: floa
     """
     import torch
 
-    import torch
-
     check_cells(sigma_px, range_sigma, cell_px, level_cell)
     image = image.float()
     n, _, h, w = image.shape
@@ -70,11 +69,14 @@ def grid_filter(image, guide, sigma_px: float, range_sigma: float, cell_px: floa
         _splat(sums[0], sums[1], image[:, 0, top:bottom], levels[:, 0, top:bottom], top, grid)
     blurred = _blur(sums.view(2, n, grid.rows, grid.cols, grid.depth),
                     _blur_sigma(sigma_px, cell_px, spatial=True), _blur_sigma(range_sigma, level_cell, spatial=False))
-    corners = corner_table(weighted_mean(blurred[0], blurred[1])[None])
+    table = corner_table(blurred)
     out = torch.empty_like(image)
-    workspace = torch.empty(SLICE_FLOATS * n * (strips[0][1] - strips[0][0]) * w, dtype=torch.float32, device=image.device)
+    workspace = torch.empty(SLICE_FLOATS * 2 * n * (strips[0][1] - strips[0][0]) * w, dtype=torch.float32,
+                            device=image.device)
     for top, bottom in strips:
-        slice_grid(corners, levels[:, 0, top:bottom], top, grid, workspace, out[None, :, 0, top:bottom])
+        sliced = slice_grid(table, levels[:, 0, top:bottom], top, grid, workspace)
+        # every pixel's weight is positive: its own splat lies within the blur's reach of its position
+        torch.div(sliced[0], sliced[1], out=out[:, 0, top:bottom])
     return out
 
 
@@ -84,13 +86,6 @@ def check_cells(sigma_px: float, range_sigma: float, cell_px: float, level_cell:
     if not (0 < cell_px <= sigma_px and 0 < level_cell <= range_sigma):
         raise ValueError(f"grid cells ({cell_px:g} px, {level_cell:g} levels) must be positive and at most the "
                          f"filter's sigmas ({sigma_px:g} px, {range_sigma:g}): pass smaller cells")
-
-
-def weighted_mean(values, weights):
-    """Blurred value sums over blurred weights, cell by cell. Every cell a pixel reads holds part
-    of that pixel's own weight (the blur spans at least the cell it was splatted into), so the
-    floor only keeps cells no pixel reads finite."""
-    return values / weights.clamp_min(1e-30)
 
 
 def _level_coordinates(guide, level_cell: float):
@@ -215,16 +210,15 @@ def _gaussian_band(inputs: int, outputs: int, offset: int, sigma_cells: float, d
     return torch.exp(-0.5 * ((i - offset - j) / sigma_cells) ** 2)
 
 
-#: Floats per pixel of a strip that :func:`slice_grid` needs for each channel (8 corners, 4, 2).
-SLICE_FLOATS = 14
+#: Floats per pixel of a strip and per channel that :func:`slice_grid` needs (8 corners, 4, 2, 1).
+SLICE_FLOATS = 15
 
 
 def corner_table(grid):
     """(8 C, cells) table of a (C, N, R, C', D) grid: for every cell (frame, row, column, level),
     the cube it spans with its upper neighbours, ordered [column step][row step][level step]
     [channel], so that each interpolation step of the slice blends the two halves of what the
-    previous one left, on contiguous rows of pixels. Cells are ordered with the level innermost:
-    the pixels of one spatial cell read neighbouring columns of the table."""
+    previous one left, on contiguous rows of pixels."""
     import torch
 
     channels = grid.shape[0]
@@ -234,14 +228,14 @@ def corner_table(grid):
     return torch.stack(cube).view(8 * channels, -1)
 
 
-def slice_grid(corners, levels, top: int, grid: _Grid, workspace, out) -> None:
+def slice_grid(table, levels, top: int, grid: _Grid, workspace):
     """One strip ((N, rows, W) levels) of every channel of the table's grid read trilinearly at
-    each pixel, written into ``out`` ((C, N, rows, W)). ``workspace``: room for SLICE_FLOATS x C
-    floats per pixel of the largest strip, reused by every strip (fresh temporaries of this
-    size cost more in page faults than the arithmetic)."""
+    each pixel: a (C, N, rows, W) view into ``workspace``, which holds SLICE_FLOATS x C floats per
+    pixel of the largest strip and is reused by every strip (fresh temporaries of this size cost
+    more in page faults than the arithmetic)."""
     import torch
 
-    c = corners.shape[0] // 8
+    c = table.shape[0] // 8
     n, height, w = levels.shape
     pixels = n * height * w
     device = levels.device
@@ -252,9 +246,12 @@ def slice_grid(corners, levels, top: int, grid: _Grid, workspace, out) -> None:
     low = levels.floor()
     spatial = (row_low.long().view(1, -1, 1) * cols + col_low.long().view(1, 1, -1)) * depth
     index = low.long().add_(spatial).add_(_frame_offsets(n, rows * cols * depth, device))
-    cube, square, edge = (workspace[start * c * pixels:(start + size) * c * pixels].view(size * c, n, height, w)
-                          for start, size in ((0, 8), (8, 4), (12, 2)))
-    torch.index_select(corners, 1, index.view(-1), out=cube.view(8 * c, -1))
+    cube, square, edge, point = (workspace[start * c * pixels:(start + size) * c * pixels].view(size * c, n, height, w)
+                                 for start, size in ((0, 8), (8, 4), (12, 2), (14, 1)))
+    # gather with the index broadcast over the table's rows: one parallel pass (index_select's
+    # column gather runs on one thread)
+    torch.gather(table, 1, index.view(1, -1).expand(8 * c, pixels), out=cube.view(8 * c, pixels))
     torch.lerp(cube[:4 * c], cube[4 * c:], col_pos - col_low, out=square)          # weights broadcast
     torch.lerp(square[:2 * c], square[2 * c:], (row_pos - row_low).view(-1, 1), out=edge)
-    torch.lerp(edge[:c], edge[c:], levels - low, out=out)
+    torch.lerp(edge[:c], edge[c:], levels - low, out=point)
+    return point

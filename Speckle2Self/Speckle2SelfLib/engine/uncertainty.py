@@ -34,7 +34,7 @@ from __future__ import annotations
 import math
 
 from .bilateral_grid import (SLICE_FLOATS, _blur, _blur_sigma, _cell_count, _centres, _frame_offsets, _Grid,
-                             _level_coordinates, _strips, check_cells, corner_table, slice_grid, weighted_mean)
+                             _level_coordinates, _strips, check_cells, corner_table, slice_grid)
 
 #: The wider window of the disagreement cue, in the refinement's spatial and range sigmas.
 WIDE_SIGMA_FACTOR = 2.0
@@ -76,25 +76,24 @@ def refinement_statistics(image, guide, sigma_px: float, range_sigma: float, cel
         return _blur(channels, _blur_sigma(spatial * sigma_px, cell_px, spatial=True),
                      _blur_sigma(tonal * range_sigma, level_cell, spatial=False))
 
-    # as grid_filter: means taken in the grid, then sliced (the mean is grid_filter's, bit for bit);
-    # the weights are sliced as they are, for the effective count.
     # Gaussian weights squared are Gaussians of sigma / sqrt(2): sum w^2 from the weights alone
     narrow = 1.0 / math.sqrt(2.0)
-    window, wide_window = blurred(sums, 1.0, 1.0), blurred(sums[0::2].contiguous(), *wide)
-    table = corner_table(torch.stack([weighted_mean(window[0], window[2]), weighted_mean(window[1], window[2]),
-                                      window[2], blurred(sums[2:], narrow, narrow)[0],
-                                      weighted_mean(wide_window[0], wide_window[1])]))
-    out = torch.empty((5, n, h, w), dtype=torch.float32, device=image.device)
+    table = corner_table(torch.cat([blurred(sums, 1.0, 1.0), blurred(sums[2:], narrow, narrow),
+                                    blurred(sums[0::2].contiguous(), *wide)]))
+    out = torch.empty((6, n, h, w), dtype=torch.float32, device=image.device)
     strips = _strips(h, w)
-    workspace = torch.empty(SLICE_FLOATS * 5 * n * (strips[0][1] - strips[0][0]) * w, dtype=torch.float32,
+    workspace = torch.empty(SLICE_FLOATS * 6 * n * (strips[0][1] - strips[0][0]) * w, dtype=torch.float32,
                             device=image.device)
     for top, bottom in strips:
-        slice_grid(table, levels[:, 0, top:bottom], top, grid, workspace, out[:, :, top:bottom])
-    mean, mean_square, weight, weight_square, wide_mean = out
-    variance = (mean_square - mean * mean).clamp_min(0.0)
+        out[:, :, top:bottom] = slice_grid(table, levels[:, 0, top:bottom], top, grid, workspace)
+    value, square, weight, weight_square, wide_value, wide_weight = out
+    weight = weight.clamp_min(1e-30)
+    mean = value / weight
+    variance = (square / weight - mean * mean).clamp_min(0.0)
     # the grid's weights carry a global factor per sum; a flat frame's interior calibrates it
     n_eff = weight * weight / weight_square.clamp_min(1e-30) * _flat_count_factor(sigma_px, range_sigma, cell_px,
                                                                                    level_cell, image.device)
+    wide_mean = wide_value / wide_weight.clamp_min(1e-30)
     return mean[:, None], variance[:, None], n_eff[:, None], wide_mean[:, None]
 
 
@@ -118,11 +117,10 @@ def _flat_count_factor(sigma_px, range_sigma, cell_px, level_cell, device) -> fl
         wide = _blur(sums[2:].view(1, *shape), _blur_sigma(sigma_px, cell_px, True), _blur_sigma(range_sigma, level_cell, False))
         narrow = _blur(sums[2:].view(1, *shape), _blur_sigma(sigma_px / math.sqrt(2.0), cell_px, True),
                        _blur_sigma(range_sigma / math.sqrt(2.0), level_cell, False))
-        out = torch.empty((2, 1, side, side), dtype=torch.float32, device=device)
-        slice_grid(corner_table(torch.cat([wide, narrow])), levels[:, 0], 0, grid,
-                   torch.empty(SLICE_FLOATS * 2 * side * side, dtype=torch.float32, device=device), out)
+        workspace = torch.empty(SLICE_FLOATS * 2 * side * side, dtype=torch.float32, device=device)
+        out = slice_grid(corner_table(torch.cat([wide, narrow])), levels[:, 0], 0, grid, workspace)[:, 0]
         centre = side // 2
-        grid_count = float(out[0, 0, centre, centre] ** 2 / out[1, 0, centre, centre])
+        grid_count = float(out[0, centre, centre] ** 2 / out[1, centre, centre])
         _FLAT_FACTORS[key] = 4.0 * math.pi * sigma_px * sigma_px / grid_count
     return _FLAT_FACTORS[key]
 
