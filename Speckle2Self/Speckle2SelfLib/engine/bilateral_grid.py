@@ -27,6 +27,7 @@ strip height. Everything runs in torch on the tensors' device (CPU or CUDA).
 from __future__ import annotations
 
 import math
+import threading
 from typing import NamedTuple
 
 #: Pixels per strip of the splat and the slice (whole rows, at least one): small enough that
@@ -63,21 +64,50 @@ def grid_filter(image, guide, sigma_px: float, range_sigma: float, cell_px: floa
     n, _, h, w = image.shape
     levels = _level_coordinates(guide.float(), level_cell)
     grid = _Grid(n, int(levels.max().floor()) + 2, _cell_count(h, cell_px), _cell_count(w, cell_px), cell_px)
-    sums = torch.zeros(2, n * grid.depth * grid.plane, dtype=torch.float32, device=image.device)
+    sums = scratch("sums", 2 * n * grid.depth * grid.plane, image.device).zero_().view(2, -1)
     strips = _strips(h, w)
     for top, bottom in strips:
         _splat(sums[0], sums[1], image[:, 0, top:bottom], levels[:, 0, top:bottom], top, grid)
     blurred = _blur(sums.view(2, n, grid.rows, grid.cols, grid.depth),
                     _blur_sigma(sigma_px, cell_px, spatial=True), _blur_sigma(range_sigma, level_cell, spatial=False))
-    table = corner_table(blurred)
+    table = corner_table(blurred, scratch("table", 8 * blurred[:, :, 1:, 1:, 1:].numel(), image.device))
     out = torch.empty_like(image)
-    workspace = torch.empty(SLICE_FLOATS * 2 * n * (strips[0][1] - strips[0][0]) * w, dtype=torch.float32,
-                            device=image.device)
+    workspace = scratch("slice", SLICE_FLOATS * 2 * n * (strips[0][1] - strips[0][0]) * w, image.device)
     for top, bottom in strips:
         sliced = slice_grid(table, levels[:, 0, top:bottom], top, grid, workspace)
         # every pixel's weight is positive: its own splat lies within the blur's reach of its position
         torch.div(sliced[0], sliced[1], out=out[:, 0, top:bottom])
     return out
+
+
+#: Bytes of scratch memory (the corner table, the slice's workspace) a thread keeps between calls.
+#: Fresh buffers of a few MB cost more in page faults than the filtering that fills them (they come
+#: back from the system zeroed on every call); a frame stream reuses them. Larger ones (frames of
+#: thousands of pixels a side) are allocated per call and given back.
+SCRATCH_KEEP_BYTES = 64 << 20
+_scratch = threading.local()
+
+
+def scratch(name: str, floats: int, device):
+    """A float32 buffer of ``floats`` elements, reused by this thread's later calls where small
+    enough (SCRATCH_KEEP_BYTES in all); its contents are undefined. One per ``name``: a call may
+    hold several at once. Per thread, so concurrent filters (a job and the live relay) never share."""
+    import torch
+
+    kept = getattr(_scratch, "buffers", None)
+    if kept is None:
+        kept = _scratch.buffers = {}
+    key = (name, str(device))
+    buffer = kept.get(key)
+    if buffer is not None and buffer.numel() >= floats:
+        return buffer[:floats]
+    buffer = torch.empty(floats, dtype=torch.float32, device=device)
+    others = sum(b.numel() for k, b in kept.items() if k != key) * 4
+    if others + floats * 4 <= SCRATCH_KEEP_BYTES:
+        kept[key] = buffer
+    else:
+        kept.pop(key, None)
+    return buffer
 
 
 def check_cells(sigma_px: float, range_sigma: float, cell_px: float, level_cell: float) -> None:
@@ -214,18 +244,21 @@ def _gaussian_band(inputs: int, outputs: int, offset: int, sigma_cells: float, d
 SLICE_FLOATS = 15
 
 
-def corner_table(grid):
+def corner_table(grid, out=None):
     """(8 C, cells) table of a (C, N, R, C', D) grid: for every cell (frame, row, column, level),
     the cube it spans with its upper neighbours, ordered [column step][row step][level step]
     [channel], so that each interpolation step of the slice blends the two halves of what the
-    previous one left, on contiguous rows of pixels."""
+    previous one left, on contiguous rows of pixels. ``out``: a flat buffer of 8 C x cells floats
+    to write it into (e.g. :func:`scratch`)."""
     import torch
 
     channels = grid.shape[0]
     r, c, d = (size - 1 for size in grid.shape[2:])
     cube = [grid[channel, :, dy:r + dy, dx:c + dx, dz:d + dz]
             for dx in (0, 1) for dy in (0, 1) for dz in (0, 1) for channel in range(channels)]
-    return torch.stack(cube).view(8 * channels, -1)
+    if out is None:
+        return torch.stack(cube).view(8 * channels, -1)
+    return torch.stack(cube, out=out.view(8 * channels, *cube[0].shape)).view(8 * channels, -1)
 
 
 def slice_grid(table, levels, top: int, grid: _Grid, workspace):

@@ -123,12 +123,15 @@ def fit_to(guide, target):
     the guide's grey levels on the input's scale, so one range sigma suits any output head."""
     import torch
 
-    dims = (1, 2, 3)
-    g_mean = guide.mean(dim=dims, keepdim=True)
-    t_mean = target.mean(dim=dims, keepdim=True)
-    dg = guide - g_mean
-    variance = (dg * dg).mean(dim=dims, keepdim=True)
-    slope = (dg * target).mean(dim=dims, keepdim=True) / variance.clamp_min(1e-12)   # mean(dg) = 0
+    n = guide.shape[0]
+    pixels = guide[0].numel()
+    g_mean = guide.mean(dim=(1, 2, 3), keepdim=True)
+    t_mean = target.mean(dim=(1, 2, 3), keepdim=True)
+    dg = (guide - g_mean).view(n, 1, pixels)
+    # sums of products as batched dot products: no frame-sized temporaries (each costs page faults);
+    # the covariance needs no centred target, dg summing to 0
+    variance = torch.bmm(dg, dg.transpose(1, 2)).view(n, 1, 1, 1) / pixels
+    slope = torch.bmm(dg, target.reshape(n, pixels, 1)).view(n, 1, 1, 1) / pixels / variance.clamp_min(1e-12)
     usable = (variance > 1e-12) & (slope > 0)
     # per sample a * guide + b, or the guide itself where no such map exists: one pass over the pixels
     a = torch.where(usable, slope, torch.ones_like(slope))
@@ -136,14 +139,17 @@ def fit_to(guide, target):
     return torch.addcmul(b, guide, a)
 
 
-def compressed_levels(levels, power: float):
+def compressed_levels(levels, power: float, in_place: bool = False):
     """Grey levels (0-1 of the frame's range) raised to ``power`` (REFINE_RANGE_POWER_LIMITS; 1: as
     they are): the scale on which the refinement's range kernel and training's edge weight
-    (losses.edge_weight) compare levels, stretching steps among dark ones."""
+    (losses.edge_weight) compare levels, stretching steps among dark ones. ``in_place``: into
+    ``levels`` itself (a temporary of the caller's: no second frame-sized tensor)."""
     if power == 1.0:
         return levels
-    levels = levels.clamp(0.0, 1.0)
-    return levels.sqrt() if power == 0.5 else levels.pow(power)     # sqrt: 5x faster than pow on CPUs
+    levels = levels.clamp_(0.0, 1.0) if in_place else levels.clamp(0.0, 1.0)
+    if power == 0.5:                  # sqrt: 5x faster than pow on CPUs
+        return levels.sqrt_() if in_place else levels.sqrt()
+    return levels.pow_(power) if in_place else levels.pow(power)
 
 
 #: The grid's spatial sigma as a fraction of a model's ``refine_sigma_px``: the direct filter
@@ -173,7 +179,7 @@ def guided_filter(image, guide, settings: GuidedSmoothing):
     pixels. ``image`` and ``guide`` (N, 1, H, W) in [0, 1] on one device; returns float32."""
     from .bilateral_grid import grid_filter
 
-    guide = compressed_levels(fit_to(guide.float(), image.float()), settings.range_power)
+    guide = compressed_levels(fit_to(guide.float(), image.float()), settings.range_power, in_place=True)
     sigma = GRID_SIGMA_FACTOR * settings.sigma_px
     return grid_filter(image, guide, sigma, settings.range_sigma, *grid_cells(sigma, settings.range_sigma))
 
