@@ -144,3 +144,31 @@ def test_cuda_gives_the_cpu_result():
     assert gpu.device.type == "cuda"
     torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-4, rtol=0)
 
+
+
+def test_concurrent_calls_in_threads_give_each_its_own_result():
+    """The grid keeps scratch buffers between calls, one set per thread: a despeckling job and the
+    live relay filtering at once must not write into each other's (a frame stream reuses them)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    scenes = [_speckled_scene(size=224 + 8 * k, seed=20 + k) for k in range(4)]
+    alone = [bilateral_grid.grid_filter(image, guide, 5.0, 0.06, 4.0, 0.048) for image, guide in scenes]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        for _round in range(3):
+            together = list(pool.map(lambda scene: bilateral_grid.grid_filter(*scene, 5.0, 0.06, 4.0, 0.048), scenes))
+            for got, want in zip(together, alone):
+                torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+
+
+def test_a_frame_too_large_for_the_kept_scratch_is_filtered_the_same(monkeypatch):
+    image, guide = _speckled_scene(size=80, seed=30)
+    kept = bilateral_grid.grid_filter(image, guide, 5.0, 0.06, 4.0, 0.048)
+    monkeypatch.setattr(bilateral_grid, "SCRATCH_KEEP_BYTES", 0)        # every buffer fresh, none kept
+    torch.testing.assert_close(bilateral_grid.grid_filter(image, guide, 5.0, 0.06, 4.0, 0.048), kept,
+                               atol=1e-6, rtol=0)
+
+
+def test_cells_coarser_than_the_filter_are_refused():
+    image, guide = _speckled_scene(size=32, seed=31)
+    with pytest.raises(ValueError, match="at most the filter's sigmas"):
+        bilateral_grid.grid_filter(image, guide, 3.0, 0.05, 4.0, 0.04)
