@@ -34,7 +34,7 @@ from __future__ import annotations
 import math
 
 from .bilateral_grid import (SLICE_FLOATS, _blur, _blur_sigma, _cell_count, _centres, _frame_offsets, _Grid,
-                             _level_coordinates, _strips, check_cells, corner_table, slice_grid)
+                             _level_coordinates, _strips, check_cells, corner_table, scratch, slice_grid)
 
 #: The wider window of the disagreement cue, in the refinement's spatial and range sigmas.
 WIDE_SIGMA_FACTOR = 2.0
@@ -78,12 +78,12 @@ def refinement_statistics(image, guide, sigma_px: float, range_sigma: float, cel
 
     # Gaussian weights squared are Gaussians of sigma / sqrt(2): sum w^2 from the weights alone
     narrow = 1.0 / math.sqrt(2.0)
-    table = corner_table(torch.cat([blurred(sums, 1.0, 1.0), blurred(sums[2:], narrow, narrow),
-                                    blurred(sums[0::2].contiguous(), *wide)]))
+    channels = torch.cat([blurred(sums, 1.0, 1.0), blurred(sums[2:], narrow, narrow),
+                          blurred(sums[0::2].contiguous(), *wide)])
+    table = corner_table(channels, scratch("statistics table", 8 * channels[:, :, 1:, 1:, 1:].numel(), image.device))
     out = torch.empty((6, n, h, w), dtype=torch.float32, device=image.device)
     strips = _strips(h, w)
-    workspace = torch.empty(SLICE_FLOATS * 6 * n * (strips[0][1] - strips[0][0]) * w, dtype=torch.float32,
-                            device=image.device)
+    workspace = scratch("statistics slice", SLICE_FLOATS * 6 * n * (strips[0][1] - strips[0][0]) * w, image.device)
     for top, bottom in strips:
         out[:, :, top:bottom] = slice_grid(table, levels[:, 0, top:bottom], top, grid, workspace)
     value, square, weight, weight_square, wide_value, wide_weight = out
@@ -184,19 +184,24 @@ def gradient_magnitude(frames, sigma_px: float):
     import torch.nn.functional as F
 
     radius = max(1, int(math.ceil(3 * sigma_px)))
-    t = torch.arange(-radius, radius + 1, dtype=torch.float32, device=frames.device)
+    t = torch.arange(-radius, radius + 1, dtype=torch.float64)
     smooth = torch.exp(-0.5 * (t / sigma_px) ** 2)
     smooth = smooth / smooth.sum()
     derivative = -t / (sigma_px * sigma_px) * smooth
     padded = F.pad(frames.float(), (radius,) * 4, mode="replicate")
-
-    def separable(x, along_rows, along_cols):
-        x = F.conv2d(x, along_rows.view(1, 1, -1, 1))
-        return F.conv2d(x, along_cols.view(1, 1, 1, -1))
-
-    d_row = separable(padded, derivative, smooth)
-    d_col = separable(padded, smooth, derivative)
+    h, w = frames.shape[-2:]
+    d_row = _filter_axis(_filter_axis(padded, derivative, -2, h), smooth, -1, w)
+    d_col = _filter_axis(_filter_axis(padded, smooth, -2, h), derivative, -1, w)
     return torch.sqrt(d_row * d_row + d_col * d_col)
+
+
+def _filter_axis(x, kernel, dim: int, size: int):
+    """x correlated with ``kernel`` along ``dim`` (padded by its radius on both sides): ``size``
+    outputs. Shifted multiply-adds: a one-channel conv2d costs 10-20x more on CPUs."""
+    out = x.narrow(dim, 0, size) * float(kernel[0])
+    for tap in range(1, len(kernel)):
+        out.add_(x.narrow(dim, tap, size), alpha=float(kernel[tap]))
+    return out
 
 
 class MapRecorder:
