@@ -25,7 +25,7 @@ network's own (``refine="none"``) the statistics of the refinement the model's s
 describe are used the same way, with the network's output (fitted to the input's grey levels)
 as the output. Everything runs on the frames' device in torch; nothing is computed unless asked
 (``Despeckler.denoise(..., uncertainty=True)``). The statistics' weighted mean is the refinement
-itself, which is then not run a second time: with the map a call takes 1.1-1.3x the default
+itself, which is then not run a second time: with the map a call takes 1.1-1.2x the default
 output's time (docs/results.md#uncertainty).
 """
 
