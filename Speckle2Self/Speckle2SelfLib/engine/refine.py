@@ -123,15 +123,14 @@ def fit_to(guide, target):
     the guide's grey levels on the input's scale, so one range sigma suits any output head."""
     import torch
 
-    n = guide.shape[0]
-    pixels = guide[0].numel()
-    g_mean = guide.mean(dim=(1, 2, 3), keepdim=True)
-    t_mean = target.mean(dim=(1, 2, 3), keepdim=True)
-    dg = (guide - g_mean).view(n, 1, pixels)
-    # sums of products as batched dot products: no frame-sized temporaries (each costs page faults);
-    # the covariance needs no centred target, dg summing to 0
-    variance = torch.bmm(dg, dg.transpose(1, 2)).view(n, 1, 1, 1) / pixels
-    slope = torch.bmm(dg, target.reshape(n, pixels, 1)).view(n, 1, 1, 1) / pixels / variance.clamp_min(1e-12)
+    dims = (1, 2, 3)
+    g_mean = guide.mean(dim=dims, keepdim=True)
+    t_mean = target.mean(dim=dims, keepdim=True)
+    dg = guide - g_mean
+    # per-frame reductions of elementwise products, not batched matrix products: those may sum in
+    # another order with another batch size, and a frame's output must not depend on its batch
+    variance = (dg * dg).mean(dim=dims, keepdim=True)
+    slope = (dg * target).mean(dim=dims, keepdim=True) / variance.clamp_min(1e-12)   # mean(dg) = 0
     usable = (variance > 1e-12) & (slope > 0)
     # per sample a * guide + b, or the guide itself where no such map exists: one pass over the pixels
     a = torch.where(usable, slope, torch.ones_like(slope))
