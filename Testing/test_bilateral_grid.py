@@ -163,9 +163,12 @@ def test_concurrent_calls_in_threads_give_each_its_own_result():
 def test_a_frame_too_large_for_the_kept_scratch_is_filtered_the_same(monkeypatch):
     image, guide = _speckled_scene(size=80, seed=30)
     kept = bilateral_grid.grid_filter(image, guide, 5.0, 0.06, 4.0, 0.048)
+    assert bilateral_grid._scratch.buffers                               # a small frame's buffers stay
     monkeypatch.setattr(bilateral_grid, "SCRATCH_KEEP_BYTES", 0)        # every buffer fresh, none kept
-    torch.testing.assert_close(bilateral_grid.grid_filter(image, guide, 5.0, 0.06, 4.0, 0.048), kept,
-                               atol=1e-6, rtol=0)
+    monkeypatch.setattr(bilateral_grid._scratch, "buffers", {})
+    fresh = bilateral_grid.grid_filter(image, guide, 5.0, 0.06, 4.0, 0.048)
+    assert bilateral_grid._scratch.buffers == {}
+    torch.testing.assert_close(fresh, kept, atol=1e-6, rtol=0)
 
 
 def test_cells_coarser_than_the_filter_are_refused():

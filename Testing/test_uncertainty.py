@@ -498,16 +498,68 @@ def test_a_cancelled_or_failed_sequence_run_leaves_no_map_node(scene, default_en
     job.start()
     assert job.wait(120) and job.poll().cancelled
     assert _node_ids(scene) == ids and logic.last_uncertainty_node is None
-    real = despeckle._store_maps
+    real = despeckle._commit_maps
 
     def fails_after_the_maps(*args):
         real(*args)
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(despeckle, "_store_maps", fails_after_the_maps)
+    monkeypatch.setattr(despeckle, "_commit_maps", fails_after_the_maps)
     with pytest.raises(RuntimeError, match="disk full"):
         logic.despeckle_sequence(sequence, uncertainty=True)
     assert _node_ids(scene) == ids and browser.GetNumberOfSynchronizedSequenceNodes() == synchronised
+
+
+def test_a_rerun_that_fails_keeps_the_earlier_output_and_map(scene, default_engine, monkeypatch):
+    """A rerun into the same output and map fills new nodes first; the earlier results are replaced
+    only once everything new is in place, so a failure while filling leaves them as they were."""
+    pytest.importorskip("slicer", reason="slicer-core (MRML Python bindings) is not installed")
+    from Speckle2SelfLib.scene import despeckle, nodes
+    from Speckle2SelfLib.scene.logic import Speckle2SelfLogic
+
+    sequence, browser, proxy = _sequence_nodes(scene, _frames(n=3))
+    logic = Speckle2SelfLogic(default_engine, sequences_logic=scene.sequences_logic)
+    first = logic.despeckle_sequence(proxy, uncertainty=True)
+    maps = first.uncertainty_node
+    before = [nodes.volume_to_array(maps.GetNthDataNode(k)).copy() for k in range(maps.GetNumberOfDataNodes())]
+    ids = _node_ids(scene)
+
+    real = despeckle._fill_items
+
+    def fails_filling_the_maps(target, source, per_item, class_name, suffix, *rest):
+        if suffix == despeckle.UNCERTAINTY_SUFFIX:       # the output's new sequence is filled by then
+            raise RuntimeError("out of memory")
+        return real(target, source, per_item, class_name, suffix, *rest)
+
+    monkeypatch.setattr(despeckle, "_fill_items", fails_filling_the_maps)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        logic.despeckle_sequence(proxy, first.proxy_node, uncertainty=True,
+                                 uncertainty_node=first.uncertainty_proxy_node)
+    assert _node_ids(scene) == ids
+    assert first.sequence_node.GetScene() is scene and first.sequence_node.GetNumberOfDataNodes() == 3
+    assert maps.GetNumberOfDataNodes() == len(before)
+    for k, values in enumerate(before):
+        np.testing.assert_array_equal(nodes.volume_to_array(maps.GetNthDataNode(k)), values)
+
+
+def test_a_new_output_gets_a_new_map_and_the_earlier_output_keeps_its_own(scene, default_engine):
+    """The module remembers the last map; Apply into a new output must not take it from the output
+    it describes."""
+    pytest.importorskip("slicer", reason="slicer-core (MRML Python bindings) is not installed")
+    from Speckle2SelfLib.scene.logic import Speckle2SelfLogic
+
+    sequence, browser, proxy = _sequence_nodes(scene, _frames(n=2))
+    logic = Speckle2SelfLogic(default_engine, sequences_logic=scene.sequences_logic)
+    first = logic.despeckle_sequence(proxy, uncertainty=True)
+    job = logic.start_process(proxy, None, uncertainty=True, uncertainty_node=first.uncertainty_proxy_node)
+    assert job.wait(120) and job.poll().finished
+    second = job.poll().result
+    assert second.uncertainty_node is not first.uncertainty_node
+    assert first.uncertainty_node.GetAttribute("Speckle2Self.UncertaintyOf") == first.sequence_node.GetID()
+    assert second.uncertainty_node.GetAttribute("Speckle2Self.UncertaintyOf") == second.sequence_node.GetID()
+    # into the output it describes, the remembered map is refilled (no new node)
+    again = logic.start_process(proxy, first.proxy_node, uncertainty=True, uncertainty_node=first.uncertainty_proxy_node)
+    assert again.wait(120) and again.poll().result.uncertainty_node is first.uncertainty_node
 
 
 def _carotid_frames(n=2):

@@ -194,12 +194,21 @@ def showAsOverlay(uncertainty, values=None) -> None:
     display.SetWindowLevelMinMax(0.0, float(np.percentile(values, 99)) if values.size else 1.0)
 
 
+#: Values of a map sequence its colour scale is taken from: a long cine loop is sampled evenly, so
+#: that the scale costs the GUI thread no more than a few frames' worth of memory and time.
+MAP_SCALE_SAMPLES = 4_000_000
+
+
 def mapValues(uncertainty):
     """The map's values: of every item of a map sequence, so that one colour scale holds for the
-    whole loop (a frame's own percentile would change the colours from frame to frame)."""
+    whole loop (a frame's own percentile would change the colours from frame to frame); at most
+    about MAP_SCALE_SAMPLES of them, taken evenly from every item."""
     import numpy as np
 
     if not uncertainty.IsA("vtkMRMLSequenceNode"):
         return slicer.util.arrayFromVolume(uncertainty)
-    return np.concatenate([slicer.util.arrayFromVolume(uncertainty.GetNthDataNode(i)).ravel()
-                           for i in range(uncertainty.GetNumberOfDataNodes())])
+    items = [uncertainty.GetNthDataNode(i) for i in range(uncertainty.GetNumberOfDataNodes())]
+    voxels = sum(int(np.prod(item.GetImageData().GetDimensions())) for item in items if item.GetImageData())
+    step = max(1, -(-voxels // MAP_SCALE_SAMPLES))
+    return np.concatenate([slicer.util.arrayFromVolume(item).ravel()[::step] for item in items]) if items \
+        else np.zeros(0, np.float32)

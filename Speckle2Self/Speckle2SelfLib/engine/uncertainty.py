@@ -25,7 +25,7 @@ network's own (``refine="none"``) the statistics of the refinement the model's s
 describe are used the same way, with the network's output (fitted to the input's grey levels)
 as the output. Everything runs on the frames' device in torch; nothing is computed unless asked
 (``Despeckler.denoise(..., uncertainty=True)``). The statistics' weighted mean is the refinement
-itself, which is then not run a second time: with the map a call takes 1.1-1.2x the default
+itself, which is then not run a second time: with the map a call takes 1.1-1.4x the default
 output's time (docs/results.md#uncertainty).
 """
 
@@ -68,7 +68,8 @@ def refinement_statistics(image, guide, sigma_px: float, range_sigma: float, cel
     levels = _level_coordinates(guide.float(), level_cell)
     grid = _Grid(n, int(levels.max().floor()) + 2, _cell_count(h, cell_px), _cell_count(w, cell_px), cell_px)
     sums = torch.zeros(3, n * grid.depth * grid.plane, dtype=torch.float32, device=image.device)
-    for top, bottom in _strips(h, w):
+    # strips of a third of the grid's: six sums sliced instead of two, in a workspace of the same size
+    for top, bottom in _strips(h, w, 3 * n):
         _splat3(sums, image[:, 0, top:bottom], levels[:, 0, top:bottom], top, grid)
     sums = sums.view(3, n, grid.rows, grid.cols, grid.depth)
 
@@ -82,7 +83,7 @@ def refinement_statistics(image, guide, sigma_px: float, range_sigma: float, cel
                           blurred(sums[0::2].contiguous(), *wide)])
     table = corner_table(channels, scratch("statistics table", 8 * channels[:, :, 1:, 1:, 1:].numel(), image.device))
     out = torch.empty((6, n, h, w), dtype=torch.float32, device=image.device)
-    strips = _strips(h, w)
+    strips = _strips(h, w, 3 * n)
     workspace = scratch("statistics slice", SLICE_FLOATS * 6 * n * (strips[0][1] - strips[0][0]) * w, image.device)
     for top, bottom in strips:
         out[:, :, top:bottom] = slice_grid(table, levels[:, 0, top:bottom], top, grid, workspace)

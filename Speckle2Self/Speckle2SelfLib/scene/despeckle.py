@@ -307,14 +307,17 @@ def store_sequence(src: SequenceSource, output_node, per_item: List[np.ndarray],
         if src.replaced is not None:   # a rerun into the same output: the new frames take the old one's place
             browser.RemoveSynchronizedSequenceNode(src.replaced.GetID())
         _synchronise(browser, out_sequence, output_node, made_browser)
+        result = SequenceOutput(out_sequence, output_node, browser, n, 0.0, made_browser)
+        staged = _stage_maps(created, src, maps) if maps is not None else None
+        # from here on earlier results are replaced (a given map sequence refilled, the output's
+        # earlier sequence removed): only once everything new is in place
+        if maps is not None:
+            result.uncertainty_node, result.uncertainty_proxy_node = _commit_maps(
+                created, src, browser, maps, *staged, out_sequence, current)
         if src.replaced is not None:
             name = src.replaced.GetName()
             src.scene.RemoveNode(src.replaced)
             out_sequence.SetName(name)
-        result = SequenceOutput(out_sequence, output_node, browser, n, 0.0, made_browser)
-        if maps is not None:
-            result.uncertainty_node, result.uncertainty_proxy_node = _store_maps(created, src, browser, maps,
-                                                                                 out_sequence, current)
         if sequences_logic is not None:
             sequences_logic.UpdateProxyNodesFromSequences(browser)
         return result
@@ -358,21 +361,35 @@ def _show_item(proxy, voxels: np.ndarray, src: SequenceSource, current: int) -> 
     proxy.SetAndObserveTransformNodeID(transform.GetID() if transform is not None else None)
 
 
-def _store_maps(created: CreatedNodes, src: SequenceSource, browser, maps: SequenceMaps, out_sequence, current: int):
-    """(map sequence, its proxy): the given sequence refilled, or a new "<input> uncertainty", one
-    scalar volume per input item with its geometry, played by ``browser`` beside the output. Written
-    after the output (whose storing can be cancelled), so a cancel never leaves a given sequence half
-    refilled."""
-    sequence = maps.target.sequence
-    if sequence is None:
-        sequence = created.add("vtkMRMLSequenceNode", base_name(src.sequence) + UNCERTAINTY_SUFFIX)
+def _stage_maps(created: CreatedNodes, src: SequenceSource, maps: SequenceMaps):
+    """(new map sequence, proxy): one scalar volume per input item with its geometry, in a new
+    sequence ("<input> uncertainty", or the given one's name, which it refills at the end:
+    :func:`_commit_maps`), and a new proxy where none is given. Touches no existing node."""
+    given = maps.target.sequence
+    sequence = created.add("vtkMRMLSequenceNode", (given.GetName() if given is not None
+                                                   else base_name(src.sequence) + UNCERTAINTY_SUFFIX))
+    _copy_index(sequence, src.sequence)
+    _fill_items(sequence, src.sequence, maps.per_item, "vtkMRMLScalarVolumeNode", UNCERTAINTY_SUFFIX)
     proxy = maps.target.proxy
     if proxy is None:    # named as the sequence it shows, as the Sequences module names proxies
         proxy = created.add("vtkMRMLScalarVolumeNode", sequence.GetName())
         proxy.SetName(sequence.GetName())
-    sequence.RemoveAllDataNodes()
-    _copy_index(sequence, src.sequence)
-    _fill_items(sequence, src.sequence, maps.per_item, "vtkMRMLScalarVolumeNode", UNCERTAINTY_SUFFIX)
+    return sequence, proxy
+
+
+def _commit_maps(created: CreatedNodes, src: SequenceSource, browser, maps: SequenceMaps, staged, proxy,
+                 out_sequence, current: int):
+    """(map sequence, proxy) played by ``browser`` beside the output: the staged sequence, or the
+    given one refilled from it (the staged one then leaves the scene)."""
+    sequence = staged
+    if maps.target.sequence is not None:
+        sequence = maps.target.sequence
+        sequence.RemoveAllDataNodes()
+        _copy_index(sequence, staged)
+        for i in range(staged.GetNumberOfDataNodes()):
+            sequence.SetDataNodeAtValue(staged.GetNthDataNode(i), staged.GetNthIndexValue(i))
+        created.nodes.remove(staged)
+        src.scene.RemoveNode(staged)
     sequence.SetAttribute(UNCERTAINTY_OF_ATTRIBUTE, out_sequence.GetID())
     _show_item(proxy, maps.per_item[current], src, current)
     play_as_proxy(browser, sequence, proxy)

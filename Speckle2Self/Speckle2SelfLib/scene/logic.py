@@ -34,9 +34,10 @@ from ..engine.inference import check_grey_levels
 from ..engine.refine import check_refine
 from ..engine.volume_axes import SLICE_AXIS_LABELS  # noqa: F401 (the module's plane choice)
 from ..segmentation import DEFAULT_METHOD
-from .despeckle import (CancelFn, DespeckleJob, ProgressFn, SequenceMaps, SequenceOutput, SequenceSource,
-                        VolumeSource, check_uncertainty_node, despeckle_pixels, prepare_job, scaled_progress,
-                        sequence_map_target, store_sequence, store_uncertainty, store_volume, uncertainty_voxels)
+from .despeckle import (UNCERTAINTY_OF_ATTRIBUTE, CancelFn, DespeckleJob, ProgressFn, SequenceMaps, SequenceOutput,
+                        SequenceSource, VolumeSource, check_uncertainty_node, despeckle_pixels, is_map_of,
+                        prepare_job, scaled_progress, sequence_map_target, store_sequence, store_uncertainty,
+                        store_volume, uncertainty_voxels)
 from .nodes import COLOUR_THRESHOLD, display_name, find_sequence, means_sequence, resolve_sequence
 
 #: The module's name: its parameter node's singleton tag and ``ModuleName`` attribute.
@@ -348,7 +349,7 @@ class Speckle2SelfLogic:
         self.backend = backend
         whole_sequence = means_sequence(input_node, all_frames)
         output_node = _usable_output(output_node, keep_colour and is_rgb(input_node), whole_sequence)
-        uncertainty_node = _usable_uncertainty(uncertainty_node, input_node, whole_sequence)
+        uncertainty_node = _usable_uncertainty(uncertainty_node, input_node, whole_sequence, output_node)
         job = self.prepare_job(input_node, output_node, all_frames=all_frames, model=model, device=device,
                                batch_size=batch_size, gamma=_gamma(gamma), blend=blend, keep_colour=keep_colour,
                                grey_levels=grey_levels, refine=refine, slice_axis=slice_axis,
@@ -429,13 +430,17 @@ def _usable_output(output_node, colour: bool, whole_sequence: bool = False):
     return output_node
 
 
-def _usable_uncertainty(uncertainty_node, input_node, whole_sequence: bool):
+def _usable_uncertainty(uncertainty_node, input_node, whole_sequence: bool, output_node=None):
     """The remembered map node, or None for a new one where it cannot take this map: a volume's map
     never goes into a sequence's frame (its browser would replace it); a sequence's maps need a
-    sequence, or the volume that shows one in the browser playing the input."""
+    sequence, or the volume that shows one in the browser playing the input; and a map of another
+    output stays that output's (a new output gets a new map)."""
     if uncertainty_node is None:
         return None
     shown = find_sequence(uncertainty_node)
+    if _describes_another_output(uncertainty_node, shown, output_node):
+        logging.info(f"{display_name(uncertainty_node)} is the map of another output; creating a new one")
+        return None
     if not whole_sequence:
         usable = shown is None and not uncertainty_node.IsA("vtkMRMLSequenceNode")
     else:
@@ -444,6 +449,14 @@ def _usable_uncertainty(uncertainty_node, input_node, whole_sequence: bool):
     if not usable:
         logging.info(f"{display_name(uncertainty_node)} cannot hold this uncertainty map; creating a new one")
     return uncertainty_node if usable else None
+
+
+def _describes_another_output(uncertainty_node, shown, output_node) -> bool:
+    """Whether the node (or the sequence it shows) is already the map of an output other than
+    ``output_node`` (None: a new output)."""
+    holder = shown[0] if shown is not None else uncertainty_node
+    described = holder.GetAttribute(UNCERTAINTY_OF_ATTRIBUTE) or uncertainty_node.GetAttribute(UNCERTAINTY_OF_ATTRIBUTE)
+    return bool(described) and not is_map_of(uncertainty_node, output_node)
 
 
 def _usable_live_output(output_node, input_node):
