@@ -12,8 +12,9 @@
 * Time and memory: each (method, frame size) in a fresh process on one frame of random speckle
   steered by a smooth guide: ms per frame, ns per pixel (flat = time proportional to the
   pixels) and the process's peak resident memory (the frame, the guide and the filter's own
-  needs; the network is not run). The direct filter is timed up to ``--direct-up-to`` pixels
-  on a side (its cost grows with the window, so large frames take minutes).
+  needs; the network is not run): the median of ``--repeats`` runs (the direct filter's above
+  1024 px: one run). The direct filter is timed up to ``--direct-up-to`` pixels on a side (its
+  cost grows with the window, so large frames take minutes).
 Prints markdown tables.
 """
 
@@ -132,7 +133,9 @@ def timing(sizes, repeats: int, threads: int, direct_up_to: int, model, device: 
         for method in ("grid", "direct"):
             if method == "direct" and size > direct_up_to:
                 continue
-            cmd = [sys.executable, __file__, "--row", f"{method},{size}", "--repeats", str(repeats if size <= 1024 else 1),
+            # the direct filter once above 1024 px (seconds to minutes a run); the grid always median of --repeats
+            runs = repeats if method == "grid" or size <= 1024 else 1
+            cmd = [sys.executable, __file__, "--row", f"{method},{size}", "--repeats", str(runs),
                    "--threads", str(threads), "--device", device] + (["--model", model] if model else [])
             done = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if done.returncode:
