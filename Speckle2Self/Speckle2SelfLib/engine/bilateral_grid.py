@@ -15,9 +15,9 @@ variances. Global factors cancel in value / weight, so the blur needs no normali
 is laid out with the level innermost, and the slice gathers, for each pixel, the 16 numbers
 (value and weight at the 8 corners of its cell) from a corner table with one row per number:
 torch's gather spreads that over its threads where ``index_select`` runs on one. (Dividing value
-by weight in the grid before the slice reads half as much and halves the refinement's time, but
-it blends level cells without their weights and lost flood-fill IoU on the carotid test
-subjects: docs/methodology.md.)
+by weight in the grid before the slice would read 8 numbers per pixel instead of 16, but it blends
+level cells without their weights and lost flood-fill IoU on the carotid test subjects:
+docs/methodology.md.)
 Frames run in strips of rows: per-pixel temporaries stay small and are reused from the
 allocator's cache (whole-frame temporaries cost more in page faults than in arithmetic), and
 huge frames need no more than the grid and the output. The result does not depend on the
@@ -31,9 +31,9 @@ import threading
 from typing import NamedTuple
 
 #: Pixels per strip of the splat and the slice, over all frames of a call (whole rows of every
-#: frame, at least one): large enough to amortise the per-strip calls (a quarter of it made one to
-#: eight 512x512 frames 25-30% slower), and a fixed size, so that the slice's workspace is the same
-#: for any batch and stays in the per-thread scratch.
+#: frame, at least one): large enough to amortise the per-strip calls (smaller strips timed slower,
+#: ``benchmarks/refine_methods.py``'s timing rows), and a fixed size, so that the slice's workspace is
+#: the same for any batch and stays in the per-thread scratch.
 STRIP_PIXELS = 1 << 17
 
 
@@ -131,7 +131,7 @@ def _cell_count(pixels: int, cell_px: float) -> int:
     return int(math.floor((pixels - 0.5) / cell_px)) + 3
 
 
-def _strips(h: int, w: int, n: int = 1):
+def _strips(h: int, w: int, n: int):
     """(top, bottom) rows of the strips of ``n`` frames of ``h`` x ``w`` pixels."""
     step = max(1, STRIP_PIXELS // max(1, n * w))
     return [(top, min(h, top + step)) for top in range(0, h, step)]
