@@ -107,8 +107,9 @@ class AdaptPanel(Panel):
     # ------------------------------------------------------------------ the run
     def onStartButton(self) -> None:
         if self.running:
-            # the run ends after its current step, keeping the best weights
-            self.requestCancel(self.ui.adaptStartButton, self.ui.adaptStartButton, _("Stopping after the current step..."))
+            self.poller.cancel()          # the run ends after its current step, keeping the best weights
+            self.ui.adaptStartButton.enabled = False
+            self.ui.adaptStartButton.text = _("Stopping after the current step...")
             return
         if not torchReady():
             self.ui.adaptStatusLabel.text = _("PyTorch is needed to adapt a model; it was not installed.")

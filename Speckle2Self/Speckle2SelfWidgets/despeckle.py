@@ -76,8 +76,9 @@ class DespecklePanel(Panel):
     def onApplyButton(self) -> None:
         self.host.live.stop()             # Apply and Live would write into the same output volume
         if self.running:
-            # the worker stops after its current batch (under a second)
-            self.requestCancel(self.ui.applyButton, self.ui.statusLabel, _("Cancelling after the current batch..."))
+            self.poller.cancel()          # the worker stops after its current batch (under a second)
+            self.ui.applyButton.enabled = False
+            self.ui.statusLabel.text = _("Cancelling after the current batch...")
             return
         if not torchReady():
             self.ui.statusLabel.text = _("PyTorch is needed to despeckle; it was not installed.")

@@ -55,8 +55,9 @@ class LumenPanel(Panel):
 
     def onSegmentButton(self) -> None:
         if self.running:
-            # the worker stops after the current frame
-            self.requestCancel(self.ui.segmentButton, self.ui.lumenStatusLabel, _("Cancelling after the current frame..."))
+            self.poller.cancel()          # the worker stops after the current frame
+            self.ui.segmentButton.enabled = False
+            self.ui.lumenStatusLabel.text = _("Cancelling after the current frame...")
             return
         p = self.parameterNode
         try:

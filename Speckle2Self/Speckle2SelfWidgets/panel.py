@@ -33,13 +33,6 @@ class Panel:
     def stop(self) -> None:
         """End what the panel runs (the scene closes or the module is reloaded)."""
 
-    def requestCancel(self, button, messageWidget, message: str) -> None:
-        """Stop the panel's running job (``self.poller``): it ends after its current step, so the
-        button waits disabled and ``messageWidget`` says so until the poller reports the end."""
-        self.poller.cancel()
-        button.enabled = False
-        messageWidget.text = message
-
     @staticmethod
     def showBusy(running: bool, locked, button, busyText: str, idleText: str, progressBar) -> None:
         """While a job runs its inputs are locked, its button turns into the way to stop it (and
